@@ -1,0 +1,104 @@
+"""Make the reference fixtures from the PyTorch code (diffusers / transformers).
+
+Each module in tests/reference/ has a `make(out: Path)` that builds reference modules from small
+configs with seeded random weights, runs them on seeded inputs and writes weights, inputs and
+outputs under `out`. The MLX tests read those files, so they run without torch.
+
+    python tests/make_fixtures.py              # (re)write tests/fixtures/
+    python tests/make_fixtures.py --check      # regenerate in a temp dir, compare with the stored ones
+    python tests/make_fixtures.py vae t5       # only these modules
+
+CI runs the check (tests/test_fixtures_reproduce.py): the stored outputs come from the reference.
+"""
+
+import argparse
+import importlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+TESTS = Path(__file__).parent
+FIXTURES = TESTS / "fixtures"
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS.parent))
+
+# Outputs are recomputed by float code that may vectorise differently on another CPU;
+# weights and inputs come from seeded generators and must agree exactly.
+OUTPUT_RTOL = 1e-6
+
+
+def modules() -> list[str]:
+    return sorted(p.stem for p in (TESTS / "reference").glob("*.py") if not p.stem.startswith("_"))
+
+
+def make(name: str, out: Path) -> None:
+    importlib.import_module(f"reference.{name}").make(out)
+
+
+def compare_trees(made: Path, stored: Path) -> list[str]:
+    """Differences between a freshly made fixture tree and the stored one (empty when equal)."""
+    problems = []
+    for new in sorted(p for p in made.rglob("*") if p.is_file()):
+        rel = new.relative_to(made)
+        old = stored / rel
+        if not old.exists():
+            problems.append(f"{rel}: not stored")
+        elif new.suffix == ".safetensors":
+            problems += [f"{rel}: {p}" for p in _compare_tensors(new, old)]
+        elif new.suffix == ".json":
+            if json.loads(new.read_text()) != json.loads(old.read_text()):
+                problems.append(f"{rel}: json differs")
+        elif new.read_bytes() != old.read_bytes():
+            problems.append(f"{rel}: bytes differ")
+    return problems
+
+
+def _compare_tensors(new: Path, old: Path) -> list[str]:
+    from safetensors.numpy import load_file
+
+    a, b = load_file(str(new)), load_file(str(old))
+    if set(a) != set(b):
+        return [f"keys differ: {sorted(set(a) ^ set(b))[:5]}"]
+    problems = []
+    for k in a:
+        x, y = a[k], b[k]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            problems.append(f"{k}: {x.shape} {x.dtype} vs stored {y.shape} {y.dtype}")
+        elif np.issubdtype(x.dtype, np.floating):
+            x64, y64 = x.astype(np.float64), y.astype(np.float64)
+            err = float(np.max(np.abs(x64 - y64))) if x.size else 0.0
+            if err > OUTPUT_RTOL * max(1.0, float(np.max(np.abs(y64)))):
+                problems.append(f"{k}: max abs difference {err:.2e}")
+        elif not np.array_equal(x, y):
+            problems.append(f"{k}: values differ")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help=f"modules to run (default all: {', '.join(modules())})")
+    parser.add_argument("--check", action="store_true", help="compare with the stored fixtures, write nothing")
+    args = parser.parse_args()
+    names = args.names or modules()
+    if not args.check:
+        for name in names:
+            print(f"making {name} ...", flush=True)
+            make(name, FIXTURES)
+        return 0
+    failed = False
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            make(name, Path(tmp))
+            problems = compare_trees(Path(tmp), FIXTURES)
+        print(f"{name}: {'reproduced' if not problems else 'DIFFERS'}")
+        for p in problems:
+            print(f"  {p}")
+        failed |= bool(problems)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
