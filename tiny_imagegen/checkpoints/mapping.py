@@ -9,7 +9,10 @@ Every model has one table per checkpoint layout. A table is a list of `Rule`s, r
          concat)                                                   # how they combine
 
 `{name}` matches one dotted segment, `{name:*}` any dotted rest. For each of our parameters the first
-rule whose left side matches is used; source keys are filled in from the same placeholders.
+rule whose left side matches is used; source keys are filled in from the same placeholders. A source
+pattern may also count an index down, `{3-i}` = 3 minus the index matched by `{i}`, for layouts that
+number the same blocks in opposite orders (the VAE decoder's up blocks: BFL `up.3` is diffusers
+`up_blocks.0`).
 
 `map_checkpoint` checks the whole checkpoint before anything is loaded: every source tensor that is
 needed and absent, every one left over, and every shape that does not fit is reported by name in
@@ -106,7 +109,11 @@ def _regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out))
 
 
+_COUNTDOWN = re.compile(r"\{(\d+)-(\w+)\}")  # {3-i}: only in source patterns
+
+
 def _fill(pattern: str, values: dict[str, str]) -> str:
+    pattern = _COUNTDOWN.sub(lambda m: str(int(m[1]) - int(values[m[2]])), pattern)
     return _PLACEHOLDER.sub(lambda m: values[m[1]], pattern)
 
 
