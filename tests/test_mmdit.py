@@ -1,0 +1,127 @@
+"""MM-DiT parity against diffusers' FluxTransformer2DModel (fixtures from tests/reference/flux_transformer.py)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import assert_close, fixture_path, load_fixture
+from tiny_imagegen.checkpoints.flux import BFL, DIFFUSERS, load_flux_transformer
+from tiny_imagegen.checkpoints.mapping import load_checkpoint
+from tiny_imagegen.checkpoints.safetensors_io import read_checkpoint
+from tiny_imagegen.layers.embeddings import pack_latents, timestep_embedding, unpack_latents
+from tiny_imagegen.layers.rope import axial_rope
+from tiny_imagegen.models.mmdit import MMDiT, MMDiTConfig
+
+# Full models at the fixture sizes: fp32 sums over up to 512 channels through up to 4 blocks, and
+# the timestep embedding's few 6e-5 differences (test_timestep_embedding) pass through time_in.
+MODEL_ATOL = 2e-5
+
+
+def run(model, io):
+    return model(io["img"], io["img_ids"], io["txt"], io["txt_ids"], io["timesteps"], io["y"], io.get("guidance"))
+
+
+@pytest.mark.parametrize("name", ["schnell_tiny", "dev_tiny", "dual_stream_tiny", "single_stream_tiny"])
+def test_transformer_matches_diffusers(name):
+    folder = fixture_path("flux_transformer", name)
+    model = load_flux_transformer(folder / "diffusers")
+    io = load_fixture("flux_transformer", name, "io.safetensors")
+    assert model.config.composition == {"dual_stream_tiny": "dual-stream", "single_stream_tiny": "single-stream"}.get(
+        name, "hybrid"
+    )
+    assert_close(f"mmdit {name} (diffusers layout)", run(model, io), io["out"], atol=MODEL_ATOL)
+
+
+def test_both_layouts_give_the_same_model():
+    folder = fixture_path("flux_transformer", "dev_tiny")
+    io = load_fixture("flux_transformer", "dev_tiny", "io.safetensors")
+    config = load_flux_transformer(folder / "diffusers").config
+    bfl = load_flux_transformer(folder / "bfl.safetensors", config=config)
+    assert_close("mmdit dev_tiny (original layout)", run(bfl, io), io["out"], atol=MODEL_ATOL)
+    # and the config read off the original file's shapes is the same one
+    assert load_flux_transformer(folder / "bfl.safetensors").config.hidden_size == config.hidden_size
+
+
+def test_guidance_model_without_guidance_is_a_clear_error():
+    folder = fixture_path("flux_transformer", "dev_tiny")
+    io = load_fixture("flux_transformer", "dev_tiny", "io.safetensors")
+    model = load_flux_transformer(folder / "diffusers")
+    with pytest.raises(ValueError, match="guidance"):
+        model(io["img"], io["img_ids"], io["txt"], io["txt_ids"], io["timesteps"], io["y"])
+
+
+def test_timestep_embedding():
+    u = load_fixture("flux_transformer", "units.safetensors")
+    # 2 of torch's 128 float32 frequencies are 1 ulp off the correctly rounded ones we use;
+    # times arguments up to 1000 that is <= 6e-5 (all other entries agree to ~1e-7)
+    assert_close("timestep embedding", timestep_embedding(u["timestep.t"]), u["timestep.emb"], atol=6e-5)
+
+
+def test_rope_tables():
+    u = load_fixture("flux_transformer", "units.safetensors")
+    cos, sin = axial_rope(np.array(u["rope.ids"]), (16, 56, 56))  # (L, 64)
+    # diffusers stores each value twice (interleaved pairs): cos[..., 2j] == cos[..., 2j+1]
+    assert_close("rope cos", mx.repeat(cos, 2, axis=-1), u["rope.cos"], atol=1e-7)
+    assert_close("rope sin", mx.repeat(sin, 2, axis=-1), u["rope.sin"], atol=1e-7)
+
+
+def test_latent_packing():
+    u = load_fixture("flux_transformer", "units.safetensors")
+    nhwc = u["pack.latents"].transpose(0, 2, 3, 1)
+    tokens = pack_latents(nhwc)
+    assert_close("pack latents", tokens, u["pack.tokens"], atol=0)
+    assert mx.array_equal(unpack_latents(tokens, 6, 10), nhwc)
+
+
+def _dev_blocks():
+    folder = fixture_path("flux_transformer", "dev_tiny")
+    return load_flux_transformer(folder / "diffusers"), load_fixture("flux_transformer", "units.safetensors")
+
+
+def test_double_block():
+    model, u = _dev_blocks()
+    rope = model.pe_embedder(np.array(u["block.ids"]))
+    img, txt = model.double_blocks[0](u["block.img"], u["block.txt"], u["block.temb"], rope)
+    assert_close("double block img", img, u["double.img"], atol=1e-5)
+    assert_close("double block txt", txt, u["double.txt"], atol=1e-5)
+
+
+def test_single_block():
+    model, u = _dev_blocks()
+    rope = model.pe_embedder(np.array(u["block.ids"]))
+    n_txt = u["block.txt"].shape[1]
+    x = model.single_blocks[0](mx.concatenate([u["block.txt"], u["block.img"]], axis=1), u["block.temb"], rope)
+    assert_close("single block img", x[:, n_txt:], u["single.img"], atol=1e-5)
+    assert_close("single block txt", x[:, :n_txt], u["single.txt"], atol=1e-5)
+
+
+def test_chunk_order_matters():
+    """The parity test would see a wrong (shift, scale, gate) order: swapping the final layer's
+    halves (the one place the layouts disagree) changes the output well beyond tolerance."""
+    folder = fixture_path("flux_transformer", "dev_tiny")
+    io = load_fixture("flux_transformer", "dev_tiny", "io.safetensors")
+    source = read_checkpoint(folder / "bfl.safetensors")
+    w = source["final_layer.adaLN_modulation.1.weight"]
+    source["final_layer.adaLN_modulation.1.weight"] = mx.concatenate(mx.split(w, 2)[::-1])
+    model = load_flux_transformer(folder / "diffusers")
+    load_checkpoint(model, BFL, source)
+    err = float(mx.max(mx.abs(run(model, io) - io["out"])))
+    assert err > 100 * MODEL_ATOL
+
+
+def test_presets_and_config():
+    from tiny_imagegen.models.mmdit import preset
+
+    assert preset("flux1-dev").guidance_embed and not preset("flux1-schnell").guidance_embed
+    with pytest.raises(ValueError, match="unknown MM-DiT preset"):
+        preset("flux2")
+    with pytest.raises(ValueError, match="sum to head_dim"):
+        MMDiTConfig(head_dim=64)
+    assert DIFFUSERS.name != BFL.name
+
+
+def test_wrong_input_shapes_are_named():
+    model = MMDiT(MMDiTConfig(num_heads=1, head_dim=8, depth_double=1, depth_single=0, in_channels=4,
+                              context_dim=4, vec_dim=4, axes_dim=(2, 2, 4)))
+    with pytest.raises(ValueError, match=r"packed latents"):
+        model(mx.zeros((1, 4, 5)), np.zeros((4, 3)), mx.zeros((1, 2, 4)), np.zeros((2, 3)), mx.ones(1), mx.zeros((1, 4)))

@@ -1,0 +1,1 @@
+"""Building blocks with no model of their own: RoPE, position ids, embeddings, attention, adaLN."""

@@ -1,0 +1,54 @@
+"""Embedding the conditioning scalars and vectors, and (un)packing latents into tokens."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+def timestep_embedding(t: mx.array, dim: int = 256, max_period: float = 10_000.0, time_factor: float = 1000.0):
+    """Sinusoidal embedding of t in [0, 1] (B,) -> (B, dim), cos half first, as FLUX does.
+
+    t is scaled by 1000 first (the DDPM timestep range); frequencies exp(-ln(max_period) j / (dim/2)).
+    The arguments reach 1000 rad, where one float32 ulp of a frequency moves sin/cos by 6e-5: the
+    frequencies are rounded from float64, which reproduces PyTorch's float32 table."""
+    t = time_factor * t.astype(mx.float32)
+    half = dim // 2
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
+    freqs = mx.array(np.exp(exponent.astype(np.float64)).astype(np.float32))
+    args = t[:, None] * freqs[None]
+    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear: lifts a timestep embedding or a pooled text vector to the model width."""
+
+    def __init__(self, in_dim: int, hidden_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden_dim)
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.out_layer(nn.silu(self.in_layer(x)))
+
+
+def pack_latents(z: mx.array, patch: int = 2) -> mx.array:
+    """Latents (B, h, w, C) -> tokens (B, h/p * w/p, C p p), one token per p x p patch.
+
+    Channel order c·p² + ph·p + pw, exactly as FLUX packs its (B, C, h, w) latents."""
+    B, h, w, C = z.shape
+    if h % patch or w % patch:
+        raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {patch}")
+    z = z.reshape(B, h // patch, patch, w // patch, patch, C)
+    z = z.transpose(0, 1, 3, 5, 2, 4)  # (B, h/p, w/p, C, ph, pw)
+    return z.reshape(B, (h // patch) * (w // patch), C * patch * patch)
+
+
+def unpack_latents(tokens: mx.array, h: int, w: int, patch: int = 2) -> mx.array:
+    """Inverse of `pack_latents`: (B, h/p * w/p, C p p) -> (B, h, w, C)."""
+    B, L, D = tokens.shape
+    C = D // (patch * patch)
+    z = tokens.reshape(B, h // patch, w // patch, C, patch, patch)
+    z = z.transpose(0, 1, 4, 2, 5, 3)  # (B, h/p, ph, w/p, pw, C)
+    return z.reshape(B, h, w, C)

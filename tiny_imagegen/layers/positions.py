@@ -1,0 +1,80 @@
+"""Where each token sits: position-id builders for RoPE, and absolute position embeddings.
+
+Position ids are (L, n_axes) arrays, text first then image when a joint sequence is built.
+
+- FLUX: image token at (0, row, col) on the packed grid; every text token at (0, 0, 0), so text
+  carries no position of its own (T5 already encoded its order).
+- centred: rows and columns counted from the image centre, so a larger canvas extends the grid
+  outwards instead of stretching it; positions seen at 256² stay where they were at 1024².
+- diagonal text (Qwen-Image's MSRoPE): text token i at (s + i, s + i, ...), on the diagonal just
+  beyond the image grid, so text and image positions never collide and text keeps its order.
+
+Absolute embeddings (ViT/DiT) add a vector per position instead: 2-D sin-cos or learned.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+def image_grid(height: int, width: int, centred: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of each token of an (height, width) grid, row-major, each (H*W,)."""
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    if centred:
+        rows, cols = rows - height // 2, cols - width // 2
+    return rows.reshape(-1), cols.reshape(-1)
+
+
+def flux_image_ids(height: int, width: int, index: int = 0) -> np.ndarray:
+    """(H*W, 3) ids (index, row, col) of FLUX's packed latent grid."""
+    rows, cols = image_grid(height, width)
+    return np.stack([np.full_like(rows, index), rows, cols], axis=-1).astype(np.float32)
+
+
+def flux_text_ids(length: int) -> np.ndarray:
+    """(L, 3) zeros: FLUX gives text tokens no RoPE position."""
+    return np.zeros((length, 3), np.float32)
+
+
+def centred_image_ids(height: int, width: int) -> np.ndarray:
+    """(H*W, 2) ids (row, col) with the origin at the grid centre: row - H//2, col - W//2."""
+    rows, cols = image_grid(height, width, centred=True)
+    return np.stack([rows, cols], axis=-1).astype(np.float32)
+
+
+def diagonal_text_ids(length: int, n_axes: int = 2, start: int = 0) -> np.ndarray:
+    """(L, n_axes) ids: text token i at (start + i, ..., start + i)."""
+    return np.repeat((start + np.arange(length))[:, None], n_axes, axis=1).astype(np.float32)
+
+
+def text_start_after(height: int, width: int) -> int:
+    """First diagonal position beyond a centred (height, width) grid, as MSRoPE places text."""
+    return max(height - height // 2, width - width // 2)
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    """Transformer sin-cos embedding of positions (N,) -> (N, dim): [sin(p ω), cos(p ω)], ω = 10000^(-2j/dim)."""
+    omega = 1.0 / 10_000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))
+    angles = np.outer(np.asarray(positions, np.float64), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(dim: int, height: int, width: int) -> mx.array:
+    """2-D sin-cos table (H*W, dim) as in MAE / DiT: half the channels encode the column, half the
+    row (column first: their meshgrid puts w first, and checkpoints depend on it)."""
+    assert dim % 4 == 0, f"2-D sin-cos embedding needs dim divisible by 4, got {dim}"
+    rows, cols = image_grid(height, width)
+    table = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+    return mx.array(table.astype(np.float32))
+
+
+class LearnedPositionEmbedding(nn.Module):
+    """A learned vector per position (ViT, CLIP's text model)."""
+
+    def __init__(self, num_positions: int, dim: int):
+        super().__init__()
+        self.weight = 0.02 * mx.random.normal((num_positions, dim))
+
+    def __call__(self, positions: mx.array) -> mx.array:
+        """positions (L,) integer -> (L, dim)."""
+        return self.weight[positions]

@@ -1,0 +1,101 @@
+"""Rotary position embedding (RoPE) and its variants for images.
+
+RoPE (Su et al., 2021) rotates each pair of channels (x[2j], x[2j+1]) of a query or key by an angle
+θ_j · p that grows with the token's position p. Because a rotation by a and one by b meet in a dot
+product as a rotation by b - a,
+
+    <R(θ p_q) q, R(θ p_k) k> = <q, R(θ (p_k - p_q)) k>,
+
+attention sees only relative positions. The variants differ in how a position becomes angles:
+
+- 1-D:   angle_j = p · ω_j,            ω_j = theta^(-2j/d)                        (`rope_angles`)
+- axial: the channels are split between axes (FLUX: axes_dim = (16, 56, 56) for
+         (index, row, col)), each axis a 1-D RoPE of its own                      (`axial_rope_angles`)
+- mixed: every channel pair sees all axes, angle_j = x · f_x,j + y · f_y,j, with learnable
+         per-head frequencies (f_x, f_y) (Heo et al., 2024, "Rotary Position Embedding for
+         Vision Transformer"), so diagonal directions are expressible                (`MixedRoPE`)
+
+A RoPE table is the pair (cos, sin) of the angles, each (L, d/2) or, per head, (H, L, d/2);
+`apply_rope` rotates (B, H, L, d) by it.
+"""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+def rope_frequencies(dim: int, theta: float = 10_000.0) -> np.ndarray:
+    """ω_j = theta^(-2j/dim), j = 0 .. dim/2 - 1, in float64."""
+    assert dim % 2 == 0, f"RoPE needs an even dimension, got {dim}"
+    return 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+
+
+def rope_angles(positions, dim: int, theta: float = 10_000.0) -> np.ndarray:
+    """1-D RoPE: positions (L,) -> angles (L, dim/2), float64."""
+    return np.outer(np.asarray(positions, np.float64), rope_frequencies(dim, theta))
+
+
+def axial_rope(ids, axes_dim: tuple[int, ...], theta: float = 10_000.0) -> tuple[mx.array, mx.array]:
+    """Multi-axis (axial) RoPE as in FLUX: ids (L, n_axes) -> (cos, sin), each (L, sum(axes_dim)/2).
+
+    Axis i owns axes_dim[i] channels. The table is computed in float64, as the reference does:
+    angles reach hundreds of radians, where float32 would be off by ~4e-6."""
+    ids = np.asarray(ids, np.float64)
+    if ids.ndim != 2 or ids.shape[1] != len(axes_dim):
+        raise ValueError(f"position ids must be (L, {len(axes_dim)}) for axes_dim {axes_dim}, got {ids.shape}")
+    angles = np.concatenate([rope_angles(ids[:, i], d, theta) for i, d in enumerate(axes_dim)], axis=-1)
+    return mx.array(np.cos(angles).astype(np.float32)), mx.array(np.sin(angles).astype(np.float32))
+
+
+def apply_rope(x: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
+    """Rotate interleaved channel pairs (x[2j], x[2j+1]) of x (B, H, L, d) by a (cos, sin) table
+    of shape (L, d/2) or (H, L, d/2), in float32; the result has x's dtype."""
+    cos, sin = rope
+    pairs = x.astype(mx.float32).reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def mixed_rope_init(head_dim: int, num_heads: int, theta: float = 10.0, seed: int = 0) -> mx.array:
+    """Initial (f_x, f_y) of mixed RoPE, shape (2, num_heads, head_dim/2), as Heo et al. do it:
+    magnitudes theta^(-4j/head_dim) for j < head_dim/4, each used twice along two perpendicular
+    directions, the pair of directions turned by a random angle per head."""
+    assert head_dim % 4 == 0, f"mixed RoPE needs head_dim divisible by 4, got {head_dim}"
+    mag = 1.0 / theta ** (np.arange(0, head_dim, 4, dtype=np.float64) / head_dim)  # (d/4,)
+    turn = np.random.default_rng(seed).uniform(0.0, 2 * math.pi, size=(num_heads, 1))
+    directions = np.concatenate([turn, turn + math.pi / 2], axis=-1)  # (H, 2)
+    dirs = np.repeat(directions, len(mag), axis=-1)  # (H, d/2): d/4 of each direction
+    mags = np.tile(mag, 2)[None]  # (1, d/2)
+    return mx.array(np.stack([mags * np.cos(dirs), mags * np.sin(dirs)]).astype(np.float32))
+
+
+class MixedRoPE(nn.Module):
+    """2-D RoPE with learnable frequencies mixing both axes in every channel pair."""
+
+    def __init__(self, head_dim: int, num_heads: int, theta: float = 10.0, seed: int = 0):
+        super().__init__()
+        self.freqs = mixed_rope_init(head_dim, num_heads, theta, seed)  # (2, H, d/2)
+
+    def __call__(self, ids: mx.array) -> tuple[mx.array, mx.array]:
+        """ids (L, 2) as (y, x) -> (cos, sin), each (H, L, d/2)."""
+        ids = mx.array(ids).astype(mx.float32)
+        if ids.ndim != 2 or ids.shape[1] != 2:
+            raise ValueError(f"mixed RoPE takes 2-D position ids (L, 2), got {tuple(ids.shape)}")
+        f_x, f_y = self.freqs[0], self.freqs[1]  # (H, d/2)
+        y, x = ids[:, 0], ids[:, 1]
+        angles = x[None, :, None] * f_x[:, None, :] + y[None, :, None] * f_y[:, None, :]
+        return mx.cos(angles), mx.sin(angles)
+
+
+class AxialRoPE(nn.Module):
+    """FLUX's multi-axis RoPE as a module (no weights), so the MM-DiT can hold either variant."""
+
+    def __init__(self, axes_dim: tuple[int, ...], theta: float = 10_000.0):
+        super().__init__()
+        self.axes_dim, self.theta = tuple(axes_dim), theta
+
+    def __call__(self, ids) -> tuple[mx.array, mx.array]:
+        return axial_rope(ids, self.axes_dim, self.theta)

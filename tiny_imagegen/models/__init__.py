@@ -1,0 +1,1 @@
+"""The models: MM-DiT (FLUX / SD3-style), text encoders, VAE."""

@@ -1,0 +1,235 @@
+"""The MM-DiT of FLUX.1 (and its SD3-style and single-stream relatives).
+
+Text tokens (T5) and image tokens (packed latents) are two streams. A *double-stream* block keeps
+separate weights per stream — its own adaLN modulation, q/k/v projections and MLP — and mixes
+them only in one joint attention over [text; image]. A *single-stream* block treats the joined
+sequence as one, with one fused projection feeding attention and the MLP in parallel.
+
+    hybrid (FLUX.1):      19 double blocks, then 38 single blocks
+    dual-stream (SD3):    double blocks only
+    single-stream:        single blocks only (text and image joined from the start)
+
+The conditioning vector c = time_in(t) [+ guidance_in(g)] + vector_in(pooled text) modulates
+every block (adaLN-Zero, see layers/modulation.py). Parameter names follow the original FLUX code
+(`double_blocks.0.img_attn.qkv.weight`), so its checkpoints map almost one to one.
+"""
+
+from dataclasses import dataclass, field, replace
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..layers.attention import QKNorm, attention, split_heads
+from ..layers.embeddings import MLPEmbedder, timestep_embedding
+from ..layers.modulation import Modulation, layer_norm, modulate
+from ..layers.rope import AxialRoPE, MixedRoPE
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    in_channels: int = 64  # packed latent: 16 channels x 2 x 2
+    out_channels: int | None = None  # defaults to in_channels
+    num_heads: int = 24
+    head_dim: int = 128
+    depth_double: int = 19
+    depth_single: int = 38
+    mlp_ratio: float = 4.0
+    context_dim: int = 4096  # T5-XXL width
+    vec_dim: int = 768  # CLIP-L pooled width
+    guidance_embed: bool = False  # FLUX.1-dev's distilled guidance input
+    rope: str = "axial"  # "axial" (FLUX) or "mixed" (learnable 2-D frequencies)
+    axes_dim: tuple[int, ...] = (16, 56, 56)  # axial RoPE: channels per id axis, sums to head_dim
+    theta: float = 10_000.0
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def composition(self) -> str:
+        if self.depth_double and self.depth_single:
+            return "hybrid"
+        return "dual-stream" if self.depth_double else "single-stream"
+
+    def __post_init__(self):
+        if self.rope not in ("axial", "mixed"):
+            raise ValueError(f"unknown RoPE variant {self.rope!r}: use 'axial' or 'mixed'")
+        if self.rope == "axial" and sum(self.axes_dim) != self.head_dim:
+            raise ValueError(f"axes_dim {self.axes_dim} must sum to head_dim {self.head_dim}")
+        if self.depth_double + self.depth_single == 0:
+            raise ValueError("an MM-DiT needs at least one block")
+
+    @classmethod
+    def from_diffusers(cls, cfg: dict) -> "MMDiTConfig":
+        """From a diffusers FluxTransformer2DModel config.json."""
+        return cls(
+            in_channels=cfg.get("in_channels", 64),
+            out_channels=cfg.get("out_channels"),
+            num_heads=cfg.get("num_attention_heads", 24),
+            head_dim=cfg.get("attention_head_dim", 128),
+            depth_double=cfg.get("num_layers", 19),
+            depth_single=cfg.get("num_single_layers", 38),
+            context_dim=cfg.get("joint_attention_dim", 4096),
+            vec_dim=cfg.get("pooled_projection_dim", 768),
+            guidance_embed=cfg.get("guidance_embeds", False),
+            axes_dim=tuple(cfg.get("axes_dims_rope", (16, 56, 56))),
+        )
+
+
+PRESETS = {
+    # Black Forest Labs, FLUX.1 [schnell] and [dev]: 12 B parameters, hidden 3072 = 24 x 128.
+    "flux1-schnell": MMDiTConfig(),
+    "flux1-dev": MMDiTConfig(guidance_embed=True),
+}
+
+
+def preset(name: str, **overrides) -> MMDiTConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown MM-DiT preset {name!r}; known: {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+def mlp(dim: int, ratio: float) -> nn.Sequential:
+    hidden = int(dim * ratio)
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approx="tanh"), nn.Linear(hidden, dim))
+
+
+class SelfAttention(nn.Module):
+    """One stream's share of joint attention: fused q/k/v projection, QK-norm, output projection."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        q, k = self.norm(q, k)
+        return q, k, v
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.img_mod, self.txt_mod = Modulation(dim, 6), Modulation(dim, 6)
+        self.img_attn, self.txt_attn = SelfAttention(dim, num_heads), SelfAttention(dim, num_heads)
+        self.img_mlp, self.txt_mlp = mlp(dim, mlp_ratio), mlp(dim, mlp_ratio)
+
+    def __call__(self, img: mx.array, txt: mx.array, c: mx.array, rope: mx.array):
+        """img (B, L_img, D), txt (B, L_txt, D), c (B, D), rope: (cos, sin) for [txt; img]."""
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(c)
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(c)
+
+        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(layer_norm(img), img_shift1, img_scale1))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(layer_norm(txt), txt_shift1, txt_scale1))
+        q, k, v = (mx.concatenate(pair, axis=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        joint = attention(q, k, v, rope)  # (B, L_txt + L_img, D)
+        n_txt = txt.shape[1]
+        txt_out, img_out = joint[:, :n_txt], joint[:, n_txt:]
+
+        img = img + img_gate1[:, None] * self.img_attn.proj(img_out)
+        img = img + img_gate2[:, None] * self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2))
+        txt = txt + txt_gate1[:, None] * self.txt_attn.proj(txt_out)
+        txt = txt + txt_gate2[:, None] * self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Parallel attention and MLP on one sequence (Dehghani et al., 2023): linear1 yields q, k, v
+    and the MLP input at once; linear2 maps [attention out; MLP hidden] back to the width."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.num_heads, self.mlp_hidden = num_heads, int(dim * mlp_ratio)
+        self.modulation = Modulation(dim, 3)
+        self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
+        self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
+        self.norm = QKNorm(dim // num_heads)
+
+    def __call__(self, x: mx.array, c: mx.array, rope: mx.array) -> mx.array:
+        """x (B, L, D) -> (B, L, D)."""
+        shift, scale, gate = self.modulation(c)
+        h = self.linear1(modulate(layer_norm(x), shift, scale))
+        qkv, mlp_in = h[..., : 3 * x.shape[-1]], h[..., 3 * x.shape[-1] :]
+        q, k, v = split_heads(qkv, self.num_heads)
+        q, k = self.norm(q, k)
+        out = mx.concatenate([attention(q, k, v, rope), nn.gelu_approx(mlp_in)], axis=-1)
+        return x + gate[:, None] * self.linear2(out)
+
+
+class LastLayer(nn.Module):
+    """adaLN (shift, scale — no gate) then a projection back to latent patches."""
+
+    def __init__(self, dim: int, out_channels: int):
+        super().__init__()
+        self.modulation = Modulation(dim, 2)
+        self.linear = nn.Linear(dim, out_channels)
+
+    def __call__(self, x: mx.array, c: mx.array) -> mx.array:
+        shift, scale = self.modulation(c)
+        return self.linear(modulate(layer_norm(x), shift, scale))
+
+
+class MMDiT(nn.Module):
+    def __init__(self, config: MMDiTConfig):
+        super().__init__()
+        self.config = cfg = config
+        D = cfg.hidden_size
+        self.img_in = nn.Linear(cfg.in_channels, D)
+        self.txt_in = nn.Linear(cfg.context_dim, D)
+        self.time_in = MLPEmbedder(256, D)
+        self.vector_in = MLPEmbedder(cfg.vec_dim, D)
+        if cfg.guidance_embed:
+            self.guidance_in = MLPEmbedder(256, D)
+        if cfg.rope == "axial":
+            self.pe_embedder = AxialRoPE(cfg.axes_dim, cfg.theta)
+        else:
+            self.pe_embedder = MixedRoPE(cfg.head_dim, cfg.num_heads)
+        self.double_blocks = [DoubleStreamBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth_double)]
+        self.single_blocks = [SingleStreamBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth_single)]
+        self.final_layer = LastLayer(D, cfg.out_channels or cfg.in_channels)
+
+    def conditioning(self, timesteps: mx.array, y: mx.array, guidance: mx.array | None) -> mx.array:
+        """c = time_in(t) [+ guidance_in(g)] + vector_in(y): (B, D)."""
+        c = self.time_in(timestep_embedding(timesteps))
+        if self.config.guidance_embed:
+            if guidance is None:
+                raise ValueError("this model was distilled with guidance (FLUX.1-dev style): pass guidance=")
+            c = c + self.guidance_in(timestep_embedding(guidance))
+        return c + self.vector_in(y)
+
+    def __call__(
+        self,
+        img: mx.array,  # (B, L_img, in_channels) packed latents
+        img_ids,  # (L_img, n_axes)
+        txt: mx.array,  # (B, L_txt, context_dim) T5 hidden states
+        txt_ids,  # (L_txt, n_axes)
+        timesteps: mx.array,  # (B,) in [0, 1]; 1 is pure noise
+        y: mx.array,  # (B, vec_dim) pooled CLIP
+        guidance: mx.array | None = None,  # (B,) distilled guidance scale
+    ) -> mx.array:  # (B, L_img, out_channels) predicted velocity
+        cfg = self.config
+        if img.ndim != 3 or img.shape[-1] != cfg.in_channels:
+            raise ValueError(f"img must be (B, L, {cfg.in_channels}) packed latents, got {tuple(img.shape)}")
+        if txt.ndim != 3 or txt.shape[-1] != cfg.context_dim:
+            raise ValueError(f"txt must be (B, L, {cfg.context_dim}), got {tuple(txt.shape)}")
+        c = self.conditioning(timesteps, y, guidance)
+        rope = self.pe_embedder(_concat_ids(txt_ids, img_ids))
+        img, txt = self.img_in(img), self.txt_in(txt)
+        for block in self.double_blocks:
+            img, txt = block(img, txt, c, rope)
+        x = mx.concatenate([txt, img], axis=1)
+        for block in self.single_blocks:
+            x = block(x, c, rope)
+        return self.final_layer(x[:, txt.shape[1] :], c)
+
+
+def _concat_ids(txt_ids, img_ids):
+    """Joint position ids [text; image]. Host arrays stay on the host: the axial tables are
+    computed in float64 there (layers/rope.py)."""
+    if isinstance(txt_ids, mx.array) or isinstance(img_ids, mx.array):
+        return mx.concatenate([mx.array(txt_ids), mx.array(img_ids)], axis=0)
+    return np.concatenate([txt_ids, img_ids], axis=0)
