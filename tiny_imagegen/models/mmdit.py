@@ -23,6 +23,9 @@ import numpy as np
 from ..layers.attention import QKNorm, attention, split_heads
 from ..layers.embeddings import MLPEmbedder, timestep_embedding
 from ..layers.modulation import Modulation, layer_norm, modulate
+from ..layers.positions import (
+    centred_image_ids, diagonal_text_ids, flux_image_ids, flux_text_ids, text_start_after,
+)
 from ..layers.rope import AxialRoPE, MixedRoPE
 
 
@@ -191,6 +194,15 @@ class MMDiT(nn.Module):
         self.double_blocks = [DoubleStreamBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth_double)]
         self.single_blocks = [SingleStreamBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth_single)]
         self.final_layer = LastLayer(D, cfg.out_channels or cfg.in_channels)
+
+    def position_ids(self, grid_h: int, grid_w: int, n_txt: int) -> tuple[np.ndarray, np.ndarray]:
+        """(txt_ids, img_ids) for a grid_h x grid_w token grid and n_txt text tokens: FLUX's
+        (0, row, col) and zeros for axial RoPE; centred (row, col) and diagonal text placed
+        beyond the grid for mixed RoPE."""
+        if self.config.rope == "axial":
+            return flux_text_ids(n_txt), flux_image_ids(grid_h, grid_w)
+        start = text_start_after(grid_h, grid_w)
+        return diagonal_text_ids(n_txt, 2, start), centred_image_ids(grid_h, grid_w)
 
     def conditioning(self, timesteps: mx.array, y: mx.array, guidance: mx.array | None) -> mx.array:
         """c = time_in(t) [+ guidance_in(g)] + vector_in(y): (B, D)."""
