@@ -1,0 +1,195 @@
+"""Where a model's files come from: a known name, a Hugging Face hub repo, or a local folder.
+
+    resolve_model("flux1-schnell")          -> ~/.cache/huggingface/hub/models--black-forest-labs--FLUX.1-schnell/snapshots/<rev>
+    resolve_model("org/some-flux-repo")     -> the same, for any repo in the diffusers layout
+    resolve_model("/data/FLUX.1-schnell")   -> that folder, checked
+    resolve_model("weights/schnell-q4")     -> a folder written by checkpoints/convert.py, as it is
+
+FLUX repos on the hub hold every weight twice: the diffusers layout (model_index.json and one
+folder per component) and the original single files at the root (flux1-schnell.safetensors 23.8 GB,
+ae.safetensors). We read the diffusers layout only, so the download is limited by `allow_patterns`
+to the configs, safetensors (and their index jsons) of the component folders and the tokenizer
+files: no root single files, no *.bin, no ONNX.
+
+Downloads go through `huggingface_hub.snapshot_download`: its cache (HF_HUB_CACHE, default
+~/.cache/huggingface/hub), its progress bars, its offline mode (HF_HUB_OFFLINE=1: only the cache
+is read) and its login (`hf auth login` or HF_TOKEN). Every way of not getting the files ends in
+one `ModelNotAvailable` whose message says what to do.
+"""
+
+import json
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+# A model, to our code, is these folders of a diffusers-layout repo.
+WEIGHT_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2")  # config.json + safetensors
+TOKENIZER_FILES = {"tokenizer": ("vocab.json", "merges.txt"), "tokenizer_2": ("spiece.model",)}  # CLIP BPE, T5
+ALL_FOLDERS = WEIGHT_FOLDERS + tuple(TOKENIZER_FILES)
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    repo_id: str
+    gated: bool  # the licence must be accepted on the model page before the hub serves the files
+
+
+KNOWN_MODELS = {
+    "flux1-schnell": KnownModel("black-forest-labs/FLUX.1-schnell", gated=False),
+    "flux1-dev": KnownModel("black-forest-labs/FLUX.1-dev", gated=True),
+}
+
+CONVERTED_MARKER = "model.json"  # written by checkpoints/convert.py
+
+
+class ModelNotAvailable(RuntimeError):
+    """The model's files cannot be had: unknown name, gated repo, no network and no cache, ...
+    The message is one line that says what to do."""
+
+
+def allow_patterns(folders=ALL_FOLDERS) -> list[str]:
+    """The hub files we need for `folders`: fnmatch patterns as snapshot_download takes them
+    (`*` also matches '/')."""
+    patterns = ["model_index.json", "scheduler/scheduler_config.json"]
+    for folder in folders:
+        if folder in TOKENIZER_FILES:
+            patterns.append(f"{folder}/*")  # vocab.json, merges.txt, spiece.model and their configs
+        else:
+            patterns += [f"{folder}/*.json", f"{folder}/*.safetensors"]  # config, index json, shards
+    return patterns
+
+
+def download_command(repo_id: str, folders=ALL_FOLDERS, revision: str | None = None) -> str:
+    """The `hf` command that fetches exactly what `resolve_model` would, into ./<repo name>."""
+    words = ["hf", "download", repo_id, "--include", *allow_patterns(folders)]
+    if revision:
+        words += ["--revision", revision]
+    words += ["--local-dir", repo_id.split("/")[-1]]
+    return shlex.join(words)
+
+
+def is_converted(path: str | Path) -> bool:
+    """A folder in our own format (checkpoints/convert.py), recognised by its model.json."""
+    marker = Path(path) / CONVERTED_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("format") == "tiny_imagegen"
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_model(
+    name_or_path: str | Path,
+    folders=ALL_FOLDERS,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """A local folder laid out like the hub repo (or a converted folder) for `name_or_path`.
+
+    `name_or_path`: a known name (KNOWN_MODELS), an existing folder, or a hub repo id "org/name".
+    `folders`: the component folders the caller needs; only their files are downloaded and
+    checked. Hub arguments are snapshot_download's; HF_HUB_OFFLINE=1 makes it read the cache only.
+    Raises ModelNotAvailable with a one-line message."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not is_converted(path):
+            check_layout(path, folders, origin=f"local folder {path}")
+        return path
+    name = str(name_or_path)
+    if name in KNOWN_MODELS:
+        repo_id = KNOWN_MODELS[name].repo_id
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "/", "~")):
+        repo_id = name
+    else:
+        raise ModelNotAvailable(
+            f"unknown model {name!r}: known names are {', '.join(KNOWN_MODELS)}; "
+            "or pass a local folder (diffusers layout or converted) or a hub repo id org/name"
+        )
+    snapshot = Path(_download(name, repo_id, folders, revision, cache_dir, token, local_files_only))
+    check_layout(snapshot, folders, origin=f"{repo_id} in the Hugging Face cache ({snapshot})", repo_id=repo_id)
+    return snapshot
+
+
+def _download(name, repo_id, folders, revision, cache_dir, token, local_files_only) -> str:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            allow_patterns=allow_patterns(folders),
+        )
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError: first
+        raise ModelNotAvailable(
+            f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} while logged in, "
+            "then log in here with `hf auth login` (or set HF_TOKEN to a read token) and run again"
+        ) from None
+    except RepositoryNotFoundError:
+        hint = f"; known names: {', '.join(KNOWN_MODELS)}" if name not in KNOWN_MODELS else ""
+        raise ModelNotAvailable(
+            f"no hub repo {repo_id!r} (or it is private: log in with `hf auth login`), "
+            f"and no local folder {name!r}{hint}"
+        ) from None
+    except LocalEntryNotFoundError:  # offline, no network, or local_files_only; nothing cached
+        cache = cache_dir or constants.HF_HUB_CACHE
+        why = (
+            "offline mode is on (HF_HUB_OFFLINE=1)"
+            if constants.is_offline_mode() or local_files_only
+            else "the hub cannot be reached"
+        )
+        also = "" if name in KNOWN_MODELS else f" (and there is no local folder {name!r})"
+        raise ModelNotAvailable(
+            f"{repo_id} is not in the Hugging Face cache ({cache}) and {why}{also}. "
+            f"On a machine with network run `{download_command(repo_id, folders, revision)}`, "
+            f"copy the folder {repo_id.split('/')[-1]}/ to this machine and pass its path in place of {name!r} "
+            f"(or copy that machine's cache folder {_cache_folder(repo_id)} into {cache})"
+        ) from None
+
+
+def _cache_folder(repo_id: str) -> str:
+    return "models--" + repo_id.replace("/", "--")
+
+
+def check_layout(folder: Path, folders=ALL_FOLDERS, origin: str = "", repo_id: str | None = None):
+    """Every file `folders` need is present: a component's config.json and safetensors (all shards
+    its index json lists), a tokenizer's files. Catches interrupted downloads and partial copies."""
+    missing = []
+    for name in folders:
+        sub = folder / name
+        if name in TOKENIZER_FILES:
+            missing += [f"{name}/{f}" for f in TOKENIZER_FILES[name] if not (sub / f).is_file()]
+            continue
+        if not (sub / "config.json").is_file():
+            missing.append(f"{name}/config.json")
+        indexes = sorted(sub.glob("*.safetensors.index.json"))
+        if indexes:
+            try:
+                shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError) as e:
+                raise ModelNotAvailable(f"{origin}: unreadable {name}/{indexes[0].name} ({e})") from None
+            missing += [f"{name}/{s}" for s in shards if not (sub / s).is_file()]
+        elif not any(sub.glob("*.safetensors")):
+            missing.append(f"{name}/*.safetensors")
+    if missing:
+        fix = f"; fetch them with `{download_command(repo_id, folders)}`" if repo_id else ""
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ModelNotAvailable(f"{origin} is incomplete: missing {shown}{fix}")
+
+
+def hub_source(path: str | Path) -> dict:
+    """Provenance of a resolved folder: the hub repo and commit for a cache snapshot
+    (…/models--org--name/snapshots/<commit>), else the folder's absolute path."""
+    path = Path(path).resolve()
+    m = re.search(r"models--(.+?)--(.+)/snapshots/([0-9a-f]{40})$", path.as_posix())
+    if m:
+        return {"repo_id": f"{m[1]}/{m[2]}", "revision": m[3]}
+    return {"path": str(path)}
