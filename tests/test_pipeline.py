@@ -1,0 +1,77 @@
+"""The whole pipeline against diffusers' FluxPipeline: same folder, same noise, four steps."""
+
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import assert_close, fixture_path, load_fixture
+from tiny_imagegen.layers.embeddings import pack_latents
+from tiny_imagegen.pipeline import Pipeline
+
+PROMPTS = ["a red circle to the left of a blue square", "Ein Café in Tōkyō"]
+
+
+def hub_folder(tmp_path, variant):
+    """A folder laid out like a FLUX hub repo, from the text, VAE and transformer fixtures."""
+    folder = tmp_path / "FLUX.1-tiny"
+    text = fixture_path("text_encoders", "flux")
+    for part in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        shutil.copytree(text / part, folder / part)
+    shutil.copytree(fixture_path("flux_pipeline", "vae"), folder / "vae")
+    for part in ("transformer", "scheduler"):
+        shutil.copytree(fixture_path("flux_pipeline", variant, part), folder / part)
+    return folder
+
+
+@pytest.mark.parametrize("variant", ["schnell_like", "dev_like"])
+def test_pipeline_matches_diffusers(tmp_path, variant):
+    io = load_fixture("flux_pipeline", variant, "io.safetensors")
+    pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path, variant)), dtype=mx.float32)
+    assert pipe.defaults.shift == (variant == "dev_like")  # read from the scheduler config
+    images = pipe.generate(PROMPTS, width=48, height=32, steps=4, latents=io["noise"].transpose(0, 2, 3, 1))
+    # four steps of a 2-block transformer in fp32 (test_mmdit allows 2e-5 for one call of bigger models)
+    assert_close(f"pipeline {variant}: final latents", pack_latents(pipe.last_latents), io["latents"], atol=1e-5)
+    ours = np.stack([np.asarray(im) for im in images]).astype(np.int16)
+    ref = np.round(np.array(io["images"].transpose(0, 2, 3, 1)) * 255).astype(np.int16)
+    # images as uint8: an error of 1e-5 can still flip a rounding, never by more than one level
+    assert_close(f"pipeline {variant}: uint8 pixels", ours, ref, atol=1)
+
+
+def test_text_encoders_are_released_after_encoding(tmp_path):
+    pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path, "schnell_like")), dtype=mx.float32)
+    pipe.generate("a cat", width=16, height=16, steps=1)
+    assert pipe.text_encoder is None
+    with pytest.raises(RuntimeError, match="keep_text_encoders"):
+        pipe.generate("a dog", width=16, height=16, steps=1)
+
+
+def test_same_seed_same_image_and_seeds_per_image(tmp_path):
+    pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path, "dev_like")), dtype=mx.float32, keep_text_encoders=True)
+    a = pipe.generate("a cat", width=32, height=32, steps=2, seed=3, n_images=2)
+    b = pipe.generate("a cat", width=32, height=32, steps=2, seed=4)
+    again = pipe.generate("a cat", width=32, height=32, steps=2, seed=3)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(again[0]))
+    assert np.array_equal(np.asarray(a[1]), np.asarray(b[0]))  # image i of a batch uses seed + i
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(a[1]))
+
+
+def test_size_checks(tmp_path):
+    pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path, "schnell_like")), dtype=mx.float32)
+    with pytest.raises(ValueError, match="width 40 is not a multiple of 16"):
+        pipe.generate("a cat", width=40, height=32, steps=1)
+    with pytest.raises(ValueError, match="height 8192 is outside"):
+        pipe.generate("a cat", width=32, height=8192, steps=1)
+
+
+def test_classifier_free_guidance_and_img2img_run(tmp_path):
+    from PIL import Image
+
+    pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path, "schnell_like")), dtype=mx.float32, keep_text_encoders=True)
+    plain = pipe.generate("a cat", width=32, height=32, steps=2, seed=1)
+    guided = pipe.generate("a cat", width=32, height=32, steps=2, seed=1, guidance=4.0, negative_prompt="a dog")
+    assert not np.array_equal(np.asarray(plain[0]), np.asarray(guided[0]))
+    init = Image.new("RGB", (40, 40), (200, 30, 30))
+    out = pipe.generate("a cat", width=32, height=32, steps=4, seed=1, image=init, strength=0.5)
+    assert out[0].size == (32, 32)
