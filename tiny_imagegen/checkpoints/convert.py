@@ -17,7 +17,7 @@ model dtype, w ~ s * q + b. The rule for which layers (the predicate `quantizabl
 
   - only nn.Linear layers whose input width is a multiple of the group size;
   - never embeddings (token, position, T5's relative-position bias) or norms: they are no Linears;
-  - never the VAE: convolutions, 1% of the parameters, and it decodes straight to pixels;
+  - never the VAE: mostly convolutions, 0.5% of the parameters, and it decodes straight to pixels;
   - never the MM-DiT's boundary layers, the patch projections `img_in` and `final_layer` (whose
     errors land directly on the predicted velocity), nor the small conditioning embedders
     `time_in`, `vector_in`, `guidance_in` (their output modulates every block): together
@@ -189,26 +189,14 @@ def save_converted(
 
 def _write_component(folder: Path, name, model_or_fn, bits, group_size, dtype) -> tuple[dict, dict]:
     model = model_or_fn if isinstance(model_or_fn, nn.Module) else model_or_fn()
-    if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
-        raise ValueError(f"{name}: the model is already quantized; save it from unquantized weights")
     config = getattr(model, "config", None)
     if not dataclasses.is_dataclass(config):
         raise ValueError(f"{name}: the model has no dataclass .config to rebuild it from")
-    layers = quantizable_layers(name, model, group_size) if bits else []
-    params = dict(tree_flatten(model.parameters()))
-    del model  # from here on only `params` holds the (lazy) weights, and each is dropped once written
-
-    n_parameters = sum(v.size for v in params.values())
-    if dtype is not None:
-        params = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in params.items()}
-    for layer in layers:  # exactly what nn.QuantizedLinear.from_linear computes
-        w = params.pop(f"{layer}.weight")
-        params[f"{layer}.weight"], params[f"{layer}.scales"], params[f"{layer}.biases"] = mx.quantize(
-            w, group_size, bits, mode="affine"
-        )
-        del w
+    n_parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
+    tensors, layers = stored_tensors(name, model, bits, group_size, dtype)
+    del model  # from here on only `tensors` holds the (lazy) weights, and each is dropped once written
     filename = f"{name}.safetensors"
-    record = write_safetensors(folder / filename, params, metadata={"format": "mlx", "component": name})
+    record = write_safetensors(folder / filename, tensors, metadata=file_metadata(name))
     entry = {
         "model": COMPONENTS[name].model.split(":")[1],
         "file": filename,
@@ -219,32 +207,59 @@ def _write_component(folder: Path, name, model_or_fn, bits, group_size, dtype) -
     return entry, {filename: record}
 
 
+def stored_tensors(name: str, model: nn.Module, bits, group_size, dtype) -> tuple[dict[str, mx.array], list[str]]:
+    """What is written for one component, still lazy: its parameters cast to `dtype`, each
+    quantized layer's weight replaced by (weight, scales, biases) exactly as
+    nn.QuantizedLinear.from_linear computes them. The model itself is not modified."""
+    if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
+        raise ValueError(f"{name}: the model is already quantized; save it from unquantized weights")
+    layers = quantizable_layers(name, model, group_size) if bits else []
+    tensors = dict(tree_flatten(model.parameters()))
+    if dtype is not None:
+        tensors = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in tensors.items()}
+    for layer in layers:
+        w = tensors.pop(f"{layer}.weight")
+        tensors[f"{layer}.weight"], tensors[f"{layer}.scales"], tensors[f"{layer}.biases"] = mx.quantize(
+            w, group_size, bits, mode="affine"
+        )
+    return tensors, layers
+
+
+def file_metadata(name: str) -> dict[str, str]:
+    return {"format": "mlx", "component": name}
+
+
 _SAFETENSORS_DTYPES = {
     mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.int32: "I32",
     mx.uint8: "U8", mx.int8: "I8", mx.int64: "I64", mx.uint16: "U16", mx.int16: "I16", mx.bool_: "BOOL",
 }
 
 
-def write_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str] | None = None) -> dict:
-    """Write a safetensors file one tensor at a time, emptying `tensors` as it goes: each lazy
-    array is evaluated, written and dropped, so peak memory is one tensor (plus whatever the
-    caller still holds). Returns the file's size and sha256."""
-    names = sorted(tensors)
+def safetensors_header(tensors: dict[str, mx.array], metadata: dict[str, str] | None = None) -> bytes:
+    """The header of a safetensors file holding `tensors` in sorted order: an 8-byte length, then
+    json padded to 8 bytes. It needs only shapes and dtypes: a lazy model's file size is
+    len(header) + the tensors' nbytes, known without computing anything."""
     header, offset = {}, 0
-    for k in names:
+    for k in sorted(tensors):
         v = tensors[k]
         header[k] = {"dtype": _SAFETENSORS_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + v.nbytes]}
         offset += v.nbytes
     if metadata:
         header["__metadata__"] = metadata
     head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the format pads the header to 8 bytes
-    digest = hashlib.sha256()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head
+
+
+def write_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str] | None = None) -> dict:
+    """Write a safetensors file one tensor at a time, emptying `tensors` as it goes: each lazy
+    array is evaluated, written and dropped, so peak memory is one tensor (plus whatever the
+    caller still holds). Returns the file's size and sha256."""
+    head = safetensors_header(tensors, metadata)
+    digest = hashlib.sha256(head)
     with open(path, "wb") as f:
-        for chunk in (struct.pack("<Q", len(head)), head):
-            f.write(chunk)
-            digest.update(chunk)
-        for k in names:
+        f.write(head)
+        for k in sorted(tensors):
             v = mx.contiguous(tensors.pop(k))
             mx.eval(v)
             data = memoryview(v).cast("B")
