@@ -77,8 +77,10 @@ def output_paths(pattern: str, seeds: list[int], overwrite: bool) -> list[Path]:
         folder = path.parent if str(path.parent) else Path(".")
         if not folder.is_dir():
             raise UsageError(f"cannot write {path}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise UsageError(f"cannot write {path}: folder {folder} is not writable")
+        try:  # really create a file there: permissions, read-only mounts, quotas
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise UsageError(f"cannot write {path}: folder {folder} is not writable ({e.strerror})") from None
     return paths
 
 
