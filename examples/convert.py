@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         out = convert(source, args.output, bits=args.quantize, group_size=args.group_size, dtype=args.dtype,
                       force=args.force, provenance=provenance)
-    except (ModelNotAvailable, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (ModelNotAvailable, CheckpointError, OSError, ValueError) as e:  # one line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     manifest = read_manifest(out)

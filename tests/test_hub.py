@@ -148,9 +148,14 @@ def test_converted_folder_is_recognised(tmp_path):
     assert not is_converted(folder)
 
 
-def test_unknown_name_lists_the_known_ones():
+def test_unknown_name_lists_the_known_ones(tmp_path):
     with pytest.raises(ModelNotAvailable, match="unknown model 'flux2-pro'.*flux1-schnell, flux1-dev"):
         resolve_model("flux2-pro")
+    with pytest.raises(ModelNotAvailable, match="no such folder"):
+        resolve_model(str(tmp_path / "not-there"))
+    (tmp_path / "flux1-schnell.safetensors").write_bytes(b"")
+    with pytest.raises(ModelNotAvailable, match="is a file: pass a folder"):
+        resolve_model(tmp_path / "flux1-schnell.safetensors")
 
 
 # ---- the Hugging Face cache, offline --------------------------------------------------------------
@@ -211,6 +216,8 @@ class FakeHub:
         path, api = request.url.path, f"/api/models/{self.repo_id}"
         if path == f"{api}/revision/main":
             return httpx2.Response(200, json={"id": self.repo_id, "sha": COMMIT, "gated": "manual" if self.gated else False})
+        if path.startswith(f"{api}/revision/"):
+            return httpx2.Response(404, headers={"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"})
         if path == f"{api}/tree/{COMMIT}":
             return httpx2.Response(200, json=[
                 {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
@@ -278,6 +285,12 @@ def test_repo_not_found(tmp_path, serve):
     serve(FakeHub("someone/else", {}))
     with pytest.raises(ModelNotAvailable, match="no hub repo 'nobody/no-such-model'.*no local folder"):
         resolve_model("nobody/no-such-model", cache_dir=tmp_path / "cache")
+
+
+def test_unknown_revision(tmp_path, serve):
+    serve(FakeHub(REPO, {"model_index.json": b"{}"}))
+    with pytest.raises(ModelNotAvailable, match="FLUX.1-schnell has no revision 'v9'"):
+        resolve_model("flux1-schnell", revision="v9", cache_dir=tmp_path / "cache")
 
 
 def test_no_network_and_no_cache(tmp_path, serve):

@@ -100,10 +100,17 @@ def resolve_model(
         if not is_converted(path):
             check_layout(path, folders, origin=f"local folder {path}")
         return path
+    if path.is_file():
+        raise ModelNotAvailable(
+            f"{path} is a file: pass a folder laid out like the hub repo (model_index.json, transformer/, "
+            "vae/, text_encoder/, ...) or a converted folder"
+        )
     name = str(name_or_path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        raise ModelNotAvailable(f"no such folder: {path}")
     if name in KNOWN_MODELS:
         repo_id = KNOWN_MODELS[name].repo_id
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "/", "~")):
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         repo_id = name
     else:
         raise ModelNotAvailable(
@@ -117,7 +124,13 @@ def resolve_model(
 
 def _download(name, repo_id, folders, revision, cache_dir, token, local_files_only) -> str:
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return snapshot_download(
@@ -139,13 +152,18 @@ def _download(name, repo_id, folders, revision, cache_dir, token, local_files_on
             f"no hub repo {repo_id!r} (or it is private: log in with `hf auth login`), "
             f"and no local folder {name!r}{hint}"
         ) from None
+    except RevisionNotFoundError:
+        raise ModelNotAvailable(f"{repo_id} has no revision {revision!r} (a branch, tag or commit)") from None
+    except HfHubHTTPError as e:  # e.g. 401 for a bad token
+        raise ModelNotAvailable(f"the hub refused {repo_id}: {str(e).splitlines()[0]} (check `hf auth login` / HF_TOKEN)") from None
     except LocalEntryNotFoundError:  # offline, no network, or local_files_only; nothing cached
         cache = cache_dir or constants.HF_HUB_CACHE
-        why = (
-            "offline mode is on (HF_HUB_OFFLINE=1)"
-            if constants.is_offline_mode() or local_files_only
-            else "the hub cannot be reached"
-        )
+        if constants.is_offline_mode():
+            why = "offline mode is on (HF_HUB_OFFLINE=1)"
+        elif local_files_only:
+            why = "local_files_only is set"
+        else:
+            why = "the hub cannot be reached"
         also = "" if name in KNOWN_MODELS else f" (and there is no local folder {name!r})"
         raise ModelNotAvailable(
             f"{repo_id} is not in the Hugging Face cache ({cache}) and {why}{also}. "

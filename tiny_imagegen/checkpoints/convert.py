@@ -403,9 +403,11 @@ def load_component(folder: str | Path, name: str, *, dtype: mx.Dtype | None = No
 
 
 def load_converted(folder: str | Path, names=None, *, dtype=None, verify: bool = False) -> dict[str, nn.Module]:
-    """All components (or `names`) of a converted folder: name -> model."""
+    """All components (or `names`) of a converted folder: name -> model. Every file the folder
+    lists is checked first, tokenizers included."""
+    check_files(folder, verify=verify)
     names = names or list(read_manifest(folder)["components"])
-    return {n: load_component(folder, n, dtype=dtype, verify=verify) for n in names}
+    return {n: load_component(folder, n, dtype=dtype) for n in names}
 
 
 def _config_from_dict(cls, values: dict):
