@@ -2,6 +2,7 @@
 component of a tiny FLUX repo, and the errors a damaged folder gives."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import assert_close, fixture_path, load_fixture
-from test_hub import tiny_flux_repo
+from test_hub import COMMIT, cache_snapshot, needed, repo_files, tiny_flux_repo
 from tiny_imagegen.checkpoints.convert import (
     COMPONENTS,
     ConvertedModelError,
@@ -213,9 +214,10 @@ def test_refuses_to_overwrite_and_never_leaves_a_partial_folder(tmp_path):
 # ---- the command ----------------------------------------------------------------------------------
 
 
-def convert_command(*args: str) -> subprocess.CompletedProcess:
+def convert_command(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "examples/convert.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "examples/convert.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -235,3 +237,18 @@ def test_convert_command(tmp_path):
     unknown = convert_command("--model", "flux3-turbo", "--output", str(tmp_path / "x"))
     assert unknown.returncode == 1 and "flux1-schnell, flux1-dev" in unknown.stderr
     assert unknown.stderr.strip().count("\n") == 0
+
+
+def test_convert_command_from_the_hub_cache_offline(tmp_path):
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf_home")}
+    out = tmp_path / "weights" / "schnell"
+    missing = convert_command("--model", "flux1-schnell", "--output", str(out), env=offline)
+    assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0
+    assert "HF_HUB_OFFLINE=1" in missing.stderr and "hf download black-forest-labs/FLUX.1-schnell" in missing.stderr
+
+    cache_snapshot(tmp_path / "cache", "black-forest-labs/FLUX.1-schnell", needed(repo_files(tiny_flux_repo(tmp_path / "repo"))))
+    run = convert_command("--model", "flux1-schnell", "--output", str(out), "--quantize", "4", env=offline)
+    assert run.returncode == 0, run.stderr
+    manifest = read_manifest(out)
+    assert manifest["source"] == {"repo_id": "black-forest-labs/FLUX.1-schnell", "revision": COMMIT, "model": "flux1-schnell"}
+    assert manifest["dtype"] == "bfloat16" and manifest["quantization"]["bits"] == 4
