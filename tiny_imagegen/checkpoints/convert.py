@@ -135,6 +135,7 @@ def save_converted(
     group_size: int = 64,
     dtype: mx.Dtype | str | None = None,
     force: bool = False,
+    pipeline: dict | None = None,
 ) -> Path:
     """Write `components` (name -> model, or a function returning one: called one at a time, so a
     full-size model is released before the next is read) into the folder `output`.
@@ -142,7 +143,8 @@ def save_converted(
     copy: folder name -> source folder copied in as it is (tokenizers, scheduler).
     source: provenance written to model.json. bits/group_size: quantize by the rule, or None.
     dtype: cast floating-point weights before quantizing (None keeps them). The models passed in
-    are not modified. Refuses an existing `output` unless `force`."""
+    are not modified. Refuses an existing `output` unless `force`. pipeline: how the model is
+    sampled, for models the code does not know by name (name, text encoding, SamplingDefaults)."""
     output = Path(output)
     if output.exists() and not force:
         raise FileExistsError(f"{output} exists: choose another --output or pass --force to replace it")
@@ -164,6 +166,8 @@ def save_converted(
         "components": {},
         "files": {},
     }
+    if pipeline:
+        manifest["pipeline"] = pipeline
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
