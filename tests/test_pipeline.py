@@ -75,3 +75,22 @@ def test_classifier_free_guidance_and_img2img_run(tmp_path):
     init = Image.new("RGB", (40, 40), (200, 30, 30))
     out = pipe.generate("a cat", width=32, height=32, steps=4, seed=1, image=init, strength=0.5)
     assert out[0].size == (32, 32)
+
+
+def test_converted_folder_gives_the_same_image(tmp_path):
+    from tiny_imagegen.checkpoints.convert import convert
+
+    source = hub_folder(tmp_path, "dev_like")
+    converted = convert(source, tmp_path / "converted", dtype=mx.float32)
+    a = Pipeline.from_pretrained(str(source), dtype=mx.float32).generate("a cat", width=32, height=32, steps=2, seed=5)
+    b = Pipeline.from_pretrained(str(converted), dtype=mx.float32).generate("a cat", width=32, height=32, steps=2, seed=5)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_on_load(tmp_path, bits):
+    import mlx.nn as nn
+
+    pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path, "dev_like")), dtype=mx.float32, quantize=bits)
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in pipe.transformer.named_modules())
+    assert pipe.generate("a cat", width=32, height=32, steps=2, seed=5)[0].size == (32, 32)
