@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .vae_tiling import tiled_decode
+from .vae_tiling import serial_scheduling, tiled_decode
 
 # ---- configuration --------------------------------------------------------------------------------
 
@@ -245,8 +245,8 @@ class DiagonalGaussian:
 
 # ---- the autoencoder ------------------------------------------------------------------------------
 
-# Decoding keeps activations of 128 channels at full resolution (and the convolutions unfold 3x3
-# patches of them): above this many latent positions (a 1024x1024 image) `decode` tiles by default.
+# Above this many latent positions (a 1024x1024 image) `decode` tiles by default: FLUX's own
+# resolution still decodes whole, as the reference pipelines do.
 AUTO_TILE_LATENT_AREA = 128 * 128
 
 
@@ -270,12 +270,15 @@ class AutoencoderKL(nn.Module):
         moments = self.encoder(images)
         if "quant_conv" in self:
             moments = self.quant_conv(moments)
+        with serial_scheduling():  # the encoder peaks at full resolution, as the decoder does
+            mx.eval(moments)
         return DiagonalGaussian(moments)
 
     def decode(
         self, z: mx.array, tiled: bool | None = None, tile: int = 64, overlap: int = 16
     ) -> mx.array:
-        """z (B, h, w, C) -> images (B, 8h, 8w, 3), roughly in [-1, 1].
+        """z (B, h, w, C) -> images (B, 8h, 8w, 3), roughly in [-1, 1]; evaluated, one operation
+        at a time (see vae_tiling.py).
 
         tiled: None decodes in overlapping tiles of `tile` latent positions (blended over `overlap`)
         when h * w exceeds AUTO_TILE_LATENT_AREA; True / False force it. Tiles do not share
@@ -283,9 +286,10 @@ class AutoencoderKL(nn.Module):
         self._check(z, "latents z", self.config.latent_channels)
         if tiled is None:
             tiled = z.shape[1] * z.shape[2] > AUTO_TILE_LATENT_AREA
-        if tiled:
-            return tiled_decode(self._decode, z, tile, overlap, self.config.downscale)
-        return self._decode(z)
+        with serial_scheduling():
+            images = tiled_decode(self._decode, z, tile, overlap, self.config.downscale) if tiled else self._decode(z)
+            mx.eval(images)
+        return images
 
     def _decode(self, z: mx.array) -> mx.array:
         if "post_quant_conv" in self:
