@@ -9,11 +9,16 @@ outputs under `out`. The MLX tests read those files, so they run without torch.
     python tests/make_fixtures.py vae t5       # only these modules
 
 CI runs the check (tests/test_fixtures_reproduce.py): the stored outputs come from the reference.
+
+The fixtures are always made without LD_PRELOAD: a preloaded OpenBLAS (README, for MLX's speed)
+also takes over torch's BLAS calls and moves its outputs by ~5e-6, so the script re-executes
+itself without it.
 """
 
 import argparse
 import importlib
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -77,7 +82,13 @@ def _compare_tensors(new: Path, old: Path) -> list[str]:
     return problems
 
 
+def without_preload() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+
 def main() -> int:
+    if "LD_PRELOAD" in os.environ:
+        os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], without_preload())
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help=f"modules to run (default all: {', '.join(modules())})")
     parser.add_argument("--check", action="store_true", help="compare with the stored fixtures, write nothing")
