@@ -1,0 +1,213 @@
+"""A small, exactly resumable training loop: AdamW, warmup + cosine learning rate, EMA weights,
+a compiled step, a progress line, a loss log and periodic checkpoints.
+
+Everything random in a step (which samples, the noise, the times t) is a pure function of the
+step number: the caller's `batch_fn(step)` builds the batch from a seed and the step (e.g. an
+epoch permutation and a key `mx.random.key` of (seed, step)). The loop itself draws nothing. So a
+checkpoint needs no RNG state: model + EMA + optimizer (Adam moments and its step counter) + the
+step number are the whole state, and a resumed run repeats the uninterrupted run bit for bit.
+
+A checkpoint is a folder `step_000500/` with `model.safetensors`, `ema.safetensors`,
+`optimizer.safetensors` and `state.json`; the loss log `loss.tsv` (step, loss, lr, grad norm,
+seconds) lives beside them and is cut back to the checkpoint's step on resume.
+
+Learning rate: linear warmup from lr/warmup to lr, then cosine decay to final_lr_fraction · lr
+(Loshchilov & Hutter 2017). EMA (Polyak averaging): ema ← d · ema + (1 - d) · θ after every step,
+the weights that are shipped.
+"""
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    grad_clip: float | None = 1.0  # max global gradient norm; None for none
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2  # older checkpoint folders are deleted
+    log_every: int = 10  # steps per progress line (and per flush of the loss log)
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> Callable:
+    warmup = max(cfg.warmup_steps, 1)
+    decay = max(cfg.steps - warmup, 1)
+    return optim.join_schedules(
+        [
+            optim.linear_schedule(cfg.learning_rate / warmup, cfg.learning_rate, warmup),
+            optim.cosine_decay(cfg.learning_rate, decay, cfg.learning_rate * cfg.final_lr_fraction),
+        ],
+        [warmup],
+    )
+
+
+def save_tree(path: Path, tree) -> None:
+    mx.save_safetensors(str(path), dict(tree_flatten(tree)))
+
+
+def load_tree(path: Path):
+    return tree_unflatten(list(mx.load(str(path)).items()))
+
+
+def checkpoint_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).glob("step_*") if (p / "state.json").is_file())
+
+
+class Trainer:
+    """Trains `model` on `loss_fn(model, *batch_fn(step))` for `config.steps` steps.
+
+    folder: where checkpoints and the loss log go. Call `resume()` first to continue from the
+    latest checkpoint there (or a given one), then `train()`."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, batch_fn: Callable[[int], tuple], config: TrainConfig,
+                 folder: str | Path, name: str = "train"):
+        self.model, self.loss_fn, self.batch_fn, self.config = model, loss_fn, batch_fn, config
+        self.folder, self.name = Path(folder), name
+        self.optimizer = optim.AdamW(learning_rate_schedule(config), weight_decay=config.weight_decay)
+        self.optimizer.init(model.trainable_parameters())
+        self.ema = tree_map(lambda p: mx.array(p), model.trainable_parameters())
+        self.step = 0
+        self._compiled = None
+
+    # -- the step --
+
+    def _build_step(self):
+        model, optimizer, clip = self.model, self.optimizer, self.config.grad_clip
+        loss_and_grad = nn.value_and_grad(model, self.loss_fn)
+        state = [model.state, optimizer.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(*batch):
+            loss, grads = loss_and_grad(model, *batch)
+            if clip is not None:
+                grads, norm = optim.clip_grad_norm(grads, clip)
+            else:
+                norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(grads)))
+            optimizer.update(model, grads)
+            return loss, norm
+
+        d = self.config.ema_decay
+
+        @mx.compile
+        def ema_update(ema, params):
+            return tree_map(lambda e, p: d * e + (1 - d) * p, ema, params)
+
+        return step, ema_update
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimisation step; returns (loss, gradient norm before clipping)."""
+        if self._compiled is None:
+            self._compiled = self._build_step()
+        step, ema_update = self._compiled
+        loss, norm = step(*self.batch_fn(self.step))
+        self.ema = ema_update(self.ema, self.model.trainable_parameters())
+        mx.eval(loss, norm, self.model.state, self.optimizer.state, self.ema)
+        self.step += 1
+        return loss.item(), norm.item()
+
+    # -- checkpoints --
+
+    def save(self) -> Path:
+        out = self.folder / f"step_{self.step:06d}"
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_tree(tmp / "model.safetensors", self.model.parameters())
+        save_tree(tmp / "ema.safetensors", self.ema)
+        save_tree(tmp / "optimizer.safetensors", self.optimizer.state)
+        (tmp / "state.json").write_text(json.dumps({"step": self.step, "config": asdict(self.config)}, indent=1))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)  # a checkpoint folder is complete or absent
+        for old in checkpoint_folders(self.folder)[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old)
+        return out
+
+    def resume(self, checkpoint: str | Path | None = None) -> bool:
+        """Load a checkpoint folder (default: the latest under `folder`); False if there is none."""
+        if checkpoint is None:
+            found = checkpoint_folders(self.folder)
+            if not found:
+                return False
+            checkpoint = found[-1]
+        checkpoint = Path(checkpoint)
+        if self._compiled is not None:
+            raise RuntimeError("resume before the first step: the compiled step holds the state it started with")
+        state = json.loads((checkpoint / "state.json").read_text())
+        self.model.update(load_tree(checkpoint / "model.safetensors"))
+        self.ema = load_tree(checkpoint / "ema.safetensors")
+        self.optimizer.state.update(load_tree(checkpoint / "optimizer.safetensors"))  # in place
+        mx.eval(self.model.parameters(), self.ema, self.optimizer.state)
+        self.step = state["step"]
+        self._truncate_log()
+        return True
+
+    # -- the loop --
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / f"{self.name}_loss.tsv"
+
+    def _truncate_log(self):
+        if self.log_path.is_file():
+            lines = self.log_path.read_text().splitlines(keepends=True)
+            keep = [ln for ln in lines if ln.startswith("step") or int(ln.split("\t")[0]) <= self.step]
+            self.log_path.write_text("".join(keep))
+
+    def train(self, until: int | None = None) -> float:
+        """Run to step `until` (default: config.steps), checkpointing on the way and at the end.
+        Returns the mean loss of the last logging window."""
+        until = self.config.steps if until is None else until
+        self.folder.mkdir(parents=True, exist_ok=True)
+        new_log = not self.log_path.is_file()
+        log = self.log_path.open("a")
+        if new_log:
+            log.write("step\tloss\tlr\tgrad_norm\tseconds\n")
+        window, t_window, t_start, start_step = [], time.perf_counter(), time.perf_counter(), self.step
+        tty = sys.stderr.isatty()
+        while self.step < until:
+            lr = self.optimizer.learning_rate.item()
+            loss, norm = self.train_step()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{self.name}: loss is {loss} at step {self.step}")
+            window.append(loss)
+            log.write(f"{self.step}\t{loss:.6f}\t{lr:.3e}\t{norm:.4f}\t{time.perf_counter() - t_start:.1f}\n")
+            if self.step % self.config.log_every == 0 or self.step == until:
+                log.flush()
+                now = time.perf_counter()
+                per_step = (now - t_window) / len(window)
+                eta = per_step * (until - self.step)
+                line = (f"{self.name} {self.step:6d}/{until} |{_bar(self.step / until)}| loss {sum(window) / len(window):.4f} "
+                        f"lr {lr:.2e} {per_step:.2f} s/step eta {eta / 60:.1f} min")
+                print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+                last_window, window, t_window = window, [], now
+            if self.step % self.config.checkpoint_every == 0 or self.step == until:
+                self.save()
+        log.close()
+        if tty:
+            print(file=sys.stderr)
+        done = self.step - start_step
+        if done:
+            print(f"{self.name}: {done} steps in {(time.perf_counter() - t_start) / 60:.1f} min", file=sys.stderr)
+        return sum(last_window) / len(last_window) if done else float("nan")
+
+
+def _bar(fraction: float, width: int = 20) -> str:
+    filled = int(round(fraction * width))
+    return "#" * filled + "." * (width - filled)
