@@ -1,0 +1,227 @@
+"""tiny-shapes: FLUX's architecture at a size that trains on two CPU cores in about 1.5 hours.
+
+The same components and code paths as FLUX.1, each shrunk:
+
+    VAE          our AutoencoderKL, 3 levels (8, 16, 32 channels): 64x64 RGB -> 16x16x4 latents (4x down)
+    tokenizer    a SentencePiece BPE model (100 pieces) trained on the dataset's captions, T5's conventions
+    text encoder a 2-layer T5 v1.1 encoder (d_model 128), trained from scratch with the MM-DiT
+    pooled text  the masked mean of the T5 hidden states (FLUX uses CLIP's pooled output here;
+                 one encoder is enough for a closed caption grammar)
+    MM-DiT       hybrid, 2 double + 2 single blocks, hidden 128 = 2 heads x 64, 2-D mixed RoPE
+                 (image tokens at centred (row, col), text on the diagonal beyond the grid, as MSRoPE);
+                 the 16x16x4 latent is packed 2x2 as FLUX packs it: 64 tokens of 16 channels
+
+Training (examples/train_tiny.py): the VAE first (L1 + L2 reconstruction, a small KL), then the
+T5 + MM-DiT on the VAE's latents with the flow-matching loss (train/flow_matching.py: logit-normal
+t), 10% of captions dropped to the empty caption so that classifier-free guidance works.
+
+Sampling: Euler steps on FLUX's unshifted linear schedule (64 tokens is below FLUX's shift range)
+with classifier-free guidance, v = v(∅) + g (v(c) - v(∅)).
+
+Weights folder (`save_tiny_shapes` / `load_tiny_shapes`): our converted format (checkpoints/
+convert.py): `transformer.safetensors`, `t5.safetensors`, `vae.safetensors`, the tokenizer in
+`tokenizer_2/`, and `model.json` with the configs, size + SHA-256 of every file and the sampling
+recipe ("t5-mean" text, steps, guidance), so the generic pipeline loads it as `--model tiny-shapes`.
+"""
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..layers.embeddings import pack_latents, unpack_latents
+from ..models.mmdit import MMDiT, MMDiTConfig
+from ..models.t5 import T5Config, T5Encoder
+from ..models.vae import AutoencoderKL, VAEConfig
+from ..sampling import classifier_free_guidance, denoise, flux_schedule, sample_noise
+from ..text.t5_sentencepiece import T5Tokenizer
+from .flow_matching import flow_matching_loss, interpolate
+from .shapes_dataset import sample_scene, to_uint8
+
+IMAGE_SIZE = 64
+PATCH = 2  # FLUX's 2x2 latent packing
+MAX_LENGTH = 16  # text tokens: the longest caption of the grammar is 15 pieces + </s>
+VOCAB_SIZE = 100
+TOKENIZER_SEED, TOKENIZER_CAPTIONS = 1234, 4000
+
+
+def vae_config() -> VAEConfig:
+    # scaling/shift are set from the encoded training set after the VAE is trained
+    return VAEConfig(latent_channels=4, block_out_channels=(8, 16, 32), layers_per_block=1, norm_num_groups=8,
+                     scaling_factor=1.0, shift_factor=0.0)
+
+
+def t5_config(vocab_size: int = VOCAB_SIZE) -> T5Config:
+    return T5Config(vocab_size=vocab_size, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_heads=4,
+                    relative_attention_num_buckets=16, relative_attention_max_distance=32)
+
+
+def mmdit_config(latent_channels: int = 4, text_dim: int = 128) -> MMDiTConfig:
+    return MMDiTConfig(in_channels=latent_channels * PATCH * PATCH, num_heads=2, head_dim=64, depth_double=2,
+                       depth_single=2, mlp_ratio=4.0, context_dim=text_dim, vec_dim=text_dim, rope="mixed")
+
+
+# ---- the tokenizer -------------------------------------------------------------------------------
+
+
+def train_tokenizer(folder: Path, vocab_size: int = VOCAB_SIZE) -> T5Tokenizer:
+    """A SentencePiece BPE model on captions of the train split (deterministic: fixed captions,
+    one thread), written as `spiece.model` + `tokenizer_config.json` (no sentinel ids)."""
+    import sentencepiece
+
+    captions = [sample_scene(TOKENIZER_SEED, i, "train").caption for i in range(TOKENIZER_CAPTIONS)]
+    proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(captions), model_writer=proto, vocab_size=vocab_size, model_type="bpe",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, character_coverage=1.0,
+        num_threads=1, minloglevel=2,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(proto.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"extra_ids": 0, "model_max_length": MAX_LENGTH}))
+    return T5Tokenizer.from_folder(folder, max_length=MAX_LENGTH)
+
+
+# ---- the denoiser: text encoder + MM-DiT, trained together ----------------------------------------
+
+
+class TinyDenoiser(nn.Module):
+    """v_θ(x_t, t, caption): the T5 encoder and the MM-DiT as one trainable module."""
+
+    def __init__(self, text_encoder: T5Encoder, transformer: MMDiT, latent_size: int = IMAGE_SIZE // 4):
+        super().__init__()
+        t5, mm = text_encoder.config, transformer.config
+        if mm.context_dim != t5.d_model or mm.vec_dim != t5.d_model:
+            raise ValueError(f"MM-DiT context/vec dims {mm.context_dim}/{mm.vec_dim} != T5 width {t5.d_model}")
+        self.text_encoder, self.transformer = text_encoder, transformer
+        txt_ids, img_ids = transformer.position_ids(latent_size // PATCH, latent_size // PATCH, MAX_LENGTH)
+        self._txt_ids, self._img_ids = mx.array(txt_ids), mx.array(img_ids)  # (16, 2), (64, 2)
+
+    @classmethod
+    def from_configs(cls, t5: T5Config, mmdit: MMDiTConfig, latent_size: int = IMAGE_SIZE // 4) -> "TinyDenoiser":
+        return cls(T5Encoder(t5), MMDiT(mmdit), latent_size)
+
+    def encode_text(self, ids: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+        """ids, mask (B, L) -> hidden states (B, L, D) and pooled vector (B, D), the mean over
+        the caption's own tokens (mask 1). As in FLUX, T5 itself gets no mask (padding is
+        attended to and passed on), which is what the generic pipeline does (loading.PooledT5Text)."""
+        h = self.text_encoder(ids)
+        m = mask.astype(h.dtype)[..., None]
+        return h, (h * m).sum(axis=1) / m.sum(axis=1)
+
+    def __call__(self, x_t: mx.array, t: mx.array, txt: mx.array, pooled: mx.array) -> mx.array:
+        """x_t (B, 64, 16) packed latents, t (B,) -> velocity (B, 64, 16)."""
+        return self.transformer(x_t, self._img_ids, txt, self._txt_ids, t, pooled)
+
+
+def denoiser_loss(model: TinyDenoiser, x0, ids, mask, noise, t) -> mx.array:
+    """The flow-matching loss of one batch: x0, noise (B, 64, 16) packed latents, ids/mask (B, L), t (B,)."""
+    txt, pooled = model.encode_text(ids, mask)
+    return flow_matching_loss(model(interpolate(x0, noise, t), t, txt, pooled), x0, noise)
+
+
+def init_for_training(denoiser: TinyDenoiser) -> TinyDenoiser:
+    """adaLN-Zero (DiT §3.2): every modulation and the final projection start at zero, so every
+    block starts as the identity and the output at 0."""
+    mmdit = denoiser.transformer
+    for _, module in mmdit.named_modules():
+        if type(module).__name__ == "Modulation":
+            module.lin.weight = mx.zeros_like(module.lin.weight)
+            module.lin.bias = mx.zeros_like(module.lin.bias)
+    mmdit.final_layer.linear.weight = mx.zeros_like(mmdit.final_layer.linear.weight)
+    mmdit.final_layer.linear.bias = mx.zeros_like(mmdit.final_layer.linear.bias)
+    return denoiser
+
+
+# ---- saving and loading the shipped folder ---------------------------------------------------------
+
+
+@dataclass
+class TinyShapes:
+    vae: AutoencoderKL
+    denoiser: TinyDenoiser
+    tokenizer: T5Tokenizer
+    sampling: dict  # the pipeline recipe's defaults: steps, guidance, shift, text_length, width, height
+
+
+# How the generic pipeline samples it (loading.py reads this recipe from model.json).
+SAMPLING_DEFAULTS = {"steps": 20, "guidance": 4.0, "shift": False, "text_length": MAX_LENGTH,
+                     "width": IMAGE_SIZE, "height": IMAGE_SIZE}
+
+
+def save_tiny_shapes(folder: str | Path, vae: AutoencoderKL, denoiser: TinyDenoiser, tokenizer_folder: Path,
+                     sampling: dict | None = None, training: dict | None = None) -> Path:
+    """Our converted format (checkpoints/convert.py): transformer / t5 / vae safetensors, the
+    tokenizer as `tokenizer_2/` (FLUX's slot for the T5 tokenizer), sizes and SHA-256 of every
+    file and the sampling recipe in model.json. Replaces `folder` if it exists."""
+    from ..checkpoints.convert import save_converted
+
+    recipe = {"name": "tiny-shapes", "text": "t5-mean", "defaults": {**SAMPLING_DEFAULTS, **(sampling or {})}}
+    return save_converted(
+        folder, {"transformer": denoiser.transformer, "t5": denoiser.text_encoder, "vae": vae},
+        copy={"tokenizer_2": Path(tokenizer_folder)}, source={"trained_with": "examples/train_tiny.py", **(training or {})},
+        pipeline=recipe, force=True,
+    )
+
+
+def load_tiny_shapes(folder: str | Path = "weights/tiny-shapes") -> TinyShapes:
+    """The shipped model: VAE, denoiser (T5 + MM-DiT) and tokenizer. Every file's size and
+    SHA-256 is checked against model.json first, so a truncated or corrupt file fails by name."""
+    from ..checkpoints.convert import check_files, load_component, read_manifest
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    check_files(folder, verify=True)
+    parts = {n: load_component(folder, n, dtype=mx.float32) for n in ("vae", "t5", "transformer")}
+    sampling = {**SAMPLING_DEFAULTS, **manifest.get("pipeline", {}).get("defaults", {})}
+    vae = parts["vae"]
+    denoiser = TinyDenoiser(parts["t5"], parts["transformer"], sampling["height"] // vae.config.downscale)
+    mx.eval(vae.parameters(), denoiser.parameters())
+    tokenizer = T5Tokenizer.from_folder(folder / "tokenizer_2", max_length=sampling["text_length"])
+    return TinyShapes(vae, denoiser, tokenizer, sampling)
+
+
+# ---- generation ----------------------------------------------------------------------------------
+
+
+def sample_latents(denoiser: TinyDenoiser, tokenizer: T5Tokenizer, prompts: list[str], seeds: list[int],
+                   steps: int, guidance: float, latent_shape: tuple[int, int, int], shift: bool = False) -> mx.array:
+    """Euler integration with classifier-free guidance; (B, h, w, C) latents in diffusion space.
+    Image i starts from `sample_noise(seeds[i])`, so it does not depend on the rest of the batch."""
+    h, w, C = latent_shape
+    B = len(prompts)
+    ids, mask = tokenizer(list(prompts) + [""] * B)  # conditional, then unconditional
+    txt, pooled = denoiser.encode_text(ids, mask)
+    x = mx.concatenate([sample_noise(s, (1, h, w, C)) for s in seeds])
+    x = pack_latents(x, PATCH)
+
+    def velocity(x, t):
+        v = denoiser(mx.concatenate([x, x]), mx.full((2 * B,), t), txt, pooled)
+        return classifier_free_guidance(v[:B], v[B:], guidance)
+
+    for x in denoise(velocity, x, flux_schedule(steps, x.shape[1], shift)):
+        pass
+    return unpack_latents(x, h, w, PATCH)
+
+
+def generate_images(model: TinyShapes, prompts: list[str], seeds: list[int], steps: int | None = None,
+                    guidance: float | None = None) -> np.ndarray:
+    """(B, 64, 64, 3) uint8 images for the prompts."""
+    steps = steps or model.sampling["steps"]
+    guidance = model.sampling["guidance"] if guidance is None else guidance
+    n = IMAGE_SIZE // model.vae.config.downscale
+    z = sample_latents(model.denoiser, model.tokenizer, prompts, seeds, steps, guidance,
+                       (n, n, model.vae.config.latent_channels), model.sampling.get("shift", False))
+    return to_uint8(model.vae.decode_latents(z))
+
+
+def generate_tiny(model: TinyShapes, prompt: str, seed: int = 0, steps: int | None = None,
+                  guidance: float | None = None):
+    """One 64x64 PIL image for `prompt`."""
+    from PIL import Image
+
+    return Image.fromarray(generate_images(model, [prompt], [seed], steps, guidance)[0])
