@@ -4,7 +4,7 @@ Random weights (memory and time do not depend on them), fp32, batch 1. Each deco
 cleared cache and a reset peak counter; the peak is MLX's own count (mx.get_peak_memory), which
 includes the decoder's weights (0.18 GB).
 
-`AutoencoderKL.decode` evaluates one operation at a time (vae_tiling.serial_scheduling);
+`AutoencoderKL.decode` limits how far MLX schedules ahead (vae_tiling.limited_run_ahead);
 `--run-ahead` measures the same decode under MLX's default scheduling instead, which holds
 several operations' buffers at once.
 
@@ -33,7 +33,7 @@ def measure(vae, size: int, tiled: bool, tile: int, overlap: int, run_ahead: boo
     mx.clear_cache()
     mx.reset_peak_memory()
     start = time.perf_counter()
-    if run_ahead:  # what decode does, minus serial_scheduling
+    if run_ahead:  # what decode does, minus limited_run_ahead
         image = tiled_decode(vae._decode, z, tile, overlap) if tiled else vae._decode(z)
     else:
         image = vae.decode(z, tiled=tiled, tile=tile, overlap=overlap)
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["tiled", "untiled"], choices=["tiled", "untiled"])
     parser.add_argument("--tile", type=int, default=64, help="tile size in latent positions (x8 pixels)")
     parser.add_argument("--overlap", type=int, default=16, help="tile overlap in latent positions")
-    parser.add_argument("--run-ahead", action="store_true", help="MLX's default scheduling, not decode's serial one")
+    parser.add_argument("--run-ahead", action="store_true", help="MLX's default scheduling, not decode's limited run-ahead")
     args = parser.parse_args()
 
     vae = vae_from_preset("flux")

@@ -92,6 +92,18 @@ def test_sample_is_mean_plus_std_noise(flux_io):
     assert mx.array_equal(q.sample(mx.random.key(3)), q.sample(mx.random.key(3)))
 
 
+def test_encode_and_decode_restore_the_memory_limit(flux_io):
+    """They evaluate under a temporary memory limit (limited_run_ahead) and must put it back."""
+    vae = load("flux_small")
+    previous = mx.set_memory_limit(5 * 2**30)
+    try:
+        vae.decode(flux_io["z"])
+        vae.encode(flux_io["images"])
+        assert mx.set_memory_limit(5 * 2**30) == 5 * 2**30
+    finally:
+        mx.set_memory_limit(previous)
+
+
 # ---- tiled decoding --------------------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .vae_tiling import serial_scheduling, tiled_decode
+from .vae_tiling import limited_run_ahead, tiled_decode
 
 # ---- configuration --------------------------------------------------------------------------------
 
@@ -270,15 +270,15 @@ class AutoencoderKL(nn.Module):
         moments = self.encoder(images)
         if "quant_conv" in self:
             moments = self.quant_conv(moments)
-        with serial_scheduling():  # the encoder peaks at full resolution, as the decoder does
+        with limited_run_ahead():  # the encoder peaks at full resolution, as the decoder does
             mx.eval(moments)
         return DiagonalGaussian(moments)
 
     def decode(
         self, z: mx.array, tiled: bool | None = None, tile: int = 64, overlap: int = 16
     ) -> mx.array:
-        """z (B, h, w, C) -> images (B, 8h, 8w, 3), roughly in [-1, 1]; evaluated, one operation
-        at a time (see vae_tiling.py).
+        """z (B, h, w, C) -> images (B, 8h, 8w, 3), roughly in [-1, 1]; evaluated, with MLX's
+        run-ahead limited (see vae_tiling.py).
 
         tiled: None decodes in overlapping tiles of `tile` latent positions (blended over `overlap`)
         when h * w exceeds AUTO_TILE_LATENT_AREA; True / False force it. Tiles do not share
@@ -286,7 +286,7 @@ class AutoencoderKL(nn.Module):
         self._check(z, "latents z", self.config.latent_channels)
         if tiled is None:
             tiled = z.shape[1] * z.shape[2] > AUTO_TILE_LATENT_AREA
-        with serial_scheduling():
+        with limited_run_ahead():
             images = tiled_decode(self._decode, z, tile, overlap, self.config.downscale) if tiled else self._decode(z)
             mx.eval(images)
         return images
@@ -319,7 +319,7 @@ class AutoencoderKL(nn.Module):
     @staticmethod
     def _check(x: mx.array, name: str, channels: int, multiple: int = 1):
         if x.ndim != 4 or x.shape[-1] != channels or x.shape[1] < 1 or x.shape[2] < 1:
-            hint = f" (channels-first? this VAE is channels-last)" if x.ndim == 4 and x.shape[1] == channels else ""
+            hint = " (channels-first? this VAE is channels-last)" if x.ndim == 4 and x.shape[1] == channels else ""
             raise ValueError(f"{name} must have shape (B, H, W, {channels}), got {tuple(x.shape)}{hint}")
         if x.shape[1] % multiple or x.shape[2] % multiple:
             raise ValueError(f"{name}: height and width must be multiples of {multiple}, got {tuple(x.shape[1:3])}")
