@@ -9,7 +9,7 @@ decoder that multiplies the peak by ~2.5-4. While more memory is in use than MLX
 it waits for running operations instead. `limited_run_ahead` sets that limit a little above what
 is held on entry: small operations still run ahead, the big ones one at a time, so the peak is
 about that of the largest single layer plus the headroom. (Waiting costs time: with 0.25 GB of
-headroom a 512x512 decode took 1.7x as long on a busy 2-core CPU, with 2 GB 1.15x.)
+headroom a 512x512 decode took 1.7x as long on a busy 2-core CPU, with 2 GB 1.2x.)
 
 Tiles. Decoding the latents in tiles bounds the largest layer by the tile size. Tiles overlap by
 `overlap` latent positions; over the overlap each tile fades in linearly over its upper (then
