@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="PNG path; with several images a pattern with {i} (index) and/or {seed} "
                         "(default: %(default)s, numbered out-0.png ... when several)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
+                   help="decode in overlapping tiles to bound memory; auto: above 768x768 pixels")
     p.add_argument("--keep-text-encoders", action="store_true", help="do not free T5/CLIP after encoding")
     p.add_argument("--verbose", "-v", action="store_true", help="print device, dtype, timings and peak memory")
     return p.parse_args(argv)
@@ -177,7 +179,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     start = time.perf_counter()
     images = pipe.generate(prompt, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
                            n_images=args.n_images, negative_prompt=args.negative_prompt, true_cfg=args.true_cfg,
-                           image=init_image, strength=args.strength, progress=ProgressBar())
+                           image=init_image, strength=args.strength, progress=ProgressBar(),
+                           vae_tiling={"auto": None, "on": True, "off": False}[args.vae_tiling])
     metadata = {
         "prompt": prompt, "negative_prompt": args.negative_prompt, "steps": steps, "guidance": guidance,
         "true_cfg": args.true_cfg, "width": width, "height": height, "model": pipe.name,
