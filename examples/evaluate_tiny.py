@@ -2,6 +2,8 @@
 
     python examples/evaluate_tiny.py                      # 200 held-out captions (unseen colour-shape pairs)
     python examples/evaluate_tiny.py --split train --n 100 --grid /tmp/grid.png
+    python examples/evaluate_tiny.py --reconstruct        # the VAE alone: encode + decode real images
+    python examples/evaluate_tiny.py --prompt "a red circle" --n 20    # one prompt, 20 seeds
 
 The held-out split holds only captions with at least one (colour, shape) pair that never appears
 in training (red circle, cyan square, purple triangle; see shapes_dataset.py), so it measures
@@ -19,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_imagegen.train.scene_parser import evaluate  # noqa: E402
-from tiny_imagegen.train.shapes_dataset import sample_scene  # noqa: E402
+from tiny_imagegen.train.shapes_dataset import make_batch, sample_scene, to_uint8  # noqa: E402
 from tiny_imagegen.train.tiny_shapes import generate_images, load_tiny_shapes  # noqa: E402
 
 
@@ -34,21 +36,30 @@ def main(argv=None):
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--grid", default=None, help="save the first 64 images as a PNG grid here")
+    p.add_argument("--prompt", default=None, help="score this one prompt over --n seeds instead of the split")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="score the VAE's reconstructions of the dataset's own images instead (the ceiling)")
     args = p.parse_args(argv)
 
     model = load_tiny_shapes(args.weights)
-    captions = [sample_scene(args.caption_seed, i, args.split).caption for i in range(args.n)]
-    t0, images = time.perf_counter(), []
-    for start in range(0, args.n, args.batch):
-        chunk = captions[start : start + args.batch]
-        seeds = [args.seed + start + i for i in range(len(chunk))]
-        images.append(generate_images(model, chunk, seeds, args.steps, args.guidance))
-    images = np.concatenate(images)
-    elapsed = time.perf_counter() - t0
-    steps = args.steps or model.sampling["steps"]
-    guidance = model.sampling["guidance"] if args.guidance is None else args.guidance
-    print(f"{args.n} {args.split} captions, {steps} Euler steps, guidance {guidance}: "
-          f"{elapsed:.1f} s ({elapsed / args.n:.3f} s per image in batches of {args.batch})")
+    if args.reconstruct:
+        captions, images = reconstructions(model, args)
+    else:
+        if args.prompt:
+            captions, args.split = [args.prompt] * args.n, repr(args.prompt)
+        else:
+            captions = [sample_scene(args.caption_seed, i, args.split).caption for i in range(args.n)]
+        t0, images = time.perf_counter(), []
+        for start in range(0, args.n, args.batch):
+            chunk = captions[start : start + args.batch]
+            seeds = [args.seed + start + i for i in range(len(chunk))]
+            images.append(generate_images(model, chunk, seeds, args.steps, args.guidance))
+        images = np.concatenate(images)
+        elapsed = time.perf_counter() - t0
+        steps = args.steps or model.sampling["steps"]
+        guidance = model.sampling["guidance"] if args.guidance is None else args.guidance
+        print(f"{args.n} {args.split} captions, {steps} Euler steps, guidance {guidance}: "
+              f"{elapsed:.1f} s ({elapsed / args.n:.3f} s per image in batches of {args.batch})")
     accuracy = evaluate(captions, images)
     if args.grid:
         from PIL import Image
@@ -64,6 +75,17 @@ def main(argv=None):
         for i in range(k):
             print(f"  {i:2d} {captions[i]}")
     return accuracy
+
+
+def reconstructions(model, args) -> tuple[list[str], np.ndarray]:
+    """The dataset's images for the captions, through the VAE (posterior mean, then decode)."""
+    import mlx.core as mx
+
+    images, captions, _ = make_batch(args.caption_seed, args.n, args.split, as_float=True)
+    out = [to_uint8(model.vae.decode(model.vae.encode(mx.array(images[i : i + args.batch])).mean))
+           for i in range(0, args.n, args.batch)]
+    print(f"{args.n} {args.split} images through the VAE (encode, posterior mean, decode)")
+    return captions, np.concatenate(out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The same components and code paths as FLUX.1, each shrunk:
 
-    VAE          our AutoencoderKL, 3 levels (8, 16, 32 channels): 64x64 RGB -> 16x16x4 latents (4x down)
+    VAE          our AutoencoderKL, 3 levels (16, 32, 32 channels): 64x64 RGB -> 16x16x4 latents (4x down)
     tokenizer    a SentencePiece BPE model (100 pieces) trained on the dataset's captions, T5's conventions
     text encoder a 2-layer T5 v1.1 encoder (d_model 128), trained from scratch with the MM-DiT
     pooled text  the masked mean of the T5 hidden states (FLUX uses CLIP's pooled output here;
@@ -51,7 +51,7 @@ TOKENIZER_SEED, TOKENIZER_CAPTIONS = 1234, 4000
 
 def vae_config() -> VAEConfig:
     # scaling/shift are set from the encoded training set after the VAE is trained
-    return VAEConfig(latent_channels=4, block_out_channels=(8, 16, 32), layers_per_block=1, norm_num_groups=8,
+    return VAEConfig(latent_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
                      scaling_factor=1.0, shift_factor=0.0)
 
 

@@ -13,7 +13,10 @@ seconds) lives beside them and is cut back to the checkpoint's step on resume.
 
 Learning rate: linear warmup from lr/warmup to lr, then cosine decay to final_lr_fraction · lr
 (Loshchilov & Hutter 2017). EMA (Polyak averaging): ema ← d · ema + (1 - d) · θ after every step,
-the weights that are shipped.
+starting from the initial weights θ_0. After t steps θ_0 still has the share d^t (16% for
+d = 0.999 after 1800 steps: a short run's EMA is pulled towards the untrained model), so
+`averaged_parameters()` removes it, (ema - d^t θ_0) / (1 - d^t), the same correction as Adam's
+for its moments (Kingma & Ba 2015, §3): the weights that are shipped.
 """
 
 import json
@@ -83,6 +86,7 @@ class Trainer:
         self.optimizer = optim.AdamW(learning_rate_schedule(config), weight_decay=config.weight_decay)
         self.optimizer.init(model.trainable_parameters())
         self.ema = tree_map(lambda p: mx.array(p), model.trainable_parameters())
+        self.ema_start = self.ema  # θ_0, for the bias correction (not saved: rebuild the same initial model to resume)
         self.step = 0
         self._compiled = None
 
@@ -121,6 +125,13 @@ class Trainer:
         mx.eval(loss, norm, self.model.state, self.optimizer.state, self.ema)
         self.step += 1
         return loss.item(), norm.item()
+
+    def averaged_parameters(self):
+        """The bias-corrected EMA: the average of θ_1 .. θ_t with weights (1 - d) d^(t-k) / (1 - d^t)."""
+        c = self.config.ema_decay ** self.step
+        if self.step == 0:
+            return self.ema
+        return tree_map(lambda e, e0: (e - c * e0) / (1 - c), self.ema, self.ema_start)
 
     # -- checkpoints --
 
