@@ -10,7 +10,6 @@ EMA weights are written to --weights (load them with tiny_imagegen.train.tiny_sh
 """
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace

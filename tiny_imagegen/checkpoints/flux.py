@@ -8,7 +8,7 @@ the table fuses them with `concat`, in the order our fused projections split the
 import json
 from pathlib import Path
 
-from .mapping import KeyTable, Rule, concat, swap_halves
+from .mapping import CheckpointError, KeyTable, Rule, concat, swap_halves
 from .safetensors_io import read_checkpoint
 
 BFL = KeyTable(
@@ -95,8 +95,9 @@ def infer_config(tensors: dict, axes_dim: tuple[int, ...] | None = None):
 
     try:
         hidden, in_channels = tensors["img_in.weight"].shape
-        head_dim = tensors["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0] if count("double_blocks.") else (
-            tensors["single_blocks.0.norm.query_norm.scale"].shape[0])
+        first_norm = ("double_blocks.0.img_attn.norm.query_norm.scale" if count("double_blocks.")
+                      else "single_blocks.0.norm.query_norm.scale")
+        head_dim = tensors[first_norm].shape[0]
         return MMDiTConfig(
             in_channels=in_channels,
             out_channels=tensors["final_layer.linear.weight"].shape[0],
@@ -110,8 +111,6 @@ def infer_config(tensors: dict, axes_dim: tuple[int, ...] | None = None):
             axes_dim=axes_dim or (head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16),
         )
     except KeyError as e:
-        from .mapping import CheckpointError
-
         raise CheckpointError(f"not a FLUX transformer checkpoint: no tensor {e}") from None
 
 

@@ -14,7 +14,7 @@ every block (adaLN-Zero, see layers/modulation.py). Parameter names follow the o
 (`double_blocks.0.img_attn.qkv.weight`), so its checkpoints map almost one to one.
 """
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
