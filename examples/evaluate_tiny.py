@@ -6,7 +6,7 @@
     python examples/evaluate_tiny.py --prompt "a red circle" --n 20    # one prompt, 20 seeds
 
 The held-out split holds only captions with at least one (colour, shape) pair that never appears
-in training (red circle, cyan square, purple triangle; see shapes_dataset.py), so it measures
+in training (purple circle, yellow square, blue triangle; see shapes_dataset.py), so it measures
 composition. The captions come from a seed stream of their own (--caption-seed), not the
 training pool's.
 """
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_imagegen.train.scene_parser import evaluate  # noqa: E402
 from tiny_imagegen.train.shapes_dataset import make_batch, sample_scene, to_uint8  # noqa: E402
-from tiny_imagegen.train.tiny_shapes import generate_images, load_tiny_shapes  # noqa: E402
+from tiny_imagegen.train.tiny_shapes import generate_images, load_pipeline  # noqa: E402
 
 
 def main(argv=None):
@@ -41,9 +41,9 @@ def main(argv=None):
                    help="score the VAE's reconstructions of the dataset's own images instead (the ceiling)")
     args = p.parse_args(argv)
 
-    model = load_tiny_shapes(args.weights)
+    pipe = load_pipeline(args.weights)
     if args.reconstruct:
-        captions, images = reconstructions(model, args)
+        captions, images = reconstructions(pipe.vae, args)
     else:
         if args.prompt:
             captions, args.split = [args.prompt] * args.n, repr(args.prompt)
@@ -53,11 +53,11 @@ def main(argv=None):
         for start in range(0, args.n, args.batch):
             chunk = captions[start : start + args.batch]
             seeds = [args.seed + start + i for i in range(len(chunk))]
-            images.append(generate_images(model, chunk, seeds, args.steps, args.guidance))
+            images.append(generate_images(pipe, chunk, seeds, args.steps, args.guidance))
         images = np.concatenate(images)
         elapsed = time.perf_counter() - t0
-        steps = args.steps or model.sampling["steps"]
-        guidance = model.sampling["guidance"] if args.guidance is None else args.guidance
+        steps = args.steps or pipe.defaults.steps
+        guidance = pipe.defaults.guidance if args.guidance is None else args.guidance
         print(f"{args.n} {args.split} captions, {steps} Euler steps, guidance {guidance}: "
               f"{elapsed:.1f} s ({elapsed / args.n:.3f} s per image in batches of {args.batch})")
     accuracy = evaluate(captions, images)
@@ -77,12 +77,12 @@ def main(argv=None):
     return accuracy
 
 
-def reconstructions(model, args) -> tuple[list[str], np.ndarray]:
+def reconstructions(vae, args) -> tuple[list[str], np.ndarray]:
     """The dataset's images for the captions, through the VAE (posterior mean, then decode)."""
     import mlx.core as mx
 
     images, captions, _ = make_batch(args.caption_seed, args.n, args.split, as_float=True)
-    out = [to_uint8(model.vae.decode(model.vae.encode(mx.array(images[i : i + args.batch])).mean))
+    out = [to_uint8(vae.decode(vae.encode(mx.array(images[i : i + args.batch])).mean))
            for i in range(0, args.n, args.batch)]
     print(f"{args.n} {args.split} images through the VAE (encode, posterior mean, decode)")
     return captions, np.concatenate(out)

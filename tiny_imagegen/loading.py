@@ -21,7 +21,7 @@ from .checkpoints.vae import load_vae
 from .hub import KNOWN_MODELS, ModelNotAvailable, is_converted, resolve_model
 from .pipeline import DEFAULTS, SamplingDefaults
 from .text import CLIPTokenizer, T5Tokenizer
-from .text_conditioning import FluxTextEncoders
+from .text_conditioning import FluxTextEncoders, PooledT5Text
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 
@@ -37,20 +37,6 @@ class FluxText:
         return c.t5_sequence, c.clip_pooled
 
 
-class PooledT5Text:
-    """prompts -> (T5 sequence, masked mean of it): one small encoder for both inputs, as the
-    tiny shapes model is trained (it has no CLIP)."""
-
-    def __init__(self, tokenizer: T5Tokenizer, t5):
-        self.tokenizer, self.t5 = tokenizer, t5
-
-    def __call__(self, prompts: list[str]) -> tuple[mx.array, mx.array]:
-        ids, mask = self.tokenizer(prompts)
-        seq = self.t5(ids)
-        m = mask[..., None].astype(seq.dtype)
-        return seq, (seq * m).sum(axis=1) / m.sum(axis=1)
-
-
 def locate(model: str) -> Path:
     """A local folder for `model` (see the module docstring); downloads if it must."""
     shipped = WEIGHTS / model
@@ -63,11 +49,13 @@ def locate(model: str) -> Path:
     return resolve_model(model)
 
 
-def load_components(model: str, dtype: mx.Dtype, quantize: int | None = None, progress: bool = True):
-    """-> (name, text encoder, transformer, vae, sampling defaults)."""
+def load_components(model: str, dtype: mx.Dtype, quantize: int | None = None, progress: bool = True,
+                    verify: bool = False):
+    """-> (name, text encoder, transformer, vae, sampling defaults). `verify` checks the SHA-256
+    of a converted model's files (their sizes are always checked)."""
     folder = locate(model)
     if is_converted(folder):
-        return _load_converted(model, folder, dtype, quantize)
+        return _load_converted(model, folder, dtype, quantize, verify)
     return _load_hub_layout(model, folder, dtype, quantize)
 
 
@@ -101,12 +89,12 @@ def _load_hub_layout(model: str, folder: Path, dtype, quantize):
     return name, FluxText(text), transformer, vae, defaults
 
 
-def _load_converted(model: str, folder: Path, dtype, quantize):
+def _load_converted(model: str, folder: Path, dtype, quantize, verify: bool = False):
     manifest = read_manifest(folder)
     recipe = manifest.get("pipeline", {})
     source = manifest.get("source", {})
     name = recipe.get("name") or source.get("repo_id") or folder.name
-    parts = {n: load_component(folder, n, dtype=dtype) for n in manifest["components"]}
+    parts = {n: load_component(folder, n, dtype=dtype, verify=verify) for n in manifest["components"]}
     if quantize and not manifest["quantization"]:
         for n in ("transformer", "t5"):
             quantize_component(n, parts[n], quantize)

@@ -58,11 +58,12 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, model: str, dtype: mx.Dtype | None = None, quantize: int | None = None,
-                        keep_text_encoders: bool = False, progress: bool = True) -> "Pipeline":
+                        keep_text_encoders: bool = False, progress: bool = True, verify: bool = False) -> "Pipeline":
+        """`verify`: check the SHA-256 of a converted model's files (sizes are always checked)."""
         from .loading import load_components
 
         dtype = dtype or default_dtype()  # bf16 on GPUs, fp32 on the CPU
-        name, text, transformer, vae, defaults = load_components(model, dtype, quantize, progress)
+        name, text, transformer, vae, defaults = load_components(model, dtype, quantize, progress, verify)
         return cls(name, text, transformer, vae, defaults, dtype, keep_text_encoders)
 
     # -- the steps --
@@ -97,7 +98,7 @@ class Pipeline:
         height: int | None = None,
         steps: int | None = None,
         guidance: float | None = None,
-        seed: int = 0,
+        seed: int | list[int] = 0,
         n_images: int = 1,
         negative_prompt: str = "",
         true_cfg: float = 1.0,
@@ -108,7 +109,7 @@ class Pipeline:
         vae_tiling: bool | None = None,
     ):
         """Images (PIL) for each prompt x n_images; image i of a prompt uses seed + i, so any image
-        can be remade alone. `guidance` is the distilled-guidance input of guidance models
+        can be remade alone; a list of seeds gives each output image its own (one per image). `guidance` is the distilled-guidance input of guidance models
         (FLUX.1-dev) and the classifier-free scale of the others (> 1 runs a second pass with
         `negative_prompt`); `true_cfg` > 1 adds classifier-free guidance to guidance models.
         `image`/`strength`: image-to-image. `latents` (B, h, w, C) replaces the seeded noise.
@@ -119,8 +120,13 @@ class Pipeline:
         self.check_size(width, height)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(n_images)]
-        seeds = [seed + i for _ in range(len(prompts) // n_images) for i in range(n_images)]
         B = len(prompts)
+        if isinstance(seed, int):
+            seeds = [seed + i for _ in range(B // n_images) for i in range(n_images)]
+        elif len(seed) == B:
+            seeds = list(seed)
+        else:
+            raise ValueError(f"{len(seed)} seeds for {B} images: give one seed per image, or one int")
 
         distilled = self.transformer.config.guidance_embed
         cfg_scale = true_cfg if distilled else guidance

@@ -113,3 +113,26 @@ def encode_prompts(
     mx.eval(sequence)
     encoders.release("t5")
     return TextConditioning(sequence, mask, pooled)
+
+
+# ---- one T5, no CLIP (tiny-shapes) ----------------------------------------------------------------
+
+
+def masked_mean(h: mx.array, mask: mx.array) -> mx.array:
+    """(B, L, D) hidden states, (B, L) mask -> (B, D): the mean over each prompt's own tokens
+    (mask 1), the pooled vector of a model with one T5 and no CLIP. Padding never moves it."""
+    m = mask.astype(h.dtype)[..., None]
+    return (h * m).sum(axis=1) / m.sum(axis=1)
+
+
+class PooledT5Text:
+    """prompts -> (T5 sequence (B, L, D), its masked mean (B, D)): one small encoder for both of
+    the MM-DiT's text inputs, as the tiny-shapes model is trained. T5 itself gets no mask, as in FLUX."""
+
+    def __init__(self, tokenizer: T5Tokenizer, t5):
+        self.tokenizer, self.t5 = tokenizer, t5
+
+    def __call__(self, prompts: list[str]) -> tuple[mx.array, mx.array]:
+        ids, mask = self.tokenizer(prompts)
+        seq = self.t5(ids)
+        return seq, masked_mean(seq, mask)

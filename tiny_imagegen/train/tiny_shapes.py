@@ -1,4 +1,4 @@
-"""tiny-shapes: FLUX's architecture at a size that trains on two CPU cores in about 1.5 hours.
+"""tiny-shapes: FLUX's architecture at a size that trains on two CPU cores in under two hours.
 
 The same components and code paths as FLUX.1, each shrunk:
 
@@ -18,29 +18,28 @@ t), 10% of captions dropped to the empty caption so that classifier-free guidanc
 Sampling: Euler steps on FLUX's unshifted linear schedule (64 tokens is below FLUX's shift range)
 with classifier-free guidance, v = v(∅) + g (v(c) - v(∅)).
 
-Weights folder (`save_tiny_shapes` / `load_tiny_shapes`): our converted format (checkpoints/
-convert.py): `transformer.safetensors`, `t5.safetensors`, `vae.safetensors`, the tokenizer in
-`tokenizer_2/`, and `model.json` with the configs, size + SHA-256 of every file and the sampling
-recipe ("t5-mean" text, steps, guidance), so the generic pipeline loads it as `--model tiny-shapes`.
+Weights folder (`save_tiny_shapes`): our converted format (checkpoints/convert.py):
+`transformer.safetensors`, `t5.safetensors`, `vae.safetensors`, the tokenizer in `tokenizer_2/`,
+and `model.json` with the configs, size + SHA-256 of every file and the sampling recipe ("t5-mean"
+text, steps, guidance). There is no sampler here: the generic Pipeline loads the folder as
+`--model tiny-shapes` and samples it exactly as it samples FLUX (`load_pipeline`).
 """
 
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..layers.embeddings import pack_latents, unpack_latents
 from ..models.mmdit import MMDiT, MMDiTConfig
 from ..models.t5 import T5Config, T5Encoder
 from ..models.vae import AutoencoderKL, VAEConfig
-from ..sampling import classifier_free_guidance, denoise, flux_schedule, sample_noise
 from ..text.t5_sentencepiece import T5Tokenizer
+from ..text_conditioning import masked_mean
 from .flow_matching import flow_matching_loss, interpolate
-from .shapes_dataset import sample_scene, to_uint8
+from .shapes_dataset import sample_scene
 
 IMAGE_SIZE = 64
 PATCH = 2  # FLUX's 2x2 latent packing
@@ -108,10 +107,9 @@ class TinyDenoiser(nn.Module):
     def encode_text(self, ids: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
         """ids, mask (B, L) -> hidden states (B, L, D) and pooled vector (B, D), the mean over
         the caption's own tokens (mask 1). As in FLUX, T5 itself gets no mask (padding is
-        attended to and passed on), which is what the generic pipeline does (loading.PooledT5Text)."""
+        attended to and passed on), which is what the generic pipeline does (text_conditioning.PooledT5Text)."""
         h = self.text_encoder(ids)
-        m = mask.astype(h.dtype)[..., None]
-        return h, (h * m).sum(axis=1) / m.sum(axis=1)
+        return h, masked_mean(h, mask)
 
     def __call__(self, x_t: mx.array, t: mx.array, txt: mx.array, pooled: mx.array) -> mx.array:
         """x_t (B, 64, 16) packed latents, t (B,) -> velocity (B, 64, 16)."""
@@ -137,15 +135,7 @@ def init_for_training(denoiser: TinyDenoiser) -> TinyDenoiser:
     return denoiser
 
 
-# ---- saving and loading the shipped folder ---------------------------------------------------------
-
-
-@dataclass
-class TinyShapes:
-    vae: AutoencoderKL
-    denoiser: TinyDenoiser
-    tokenizer: T5Tokenizer
-    sampling: dict  # the pipeline recipe's defaults: steps, guidance, shift, text_length, width, height
+# ---- the shipped folder, and sampling it with the generic pipeline ---------------------------------------------------------
 
 
 # How the generic pipeline samples it (loading.py reads this recipe from model.json).
@@ -168,60 +158,17 @@ def save_tiny_shapes(folder: str | Path, vae: AutoencoderKL, denoiser: TinyDenoi
     )
 
 
-def load_tiny_shapes(folder: str | Path = "weights/tiny-shapes") -> TinyShapes:
-    """The shipped model: VAE, denoiser (T5 + MM-DiT) and tokenizer. Every file's size and
-    SHA-256 is checked against model.json first, so a truncated or corrupt file fails by name."""
-    from ..checkpoints.convert import check_files, load_component, read_manifest
+def load_pipeline(folder: str | Path = "weights/tiny-shapes"):
+    """The shipped model as the generic Pipeline runs it (the CLI's path), in fp32 and with the
+    text encoder kept for many prompts. Every file's size and SHA-256 is checked against
+    model.json first, so a truncated or altered file fails by name."""
+    from ..pipeline import Pipeline
 
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    check_files(folder, verify=True)
-    parts = {n: load_component(folder, n, dtype=mx.float32) for n in ("vae", "t5", "transformer")}
-    sampling = {**SAMPLING_DEFAULTS, **manifest.get("pipeline", {}).get("defaults", {})}
-    vae = parts["vae"]
-    denoiser = TinyDenoiser(parts["t5"], parts["transformer"], sampling["height"] // vae.config.downscale)
-    mx.eval(vae.parameters(), denoiser.parameters())
-    tokenizer = T5Tokenizer.from_folder(folder / "tokenizer_2", max_length=sampling["text_length"])
-    return TinyShapes(vae, denoiser, tokenizer, sampling)
+    return Pipeline.from_pretrained(str(folder), dtype=mx.float32, keep_text_encoders=True, verify=True)
 
 
-# ---- generation ----------------------------------------------------------------------------------
-
-
-def sample_latents(denoiser: TinyDenoiser, tokenizer: T5Tokenizer, prompts: list[str], seeds: list[int],
-                   steps: int, guidance: float, latent_shape: tuple[int, int, int], shift: bool = False) -> mx.array:
-    """Euler integration with classifier-free guidance; (B, h, w, C) latents in diffusion space.
-    Image i starts from `sample_noise(seeds[i])`, so it does not depend on the rest of the batch."""
-    h, w, C = latent_shape
-    B = len(prompts)
-    ids, mask = tokenizer(list(prompts) + [""] * B)  # conditional, then unconditional
-    txt, pooled = denoiser.encode_text(ids, mask)
-    x = mx.concatenate([sample_noise(s, (1, h, w, C)) for s in seeds])
-    x = pack_latents(x, PATCH)
-
-    def velocity(x, t):
-        v = denoiser(mx.concatenate([x, x]), mx.full((2 * B,), t), txt, pooled)
-        return classifier_free_guidance(v[:B], v[B:], guidance)
-
-    for x in denoise(velocity, x, flux_schedule(steps, x.shape[1], shift)):
-        pass
-    return unpack_latents(x, h, w, PATCH)
-
-
-def generate_images(model: TinyShapes, prompts: list[str], seeds: list[int], steps: int | None = None,
+def generate_images(pipe, prompts: list[str], seeds: list[int], steps: int | None = None,
                     guidance: float | None = None) -> np.ndarray:
-    """(B, 64, 64, 3) uint8 images for the prompts."""
-    steps = steps or model.sampling["steps"]
-    guidance = model.sampling["guidance"] if guidance is None else guidance
-    n = IMAGE_SIZE // model.vae.config.downscale
-    z = sample_latents(model.denoiser, model.tokenizer, prompts, seeds, steps, guidance,
-                       (n, n, model.vae.config.latent_channels), model.sampling.get("shift", False))
-    return to_uint8(model.vae.decode_latents(z))
-
-
-def generate_tiny(model: TinyShapes, prompt: str, seed: int = 0, steps: int | None = None,
-                  guidance: float | None = None):
-    """One 64x64 PIL image for `prompt`."""
-    from PIL import Image
-
-    return Image.fromarray(generate_images(model, [prompt], [seed], steps, guidance)[0])
+    """(B, 64, 64, 3) uint8 images, prompt i from noise seed i (independent of the rest of the batch)."""
+    images = pipe.generate(list(prompts), seed=list(seeds), steps=steps, guidance=guidance)
+    return np.stack([np.asarray(image) for image in images])
