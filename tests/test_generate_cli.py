@@ -103,3 +103,15 @@ def test_truncated_weights(model, tmp_path):
     r = generate("--model", broken, "--prompt", "a cat", "--output", tmp_path / "o.png", "--steps", 1)
     assert r.returncode == 2 and "diffusion_pytorch_model.safetensors" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o.png").exists()
+
+
+def test_readme_first_example_draws_a_red_circle(tmp_path):
+    """The README's first command, on the shipped model (the default), offline; the parser must
+    find a red circle in the PNG (a fixed seed here: the command's own default seed is random)."""
+    from tiny_imagegen.train.scene_parser import parse_image
+
+    r = generate("--prompt", "a red circle", "--seed", 0, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    image = Image.open(tmp_path / "out.png")
+    assert image.size == (64, 64) and image.text["model"] == "tiny-shapes" and image.text["prompt"] == "a red circle"
+    assert ("red", "circle") in [(f.colour, f.shape) for f in parse_image(image)]

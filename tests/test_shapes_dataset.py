@@ -79,7 +79,9 @@ def test_caption_examples_and_errors():
 
 
 def test_held_out_split_has_no_overlap_with_train():
-    assert len(HELD_OUT_PAIRS) == 3
+    assert set(HELD_OUT_PAIRS) == {("purple", "circle"), ("yellow", "square"), ("blue", "triangle")}
+    # the README's examples must be drawable: their pairs are seen in training
+    assert not any(is_held_out(*pair) for pair in [("red", "circle"), ("blue", "square"), ("yellow", "circle")])
     train_pairs = {(c, s) for c in COLOURS for s in SHAPES if not is_held_out(c, s)}
     assert {c for c, _ in train_pairs} == set(COLOURS) and {s for _, s in train_pairs} == set(SHAPES)
     train = [sample_scene(0, i, "train") for i in range(2000)]

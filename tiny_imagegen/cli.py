@@ -18,7 +18,7 @@ import mlx.core as mx
 from . import __version__
 
 DEFAULT_MODEL = "tiny-shapes"  # shipped in weights/: works offline, straight after install
-DEFAULT_PROMPTS = {"tiny-shapes": "a large green circle"}  # a combination the shipped model draws
+DEFAULT_PROMPTS = {"tiny-shapes": "a red circle"}  # the README's first example, a combination seen in training
 
 
 class UsageError(Exception):

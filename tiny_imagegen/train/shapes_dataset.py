@@ -57,10 +57,13 @@ KINDS = {"single": 0.3, "relation": 0.4, "count": 0.15, "list": 0.15}  # how oft
 SUPERSAMPLE = 4  # draw at 4x and box-downsample: anti-aliased edges
 
 
+HELD_OUT_DIAGONAL = 4  # keeps "a red circle" and "a blue square above a yellow circle" in training
+
+
 def is_held_out(colour: str, shape: str) -> bool:
-    """The diagonal rule (colour index + shape index = 0 mod 6): red circle, cyan square and
-    purple triangle are held out of training."""
-    return (list(COLOURS).index(colour) + SHAPES.index(shape)) % len(COLOURS) == 0
+    """The diagonal rule (colour index + shape index = 4 mod 6): purple circle, yellow square and
+    blue triangle are held out of training."""
+    return (list(COLOURS).index(colour) + SHAPES.index(shape)) % len(COLOURS) == HELD_OUT_DIAGONAL
 
 
 HELD_OUT_PAIRS = tuple((c, s) for c in COLOURS for s in SHAPES if is_held_out(c, s))
