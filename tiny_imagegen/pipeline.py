@@ -109,10 +109,11 @@ class Pipeline:
         vae_tiling: bool | None = None,
     ):
         """Images (PIL) for each prompt x n_images; image i of a prompt uses seed + i, so any image
-        can be remade alone; a list of seeds gives each output image its own (one per image). `guidance` is the distilled-guidance input of guidance models
-        (FLUX.1-dev) and the classifier-free scale of the others (> 1 runs a second pass with
-        `negative_prompt`); `true_cfg` > 1 adds classifier-free guidance to guidance models.
-        `image`/`strength`: image-to-image. `latents` (B, h, w, C) replaces the seeded noise.
+        can be remade alone; a list of seeds gives every output image its own instead.
+        `guidance` is the distilled-guidance input of guidance models (FLUX.1-dev) and the
+        classifier-free scale of the others (> 1 runs a second pass with `negative_prompt`);
+        `true_cfg` > 1 adds classifier-free guidance to guidance models. `image`/`strength`:
+        image-to-image. `latents` (B, h, w, C) replaces the seeded noise.
         `vae_tiling`: None decodes in tiles above 768x768 pixels, True / False force it."""
         d = self.defaults
         width, height = width or d.width, height or d.height
