@@ -245,9 +245,9 @@ class DiagonalGaussian:
 
 # ---- the autoencoder ------------------------------------------------------------------------------
 
-# Above this many latent positions (a 1024x1024 image) `decode` tiles by default: FLUX's own
-# resolution still decodes whole, as the reference pipelines do.
-AUTO_TILE_LATENT_AREA = 96 * 96  # above 768x768 pixels: FLUX's 1024x1024 decode is tiled (13.2 -> 4.6 GiB fp32)
+# Above this many latent positions (768x768 pixels) `decode` tiles by default, so FLUX's own
+# 1024x1024 decodes in tiles: 4.6 instead of 13.2 GiB in fp32 (benchmarks/vae_memory.py).
+AUTO_TILE_LATENT_AREA = 96 * 96
 
 
 class AutoencoderKL(nn.Module):

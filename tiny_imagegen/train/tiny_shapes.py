@@ -135,7 +135,7 @@ def init_for_training(denoiser: TinyDenoiser) -> TinyDenoiser:
     return denoiser
 
 
-# ---- the shipped folder, and sampling it with the generic pipeline ---------------------------------------------------------
+# ---- the shipped folder, and sampling it with the generic pipeline -------------------------------
 
 
 # How the generic pipeline samples it (loading.py reads this recipe from model.json).
