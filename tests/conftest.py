@@ -51,6 +51,25 @@ def assert_close(name: str, ours, ref, atol: float, rtol: float = 0.0):
     assert err <= bound, f"{name}: max abs error {err:.3e} exceeds {bound:.1e}"
 
 
+def relative_l2(x, ref) -> float:
+    """||x - ref|| / ||ref||, in float64."""
+    x = np.asarray(x.astype(mx.float32) if isinstance(x, mx.array) else x, np.float64)
+    ref = np.asarray(ref.astype(mx.float32) if isinstance(ref, mx.array) else ref, np.float64)
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def assert_bf16_parity(name: str, ours, ref_fp32, torch_bf16, factor: float = 2.0):
+    """The bfloat16 rule: ours returns bf16 and is no further from the fp32 reference than
+    torch's own bf16 run of the same weights and inputs is, within `factor` (relative L2)."""
+    assert isinstance(ours, mx.array) and ours.dtype == mx.bfloat16, (
+        f"{name}: returned {getattr(ours, 'dtype', type(ours))}, expected bfloat16")
+    ours_err, torch_err = relative_l2(ours, ref_fp32), relative_l2(torch_bf16, ref_fp32)
+    bound = factor * torch_err
+    _PARITY.append((f"{name} [bf16 rel L2; torch bf16 {torch_err:.2e}]", ours_err, bound))
+    print(f"[bf16] {name}: ours {ours_err:.3e}, torch bf16 {torch_err:.3e} (allowed {factor} x)")
+    assert ours_err <= bound, f"{name}: bf16 relative L2 {ours_err:.3e} > {factor} x torch's {torch_err:.3e}"
+
+
 def pytest_terminal_summary(terminalreporter):
     if _PARITY:
         terminalreporter.section("parity against the PyTorch reference (max abs error)")
