@@ -46,3 +46,17 @@ def attention(q: mx.array, k: mx.array, v: mx.array, rope: tuple[mx.array, mx.ar
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
     B, H, L, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(B, L, H * d)
+
+
+def masked_attention(
+    q: mx.array, k: mx.array, v: mx.array, rope: tuple[mx.array, mx.array] | None = None,
+    key_mask: mx.array | None = None,
+) -> mx.array:
+    """`attention` where some keys are batch padding: key_mask (B, L) bool, True for keys that may
+    be attended (None: all). The table may also be per sample, (B, 1, L, d/2). -> (B, L, H d)."""
+    if rope is not None:
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, L): broadcast over heads, queries
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
+    B, H, L, d = out.shape
+    return out.transpose(0, 2, 1, 3).reshape(B, L, H * d)

@@ -8,6 +8,8 @@ Position ids are (L, n_axes) arrays, text first then image when a joint sequence
   outwards instead of stretching it; positions seen at 256² stay where they were at 1024².
 - diagonal text (Qwen-Image's MSRoPE): text token i at (s + i, s + i, ...), on the diagonal just
   beyond the image grid, so text and image positions never collide and text keeps its order.
+- Z-Image: caption token j at (1 + j, 0, 0), the image one frame later at (L + 1, row, col):
+  the first axis counts the sequence like a time axis, text then image.
 
 Absolute embeddings (ViT/DiT) add a vector per position instead: 2-D sin-cos or learned.
 """
@@ -50,6 +52,25 @@ def diagonal_text_ids(length: int, n_axes: int = 2, start: int = 0) -> np.ndarra
 def text_start_after(height: int, width: int) -> int:
     """First diagonal position beyond a centred (height, width) grid, as MSRoPE places text."""
     return max(height - height // 2, width - width // 2)
+
+
+def zimage_caption_ids(length: int) -> np.ndarray:
+    """(L, 3) ids of Z-Image's caption tokens: token j at (1 + j, 0, 0). The learned pad tokens
+    that fill a caption up to a multiple of 32 keep counting (diffusers builds the grid at the
+    padded length), so pass the padded length."""
+    ids = np.zeros((length, 3), np.int64)
+    ids[:, 0] = 1 + np.arange(length)
+    return ids
+
+
+def zimage_image_ids(height: int, width: int, start: int, padded_length: int) -> np.ndarray:
+    """(padded_length, 3) ids of Z-Image's image tokens: (start, row, col) row-major, where
+    start = the padded caption length + 1 (the frame index just after the caption); the pad
+    tokens that fill up to padded_length sit at (0, 0, 0)."""
+    rows, cols = image_grid(height, width)
+    ids = np.zeros((padded_length, 3), np.int64)
+    ids[: rows.size] = np.stack([np.full_like(rows, start), rows, cols], axis=-1)
+    return ids
 
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:

@@ -49,6 +49,20 @@ def axial_rope(ids, axes_dim: tuple[int, ...], theta: float = 10_000.0) -> tuple
     return mx.array(np.cos(angles).astype(np.float32)), mx.array(np.sin(angles).astype(np.float32))
 
 
+def axial_rope_fp32_angles(ids, axes_dim: tuple[int, ...], theta: float = 10_000.0) -> tuple[mx.array, mx.array]:
+    """`axial_rope` with every angle rounded to float32 before its cos and sin, as Z-Image's
+    reference builds its table (diffusers' RopeEmbedder: outer(pos, ω) in float64, `.float()`,
+    then torch.polar in float32). At angles of hundreds of radians that rounding moves cos/sin by
+    up to ~3e-5, so the two tables are not interchangeable. cos/sin of the float32 angle are then
+    taken in float64 and rounded (torch's float32 kernels are 1 ulp off in ~1% of entries)."""
+    ids = np.asarray(ids, np.float64)
+    if ids.ndim != 2 or ids.shape[1] != len(axes_dim):
+        raise ValueError(f"position ids must be (L, {len(axes_dim)}) for axes_dim {axes_dim}, got {ids.shape}")
+    angles = np.concatenate([rope_angles(ids[:, i], d, theta) for i, d in enumerate(axes_dim)], axis=-1)
+    angles = angles.astype(np.float32).astype(np.float64)
+    return mx.array(np.cos(angles).astype(np.float32)), mx.array(np.sin(angles).astype(np.float32))
+
+
 def apply_rope(x: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
     """Rotate interleaved channel pairs (x[2j], x[2j+1]) of x (B, H, L, d) by a (cos, sin) table
     of shape (L, d/2) or (H, L, d/2), in float32; the result has x's dtype."""

@@ -1,0 +1,125 @@
+"""Reference fixtures for the Z-Image transformer: diffusers' ZImageTransformer2DModel.
+
+Writes under out/zimage/:
+  tiny/diffusers/       config.json + 2 shards + index json, as the hub's transformer/ folder.
+                        Weights are stored in float16 (every value is float16-exact; the references
+                        run on those exact values): the hard-wired 256 -> 1024 timestep MLP alone
+                        would be 1.2 MB in float32.
+  tiny/io.safetensors   two batches of 2, non-square latents:
+                          "mask":   captions of 7 and 40 tokens (padded to 32 and 64: the batch
+                                    padding mask runs), latents 12x10 (30 tokens + 2 pads)
+                          "nomask": captions of 5 and 20 tokens (both padded to 32: no mask),
+                                    latents 8x18 (36 tokens + 28 pads)
+                        inputs and outputs, and for "mask" the block outputs of the last refiners and
+                        the first main layer (padded batch layout), in float32 and in bfloat16
+                        (keys with "bf16": torch's bfloat16 run of the same weights and inputs)
+  units.safetensors     RoPE tables (RopeEmbedder), patchify order, timestep sinusoid
+  manifest_z-image-turbo.json   key -> shape of the full-size transformer (meta device)
+
+Every parameter is re-randomised, the learned pad tokens included, so no path hides behind a zero.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import ZImageTransformer2DModel
+from diffusers.models.transformers.transformer_z_image import RopeEmbedder, TimestepEmbedder
+from safetensors.torch import save_file
+
+from ._common import manifest, randomize, save, save_json, seeded
+
+# head_dim = 32 / 2 = 16 = sum(axes_dims); axes_lens[0] = 128 > the 64 + 1 a 40-token caption needs
+CONFIG = dict(
+    all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
+    n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=24, rope_theta=256.0, t_scale=1000.0,
+    axes_dims=[4, 6, 6], axes_lens=[128, 32, 32],
+)
+BATCHES = {  # caption lengths, latent (H, W), model times t = 1 - sigma
+    "mask": ((7, 40), (12, 10), (0.04545459, 0.7)),
+    "nomask": ((5, 20), (8, 18), (0.0, 0.5)),
+}
+
+
+def make_model(seed: int = 7) -> ZImageTransformer2DModel:
+    model = randomize(ZImageTransformer2DModel(**CONFIG), seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())  # float16-exact values, stored as float16
+    return model
+
+
+def save_weights(folder: Path, state: dict[str, torch.Tensor], shards: int = 2) -> None:
+    keys = sorted(state)
+    per = -(-len(keys) // shards)
+    weight_map = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        name = f"diffusion_pytorch_model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k].detach().half().contiguous() for k in keys[s * per : (s + 1) * per]}
+        save_file(part, str(folder / name))
+        weight_map.update({k: name for k in part})
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
+
+
+def run(model, latents, t, caps, dtype):
+    """model(list of (C, 1, H, W), t, list of (L_i, cap_dim)) with hooks on the blocks."""
+    captured = {}
+    blocks = {"noise_refiner": model.noise_refiner[-1], "context_refiner": model.context_refiner[-1],
+              **{f"layers.{i}": layer for i, layer in enumerate(model.layers)}}
+    hooks = [b.register_forward_hook(lambda m, args, out, n=n: captured.__setitem__(n, out)) for n, b in blocks.items()]
+    with torch.no_grad():
+        out = model([x[:, None].to(dtype) for x in latents], t, [c.to(dtype) for c in caps]).sample
+    for h in hooks:
+        h.remove()
+    return torch.stack([o[:, 0] for o in out]), captured
+
+
+def make_io(model: ZImageTransformer2DModel, out: Path) -> None:
+    g = seeded(1)
+    io = {}
+    model_bf16 = make_model().to(torch.bfloat16)
+    for name, (lengths, (H, W), ts) in BATCHES.items():
+        latents = torch.randn(2, CONFIG["in_channels"], H, W, generator=g)
+        caps = [torch.randn(n, CONFIG["cap_feat_dim"], generator=g) for n in lengths]
+        t = torch.tensor(ts, dtype=torch.float32)
+        cap_batch = torch.zeros(2, max(lengths), CONFIG["cap_feat_dim"])
+        for i, c in enumerate(caps):
+            cap_batch[i, : len(c)] = c
+        io.update({f"{name}.latents": latents, f"{name}.t": t, f"{name}.cap_feats": cap_batch,
+                   f"{name}.cap_lengths": torch.tensor(lengths, dtype=torch.int32)})
+        for tag, m, dtype in (("", model, torch.float32), (".bf16", model_bf16, torch.bfloat16)):
+            result, captured = run(m, latents, t, caps, dtype)
+            io[f"{name}.out{tag}"] = result
+            if name == "mask":  # block outputs of one batch keep the fixture small
+                io.update({f"{name}.{k}{tag}": captured[k] for k in ("noise_refiner", "context_refiner", "layers.0")})
+    save(out / "zimage" / "tiny" / "io.safetensors", io)
+
+
+def make_units(out: Path) -> None:
+    g = seeded(2)
+    units = {}
+    # positions up to the Turbo table sizes, where the float32 rounding of the angle matters
+    ids = torch.stack([torch.randint(0, 1024, (96,), generator=g), torch.randint(0, 512, (96,), generator=g),
+                       torch.randint(0, 512, (96,), generator=g)], dim=-1).to(torch.int32)
+    freqs = RopeEmbedder(theta=256.0, axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512])(ids)  # (96, 64) complex64
+    units.update({"rope.ids": ids, "rope.cos": freqs.real, "rope.sin": freqs.imag})
+    image = torch.randn(16, 1, 6, 10, generator=g)
+    patches, _, _ = ZImageTransformer2DModel._patchify_image(None, image, 2, 1)
+    units.update({"patchify.latents": image[:, 0], "patchify.tokens": patches})
+    t = torch.tensor([0.0, 45.45458984, 500.0, 1000.0])
+    units.update({"timestep.t": t, "timestep.emb": TimestepEmbedder.timestep_embedding(t, 256)})
+    save(out / "zimage" / "units.safetensors", units)
+
+
+def make(out: Path) -> None:
+    model = make_model()
+    folder = out / "zimage" / "tiny" / "diffusers"
+    save_weights(folder, model.state_dict())
+    save_json(folder / "config.json", {"_class_name": "ZImageTransformer2DModel", **CONFIG})
+    make_io(model, out)
+    make_units(out)
+    with torch.device("meta"):
+        full = ZImageTransformer2DModel()  # diffusers' defaults: Z-Image-Turbo's configuration
+    save_json(out / "zimage" / "manifest_z-image-turbo.json", manifest(full.state_dict()))
