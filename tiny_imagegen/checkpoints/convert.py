@@ -68,6 +68,7 @@ class Component:
     loader: str  # source_folder -> model, lazily (weights read when first evaluated)
     keep: tuple[str, ...] = ()  # layer paths (fnmatch) never quantized
     quantize: bool = True
+    source_class: tuple[str, ...] = ()  # config.json classes that make a shared folder this component's
 
 
 _M, _C = "tiny_imagegen.models", "tiny_imagegen.checkpoints"
@@ -81,7 +82,42 @@ COMPONENTS = {
         f"{_M}.clip:CLIPTextModel", f"{_M}.clip:CLIPTextConfig", "text_encoder", f"{_C}.text_encoders:load_clip_text_model"
     ),
     "vae": Component(f"{_M}.vae:AutoencoderKL", f"{_M}.vae:VAEConfig", "vae", f"{_C}.vae:load_vae", quantize=False),
+    # Z-Image's transformer/ folder: kept in full precision are the patch embedding and the final
+    # layer (their errors land on the prediction directly), the timestep MLP (its output modulates
+    # every block) and the caption embedder (every text token passes it): 12 M of 6.15 B
+    # parameters, 0.2%. The learned pad tokens are no Linears, so never quantized.
+    "zimage": Component(
+        f"{_M}.zimage:ZImageTransformer", f"{_M}.zimage:ZImageConfig", "transformer",
+        f"{_C}.zimage:load_zimage_transformer",
+        keep=("x_embedder", "final_layer.*", "t_embedder.*", "cap_embedder.*"),
+        source_class=("ZImageTransformer2DModel",),
+    ),
 }
+
+
+def components_in(source: str | Path) -> dict[str, Component]:
+    """The components a diffusers-layout folder holds. Families share folder names (transformer/):
+    a folder belongs to the component whose source_class names the class in its config.json, else
+    to the first component that reads that folder."""
+    found = {}
+    for name, spec in COMPONENTS.items():
+        folder = Path(source) / spec.source_folder
+        if not folder.is_dir():
+            continue
+        cls = _folder_class(folder)
+        rivals = [n for n, s in COMPONENTS.items() if s.source_folder == spec.source_folder]
+        if next((n for n in rivals if cls in COMPONENTS[n].source_class), rivals[0]) == name:
+            found[name] = spec
+    return found
+
+
+def _folder_class(folder: Path) -> str | None:
+    """The model class a diffusers (`_class_name`) or transformers (`architectures`) config.json names."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("_class_name") or next(iter(cfg.get("architectures") or []), None)
 
 
 def _import(ref: str):
@@ -313,7 +349,7 @@ def convert(
     force: bool = False,
     provenance: dict | None = None,
 ) -> Path:
-    """Convert a folder laid out like a FLUX hub repo (every known component found in it), or
+    """Convert a folder laid out like a FLUX or Z-Image hub repo (every known component found in it), or
     re-save an unquantized converted folder (e.g. to quantize it), into our format at `output`."""
     from ..hub import hub_source
 
@@ -328,8 +364,7 @@ def convert(
     else:
         models = {
             name: (lambda spec=spec: _import(spec.loader)(source / spec.source_folder))
-            for name, spec in COMPONENTS.items()
-            if (source / spec.source_folder).is_dir()
+            for name, spec in components_in(source).items()
         }
     if not models:
         folders = ", ".join(c.source_folder for c in COMPONENTS.values())
