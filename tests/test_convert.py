@@ -14,9 +14,9 @@ from mlx.utils import tree_flatten
 from conftest import assert_close, fixture_path, load_fixture
 from test_hub import COMMIT, cache_snapshot, needed, repo_files, tiny_flux_repo
 from tiny_imagegen.checkpoints.convert import (
+    COMPONENTS,
     ConvertedModelError,
     _import,
-    components_in,
     convert,
     load_component,
     load_converted,
@@ -27,6 +27,7 @@ from tiny_imagegen.checkpoints.convert import (
 )
 from tiny_imagegen.checkpoints.flux import load_flux_transformer
 from tiny_imagegen.hub import is_converted, resolve_model
+from tiny_imagegen.registry import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_ATOL = 2e-5  # as test_mmdit: the fixture's diffusers output vs ours in fp32
@@ -88,13 +89,14 @@ def test_every_component_of_a_flux_repo_round_trips(tmp_path):
     out = convert(repo, tmp_path / "schnell-q4", bits=4, dtype="float32")
     assert is_converted(out) and resolve_model(out) == out
     manifest = read_manifest(out)
-    assert sorted(manifest["components"]) == sorted(components_in(repo)) == ["clip", "t5", "transformer", "vae"]
+    assert sorted(manifest["components"]) == sorted(FAMILIES["flux1"].components)
     assert manifest["source"] == {"path": str(repo.resolve())}
     assert not manifest["components"]["vae"]["quantized_layers"]  # the VAE is never quantized
     assert manifest["components"]["t5"]["quantized_layers"] and manifest["components"]["clip"]["quantized_layers"]
 
     reloaded = load_converted(out)
-    for name, spec in components_in(repo).items():
+    for name in FAMILIES["flux1"].components:
+        spec = COMPONENTS[name]
         expected = _import(spec.loader)(repo / spec.source_folder)
         if spec.quantize:
             quantize_component(name, expected, 4)

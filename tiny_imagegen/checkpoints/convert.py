@@ -68,7 +68,6 @@ class Component:
     loader: str  # source_folder -> model, lazily (weights read when first evaluated)
     keep: tuple[str, ...] = ()  # layer paths (fnmatch) never quantized
     quantize: bool = True
-    source_class: tuple[str, ...] = ()  # config.json classes that make a shared folder this component's
 
 
 _M, _C = "tiny_imagegen.models", "tiny_imagegen.checkpoints"
@@ -82,42 +81,16 @@ COMPONENTS = {
         f"{_M}.clip:CLIPTextModel", f"{_M}.clip:CLIPTextConfig", "text_encoder", f"{_C}.text_encoders:load_clip_text_model"
     ),
     "vae": Component(f"{_M}.vae:AutoencoderKL", f"{_M}.vae:VAEConfig", "vae", f"{_C}.vae:load_vae", quantize=False),
-    # Z-Image's transformer/ folder: kept in full precision are the patch embedding and the final
-    # layer (their errors land on the prediction directly), the timestep MLP (its output modulates
-    # every block) and the caption embedder (every text token passes it): 12 M of 6.15 B
-    # parameters, 0.2%. The learned pad tokens are no Linears, so never quantized.
-    "zimage": Component(
+    # Z-Image's transformer: kept in full precision are the patch embedding and the final layer
+    # (their errors land on the prediction directly), the timestep MLP (its output modulates every
+    # block) and the caption embedder (every text token passes it): 12 M of 6.15 B parameters,
+    # 0.2%. The learned pad tokens are no Linears, so never quantized.
+    "zimage_transformer": Component(
         f"{_M}.zimage:ZImageTransformer", f"{_M}.zimage:ZImageConfig", "transformer",
         f"{_C}.zimage:load_zimage_transformer",
         keep=("x_embedder", "final_layer.*", "t_embedder.*", "cap_embedder.*"),
-        source_class=("ZImageTransformer2DModel",),
     ),
 }
-
-
-def components_in(source: str | Path) -> dict[str, Component]:
-    """The components a diffusers-layout folder holds. Families share folder names (transformer/):
-    a folder belongs to the component whose source_class names the class in its config.json, else
-    to the first component that reads that folder."""
-    found = {}
-    for name, spec in COMPONENTS.items():
-        folder = Path(source) / spec.source_folder
-        if not folder.is_dir():
-            continue
-        cls = _folder_class(folder)
-        rivals = [n for n, s in COMPONENTS.items() if s.source_folder == spec.source_folder]
-        if next((n for n in rivals if cls in COMPONENTS[n].source_class), rivals[0]) == name:
-            found[name] = spec
-    return found
-
-
-def _folder_class(folder: Path) -> str | None:
-    """The model class a diffusers (`_class_name`) or transformers (`architectures`) config.json names."""
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return cfg.get("_class_name") or next(iter(cfg.get("architectures") or []), None)
 
 
 def _import(ref: str):
@@ -349,9 +322,9 @@ def convert(
     force: bool = False,
     provenance: dict | None = None,
 ) -> Path:
-    """Convert a folder laid out like a FLUX or Z-Image hub repo (every known component found in it), or
-    re-save an unquantized converted folder (e.g. to quantize it), into our format at `output`."""
-    from ..hub import hub_source
+    """Convert a folder laid out like a hub repo (the components its family reads, registry.py),
+    or re-save an unquantized converted folder (e.g. to quantize it), into our format at `output`."""
+    from ..hub import family_of_folder, hub_source
 
     source = Path(source)
     provenance = {**hub_source(source), **(provenance or {})}
@@ -361,18 +334,22 @@ def convert(
             raise ValueError(f"{source} is already quantized: convert from the original weights instead")
         models = {name: (lambda n=name: load_component(source, n)) for name in manifest["components"]}
         provenance = {**manifest["source"], "converted_from": str(source.resolve())}
+        pipeline = manifest.get("pipeline")
     else:
+        family = family_of_folder(source)
+        specs = {name: COMPONENTS[name] for name in family.components + family.optional_components}
         models = {
             name: (lambda spec=spec: _import(spec.loader)(source / spec.source_folder))
-            for name, spec in components_in(source).items()
+            for name, spec in specs.items()
+            if (source / spec.source_folder).is_dir()
         }
-    if not models:
-        folders = ", ".join(c.source_folder for c in COMPONENTS.values())
-        raise CheckpointError(f"{source}: no component folders ({folders}) and no {MODEL_JSON}: nothing to convert")
+        pipeline = {"family": family.name}
+        if not models:
+            folders = ", ".join(c.source_folder for c in specs.values())
+            raise CheckpointError(f"{source}: no component folders ({folders}) and no {MODEL_JSON}: nothing to convert")
     copy = {f: source / f for f in COPIED_FOLDERS if (source / f).is_dir()}
-    return save_converted(
-        output, models, copy=copy, source=provenance, bits=bits, group_size=group_size, dtype=dtype, force=force
-    )
+    return save_converted(output, models, copy=copy, source=provenance, bits=bits, group_size=group_size,
+                          dtype=dtype, force=force, pipeline=pipeline)
 
 
 # ---- loading --------------------------------------------------------------------------------------
