@@ -14,6 +14,9 @@ with mu linear in the number of image tokens (0.5 at 256 tokens, 1.15 at 4096): 
 keep more signal at a given t, so they spend more steps at high noise. FLUX.1-dev shifts;
 FLUX.1-schnell, distilled for 1-4 steps, does not.
 
+Z-Image (Turbo) uses a static shift instead, t' = 3t / (1 + 2t), on linspace(1, 1/n, n), and
+its model predicts x0 - ε at time 1 - σ: the pipeline flips the sign (`zimage_sigmas`).
+
 Guidance. FLUX.1-dev was distilled from classifier-free guidance: the scale is an input to the
 model (`guidance=`), one pass per step. True classifier-free guidance (Ho & Salimans, 2022) runs
 the model with and without the prompt and extrapolates, v = v_neg + s (v_pos - v_neg).
@@ -23,6 +26,7 @@ import math
 from typing import Callable, Iterator
 
 import mlx.core as mx
+import numpy as np
 
 
 def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -55,6 +59,53 @@ def img2img_schedule(schedule: list[float], strength: float) -> list[float]:
     steps = len(schedule) - 1
     start = int(max(steps - min(steps * strength, steps), 0))  # < steps for any strength > 0
     return schedule[start:]
+
+
+def torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace in float32, bit for bit: step = (end - start) / (n - 1) in float32, the first
+    half counted up from start and the second down from end, each one fused multiply-add (the
+    product of two float32 values is exact in float64). np.linspace differs in the last bit for
+    most n (it rounds start + i*step twice and counts from start only). Checked for n <= 300."""
+    f32 = np.float32
+    start, end = f32(start), f32(end)
+    if n == 1:
+        return np.array([start], f32)
+    step = np.float64(f32(end - start) / f32(n - 1))
+    i = np.arange(n)
+    up = np.float64(start) + step * i
+    down = np.float64(end) - step * (n - 1 - i)
+    return np.where(i < n // 2, up, down).astype(f32)
+
+
+def zimage_sigmas(steps: int, shift: float = 3.0) -> list[float]:
+    """Z-Image's noise levels, steps + 1 of them ending at 0, as its pipeline sets them:
+
+        σ_i = linspace(1, 1/n, n)_i          (torch, float32; ZImagePipeline)
+        σ'  = shift σ / (1 + (shift - 1) σ)  (FlowMatchEulerDiscreteScheduler's static shift, float32)
+
+    then a terminal 0. Turbo: shift 3, 8 steps. Returned as Python floats of the float32 values."""
+    if steps < 1:
+        raise ValueError(f"need at least one sampling step, got {steps}")
+    s = torch_linspace_f32(1.0, 1.0 / steps, steps)
+    f32 = np.float32
+    s = (f32(shift) * s) / (f32(1.0) + f32(shift - 1.0) * s)  # float32 throughout, in the scheduler's order
+    return [float(v) for v in s] + [0.0]
+
+
+def zimage_model_time(sigma: float) -> float:
+    """The time the Z-Image transformer is given at noise level σ: t = 1 - σ (0 = pure noise),
+    computed as the pipeline does it, ((1000 - σ·1000) / 1000) in float32, which is not (1 - σ)
+    to the last bit (up to 3e-8 apart; the model multiplies by 1000 again)."""
+    f32 = np.float32
+    timestep = f32(sigma) * f32(1000)  # the scheduler's timesteps = sigmas * 1000
+    return float((f32(1000) - timestep) / f32(1000))
+
+
+def zimage_guidance(pred_pos: mx.array, pred_neg: mx.array, scale: float) -> mx.array:
+    """Z-Image's classifier-free guidance, in float32: pos + g (pos - neg). g = 0 is off (one
+    pass), g = 1 is already 2 pos - neg: the usual s = g + 1 of `classifier_free_guidance`."""
+    pos, neg = pred_pos.astype(mx.float32), pred_neg.astype(mx.float32)
+    return pos + scale * (pos - neg)
 
 
 def noise_image(x0: mx.array, noise: mx.array, t: float) -> mx.array:

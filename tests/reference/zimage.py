@@ -14,6 +14,8 @@ Writes under out/zimage/:
                         the first main layer (padded batch layout), in float32 and in bfloat16
                         (keys with "bf16": torch's bfloat16 run of the same weights and inputs)
   units.safetensors     RoPE tables (RopeEmbedder), patchify order, timestep sinusoid
+  schedules.safetensors ZImagePipeline's sigmas through FlowMatchEulerDiscreteScheduler(shift=3)
+                        and the model times it passes, (1000 - timestep) / 1000, for several step counts
   manifest_z-image-turbo.json   key -> shape of the full-size transformer (meta device)
 
 Every parameter is re-randomised, the learned pad tokens included, so no path hides behind a zero.
@@ -113,7 +115,25 @@ def make_units(out: Path) -> None:
     save(out / "zimage" / "units.safetensors", units)
 
 
+SCHEDULE_STEPS = (1, 2, 4, 8, 9, 28, 50)
+
+
+def make_schedules(out: Path) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas, retrieve_timesteps
+
+    tensors = {}
+    for n in SCHEDULE_STEPS:
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+        timesteps, _ = retrieve_timesteps(scheduler, n, "cpu", sigmas=get_default_z_image_sigmas(n), mu=0.5)
+        tensors[f"sigmas.{n}"] = scheduler.sigmas
+        tensors[f"model_t.{n}"] = (1000 - timesteps) / 1000  # as the pipeline's loop computes it
+        assert scheduler.sigmas.dtype == torch.float32 and timesteps.dtype == torch.float32
+    save(out / "zimage" / "schedules.safetensors", tensors)
+
+
 def make(out: Path) -> None:
+    make_schedules(out)
     model = make_model()
     folder = out / "zimage" / "tiny" / "diffusers"
     save_weights(folder, model.state_dict())
