@@ -81,6 +81,12 @@ FAMILIES = {
             components=("transformer", "vae", "clip", "t5"),
             tokenizers={"tokenizer": ("vocab.json", "merges.txt"), "tokenizer_2": ("spiece.model",)},
         ),
+        Family(
+            "zimage",
+            pipeline="tiny_imagegen.pipelines.zimage:ZImagePipeline",
+            pipeline_classes=("ZImagePipeline",),
+            components=("zimage_transformer", "vae"),
+        ),
     )
 }
 
@@ -99,6 +105,16 @@ def _flux1_configs(guidance_embed: bool) -> dict:
 
     return {"transformer": MMDiTConfig(guidance_embed=guidance_embed), "t5": T5_V1_1_XXL,
             "clip": CLIP_VIT_L14_TEXT, "vae": VAE_PRESETS["flux"]}
+
+
+def _zimage_configs() -> dict:
+    # Tongyi-MAI, Z-Image-Turbo: single-stream DiT of 30 + 2 x 2 refiner blocks, dim 3840 = 30 heads
+    # x 128 (6.15 B parameters; diffusers' ZImageTransformer2DModel defaults, [unverified] against
+    # the repo's transformer/config.json offline); the 16-channel FLUX.1 VAE.
+    from .models.vae import VAE_PRESETS
+    from .models.zimage import PRESETS
+
+    return {"zimage_transformer": PRESETS["z-image-turbo"], "vae": VAE_PRESETS["flux"]}
 
 
 MODELS: tuple[ModelSpec, ...] = (
@@ -124,6 +140,16 @@ MODELS: tuple[ModelSpec, ...] = (
         defaults=SamplingDefaults(steps=28, guidance=3.5, shift=True, text_length=512),
         repo_id="black-forest-labs/FLUX.1-dev", gated=True, aliases=("dev", "flux-dev"),
         configs=_flux1_configs(guidance_embed=True),
+    ),
+    ModelSpec(
+        "z-image-turbo", "zimage",
+        description="Z-Image-Turbo, 6 B single-stream DiT with a Qwen3-4B text encoder, distilled for 8 steps",
+        licence="Apache-2.0",
+        # ZImagePipeline's docstring for Turbo: 8 steps, guidance_scale 0 (no CFG), 1024x1024, 512
+        # text tokens; FlowMatchEulerDiscreteScheduler(shift=3.0), static
+        defaults=SamplingDefaults(steps=8, guidance=0.0, shift=3.0, text_length=512),
+        repo_id="Tongyi-MAI/Z-Image-Turbo", aliases=("zimage-turbo", "z-image"),
+        configs=_zimage_configs(),
     ),
 )
 

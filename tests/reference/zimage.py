@@ -17,6 +17,11 @@ Writes under out/zimage/:
   schedules.safetensors ZImagePipeline's sigmas through FlowMatchEulerDiscreteScheduler(shift=3)
                         and the model times it passes, (1000 - timestep) / 1000, for several step counts
   manifest_z-image-turbo.json   key -> shape of the full-size transformer (meta device)
+  pipeline/             ZImagePipeline from given caption features (prompt_embeds) and noise: the
+                        tiny transformer above, a tiny 16-channel FLUX-style VAE (vae/) and the Turbo
+                        scheduler (scheduler/, shift 3 static); io.safetensors: noise, captions,
+                        final latents and images in [0, 1], Turbo-style (8 steps, guidance 0) and
+                        with classifier-free guidance (3 steps, guidance 1.5)
 
 Every parameter is re-randomised, the learned pad tokens included, so no path hides behind a zero.
 """
@@ -132,6 +137,45 @@ def make_schedules(out: Path) -> None:
     save(out / "zimage" / "schedules.safetensors", tensors)
 
 
+PIPELINE_RUNS = {"turbo": (8, 0.0), "cfg": (3, 1.5)}  # steps, guidance_scale
+HEIGHT, WIDTH = 32, 48  # latents 4x6, tokens 2x3 (+ 26 pad tokens)
+
+
+def padded_batch(caps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = torch.zeros(len(caps), max(len(c) for c in caps), caps[0].shape[1])
+    for i, c in enumerate(caps):
+        batch[i, : len(c)] = c
+    return batch, torch.tensor([len(c) for c in caps], dtype=torch.int32)
+
+
+def make_pipeline(model: ZImageTransformer2DModel, out: Path) -> None:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    from .vae import _config as vae_config
+
+    root = out / "zimage" / "pipeline"
+    vae = randomize(AutoencoderKL(**vae_config((8, 8, 8, 8), 16, 1, 4, sd_style=False)), seed=61)
+    vae.save_pretrained(root / "vae")
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    scheduler.save_pretrained(root / "scheduler")
+    pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=model)
+    pipe.set_progress_bar_config(disable=True)
+    g = seeded(5)
+    pos = [torch.randn(n, CONFIG["cap_feat_dim"], generator=g) for n in (7, 40)]
+    neg = [torch.randn(8, CONFIG["cap_feat_dim"], generator=g) for _ in range(2)]
+    noise = torch.randn(2, CONFIG["in_channels"], HEIGHT // 8, WIDTH // 8, generator=g)
+    io = {"noise": noise}
+    io["pos.cap_feats"], io["pos.cap_lengths"] = padded_batch(pos)
+    io["neg.cap_feats"], io["neg.cap_lengths"] = padded_batch(neg)
+    for name, (steps, guidance) in PIPELINE_RUNS.items():
+        run = dict(prompt_embeds=pos, negative_prompt_embeds=neg, height=HEIGHT, width=WIDTH,
+                   num_inference_steps=steps, guidance_scale=guidance, latents=noise)
+        with torch.no_grad():
+            io[f"{name}.latents"] = pipe(**run, output_type="latent").images
+            io[f"{name}.images"] = pipe(**run, output_type="pt").images  # (B, 3, H, W) in [0, 1]
+    save(root / "io.safetensors", io)
+
+
 def make(out: Path) -> None:
     make_schedules(out)
     model = make_model()
@@ -140,6 +184,7 @@ def make(out: Path) -> None:
     save_json(folder / "config.json", {"_class_name": "ZImageTransformer2DModel", **CONFIG})
     make_io(model, out)
     make_units(out)
+    make_pipeline(model, out)
     with torch.device("meta"):
         full = ZImageTransformer2DModel()  # diffusers' defaults: Z-Image-Turbo's configuration
     save_json(out / "zimage" / "manifest_z-image-turbo.json", manifest(full.state_dict()))

@@ -1,0 +1,113 @@
+"""Z-Image (Turbo): what is Z-Image's own of the pipeline. The shared loop is pipeline.py's.
+
+- text: Qwen3-4B's hidden states after its second-to-last layer (no final norm), of the prompt in
+  Qwen's chat template, truncated to 512 tokens; pad tokens are dropped, so every prompt has its own
+  length: {"cap_feats": (B, L_max, 2560) right-padded, "cap_lengths": (B,)}.
+- noise: float32 latents (1, H/8, W/8, 16), channels last; they stay float32 between steps, the
+  transformer sees them cast to its dtype.
+- sampler: Euler on the flow, σ = shift-3 warp of linspace(1, 1/n, n) (sampling.zimage_sigmas);
+  the model gets t = 1 - σ and predicts x0 - ε, so the velocity is its negative.
+- guidance: classifier-free, on when `guidance` > 0, v = pos + g (pos - neg), one batched forward
+  [pos; neg] (captions padded to a common length, each keeps its own). g is ZImagePipeline's
+  guidance_scale as it is: Turbo is distilled for g = 0; g = 1 is already 2 pos - neg.
+- decode: the FLUX.1 VAE, latents / 0.3611 + 0.1159, as every FLUX VAE (vae/config.json).
+"""
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..checkpoints.convert import quantize_component
+from ..checkpoints.vae import load_vae
+from ..checkpoints.zimage import load_zimage_transformer
+from ..pipeline import Conditioning, Pipeline
+from ..registry import SamplingDefaults, find
+from ..sampling import euler_step, zimage_guidance, zimage_model_time, zimage_sigmas
+
+TRANSFORMER = "zimage_transformer"
+
+
+def pad_captions(feats: mx.array, length: int) -> mx.array:
+    """(B, L, D) -> (B, length, D) with zero rows appended (they are never read: cap_lengths)."""
+    extra = length - feats.shape[1]
+    return feats if extra <= 0 else mx.pad(feats, [(0, 0), (0, extra), (0, 0)])
+
+
+def join_conditions(a: dict, b: dict) -> tuple[mx.array, list[int]]:
+    """[pos; neg] as one batch: captions padded to a common length, lengths kept per row."""
+    length = max(a["cap_feats"].shape[1], b["cap_feats"].shape[1])
+    feats = mx.concatenate([pad_captions(a["cap_feats"], length), pad_captions(b["cap_feats"], length)])
+    return feats, _lengths(a) + _lengths(b)
+
+
+def _lengths(cond: dict) -> list[int]:
+    return np.array(cond["cap_lengths"]).astype(int).tolist()
+
+
+def turbo_defaults() -> SamplingDefaults:
+    spec = find("z-image-turbo")
+    return spec.defaults if spec else SamplingDefaults(steps=8, guidance=0.0, shift=3.0, text_length=512)
+
+
+class ZImagePipeline(Pipeline):
+    family = "zimage"
+    batch_cfg = True  # positive and negative in one forward
+
+    @classmethod
+    def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
+        from ..hub import is_converted
+        from ..loading import load_converted_parts
+
+        folder = Path(folder)
+        defaults = spec.defaults if spec else turbo_defaults()
+        if is_converted(folder):
+            parts, _ = load_converted_parts(folder, dtype, quantize, verify, (TRANSFORMER,))
+            transformer, vae = parts[TRANSFORMER], parts["vae"]
+        else:
+            transformer = load_zimage_transformer(folder / "transformer", dtype=dtype)
+            vae = load_vae(folder / "vae", dtype=dtype)
+            if quantize:
+                quantize_component(TRANSFORMER, transformer, quantize)
+        text = None  # the Qwen3 text encoder: see ZImageText (wired in when the Qwen3 port is merged)
+        return cls(name, transformer, vae, text, defaults, dtype, keep_text_encoders, load_text_encoder=None,
+                   spec=spec)
+
+    # ---- Z-Image's own steps ----------------------------------------------------------------------
+
+    def uses_negative(self, guidance, options) -> bool:
+        return guidance > 0  # ZImagePipeline.do_classifier_free_guidance: > 0, not > 1
+
+    def latent_shape(self, width, height):
+        f = self.vae.config.downscale
+        return (height // f, width // f, self.vae.config.latent_channels)  # (h, w, C)
+
+    def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
+               shift: float | None = None, batch_cfg: bool | None = None):
+        if init is not None:
+            raise ValueError("image-to-image is not implemented for Z-Image (ZImagePipeline has none either)")
+        B = noise.shape[0]
+        sigmas = zimage_sigmas(steps, self.defaults.shift if shift is None else shift)
+        cfg = guidance > 0
+        batched = cfg and (self.batch_cfg if batch_cfg is None else batch_cfg)
+        if batched:
+            feats, lengths = join_conditions(cond.positive, cond.negative)
+        else:
+            feats, lengths = cond.positive["cap_feats"], _lengths(cond.positive)
+
+        def predict(x, t):  # the model's x0 - noise, float32
+            xs = mx.concatenate([x, x]) if batched else x
+            ts = mx.full((xs.shape[0],), t, dtype=mx.float32)  # t stays float32 in every dtype (ZP:510)
+            out = self.transformer(xs.astype(self.dtype), ts, feats, lengths).astype(mx.float32)
+            if batched:
+                return zimage_guidance(out[:B], out[B:], guidance)
+            if cfg:  # unbatched guidance: a second forward
+                neg = self.transformer(x.astype(self.dtype), ts, cond.negative["cap_feats"], _lengths(cond.negative))
+                return zimage_guidance(out, neg, guidance)
+            return out
+
+        def step(i, x):
+            v = -predict(x, zimage_model_time(sigmas[i]))  # the flow's velocity noise - x0 (ZP:567)
+            return euler_step(x, v, sigmas[i], sigmas[i + 1])
+
+        return run(step, noise.astype(mx.float32), steps)
