@@ -93,3 +93,53 @@ def test_guidance_changes_the_image(tmp_path):
     pipe.generate(conditioning=conditioning(io, True), width=48, height=32, steps=3, guidance=0.0, latents=noise)
     err = float(mx.max(mx.abs(pipe.last_latents.transpose(0, 3, 1, 2) - io["cfg.latents"])))
     assert err > 100 * 1e-4
+
+
+def test_converted_folder_gives_the_same_image(tmp_path):
+    from tiny_imagegen.checkpoints.convert import convert, read_manifest
+
+    io = load_fixture("zimage", "pipeline", "io.safetensors")
+    hub = hub_folder(tmp_path)
+    converted = convert(hub, tmp_path / "converted", dtype=mx.float32)
+    manifest = read_manifest(converted)
+    assert sorted(manifest["components"]) == ["vae", "zimage_transformer"] and manifest["pipeline"]["family"] == "zimage"
+    run = dict(conditioning=conditioning(io, False), width=48, height=32, steps=2, latents=io["noise"].transpose(0, 2, 3, 1))
+    first = Pipeline.from_pretrained(str(hub), dtype=mx.float32)
+    first.generate(**run)
+    again = Pipeline.from_pretrained(str(converted), dtype=mx.float32)
+    again.generate(**run)
+    assert_close("zimage converted folder vs hub folder", again.last_latents, first.last_latents, atol=0)
+
+
+def test_quantize_on_load_runs(tmp_path, monkeypatch):
+    import functools
+
+    import mlx.nn as nn
+
+    import tiny_imagegen.pipelines.zimage as zimage_pipeline
+    from tiny_imagegen.checkpoints.convert import quantize_component
+
+    # the tiny model is 32 wide: groups of 32 (the default 64 would leave no layer to quantize)
+    monkeypatch.setattr(zimage_pipeline, "quantize_component", functools.partial(quantize_component, group_size=32))
+    io = load_fixture("zimage", "pipeline", "io.safetensors")
+    pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path)), dtype=mx.float32, quantize=8)
+
+    assert isinstance(pipe.transformer.layers[0].attention.qkv, nn.QuantizedLinear)
+    assert not isinstance(pipe.transformer.x_embedder, nn.QuantizedLinear)
+    pipe.generate(conditioning=conditioning(io, False), width=48, height=32, steps=2,
+                  latents=io["noise"].transpose(0, 2, 3, 1))
+    assert bool(mx.all(mx.isfinite(pipe.last_latents)))
+
+
+def test_offline_download_hint(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from tiny_imagegen.hub import ModelNotAvailable, resolve_model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotAvailable) as e:
+        resolve_model("z-image-turbo", cache_dir=tmp_path)
+    message = str(e.value)
+    assert "\n" not in message and "Tongyi-MAI/Z-Image-Turbo" in message
+    assert "hf download Tongyi-MAI/Z-Image-Turbo --include model_index.json" in message
+    assert "'transformer/*.safetensors'" in message and "'vae/*.safetensors'" in message
