@@ -199,3 +199,10 @@ def test_convert_and_quantize(tmp_path):
     err, scale = float(mx.max(mx.abs(nchw(out) - io["mask.out"]))), float(mx.max(mx.abs(io["mask.out"])))
     print(f"[quantization] zimage tiny 8-bit, group 32: max abs error vs fp32 {err:.3e} (max |out| {scale:.3f})")
     assert 0 < err < 0.05 * scale
+
+
+def test_positions_stay_inside_the_reference_tables():
+    cfg = model().config  # axes_lens (128, 32, 32): caption ids up to Lp, the image at Lp + 1 < 128
+    sequence_layout(cfg, 32, 32, [96])  # Lp 96: image at 97
+    with pytest.raises(ValueError, match="axes_lens"):
+        sequence_layout(cfg, 2, 2, [127])  # Lp 128: the image would sit at 129

@@ -142,7 +142,7 @@ class Layout(NamedTuple):
     n_img: int  # image tokens per sample (all samples share the latent size)
     img_len: int  # padded to a multiple of 32
     cap_lens: tuple[int, ...]  # each sample's padded caption length
-    img_rope: tuple[mx.array, mx.array]  # (B, 1, img_len, d/2): the row-0 index is per sample
+    img_rope: tuple[mx.array, mx.array]  # (B, 1, img_len, d/2): per sample (its first axis is Lp + 1)
     cap_rope: tuple[mx.array, mx.array]  # (cap_len_max, d/2), shared
     cap_mask: mx.array | None  # (B, cap_len_max) bool, True where a key is no batch padding
     rope: tuple[mx.array, mx.array]  # (B, 1, img_len + cap_len_max, d/2): [image; caption]
@@ -154,11 +154,14 @@ def sequence_layout(config: ZImageConfig, grid_h: int, grid_w: int, caption_leng
     n_img = grid_h * grid_w
     img_len, cap_lens = padded(n_img), tuple(padded(n) for n in caption_lengths)
     cap_max = max(cap_lens)
-    rows_needed = (cap_max + 1, grid_h, grid_w)  # largest position + 1 per axis
+    rows_needed = (cap_max + 2, grid_h, grid_w)  # largest position + 1 per axis (image at Lp + 1)
     if any(r > n for r, n in zip(rows_needed, config.axes_lens)):
         raise ValueError(f"caption of {cap_max} padded tokens and a {grid_h}x{grid_w} token grid exceed the "
                          f"RoPE table sizes axes_lens={config.axes_lens} of this model")
-    table = lambda ids: axial_rope_fp32_angles(ids, config.axes_dims, config.rope_theta)  # noqa: E731
+
+    def table(ids):
+        return axial_rope_fp32_angles(ids, config.axes_dims, config.rope_theta)
+
     img_ids = np.stack([zimage_image_ids(grid_h, grid_w, lp + 1, img_len) for lp in cap_lens])
     img_cos, img_sin = table(img_ids.reshape(-1, 3))
     B, half = len(cap_lens), img_cos.shape[-1]
