@@ -143,3 +143,22 @@ def test_offline_download_hint(tmp_path, monkeypatch):
     assert "\n" not in message and "Tongyi-MAI/Z-Image-Turbo" in message
     assert "hf download Tongyi-MAI/Z-Image-Turbo --include model_index.json" in message
     assert "'transformer/*.safetensors'" in message and "'vae/*.safetensors'" in message
+
+
+def test_bf16_pipeline(tmp_path):
+    """bf16 transformer and VAE: t, the noise and the latents between steps stay float32 (as
+    ZImagePipeline keeps them), and the final latents are no further from the fp32 reference
+    than torch's bf16 pipeline is (within 2x, relative L2)."""
+    from conftest import relative_l2
+
+    io = load_fixture("zimage", "pipeline", "io.safetensors")
+    pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path)), dtype=mx.bfloat16)
+    assert pipe.transformer.dtype == mx.bfloat16
+    pipe.generate(conditioning=conditioning(io, False), width=48, height=32, steps=8, guidance=0.0,
+                  latents=io["noise"].transpose(0, 2, 3, 1))
+    ours = pipe.last_latents.transpose(0, 3, 1, 2)
+    assert ours.dtype == mx.float32
+    ref, torch_bf16 = io["turbo.latents"], io["turbo.latents.bf16"]
+    err, torch_err = relative_l2(ours, ref), relative_l2(torch_bf16, ref)
+    print(f"[bf16] zimage pipeline turbo final latents: ours {err:.3e}, torch bf16 {torch_err:.3e}")
+    assert err <= 2 * torch_err

@@ -21,7 +21,8 @@ Writes under out/zimage/:
                         tiny transformer above, a tiny 16-channel FLUX-style VAE (vae/) and the Turbo
                         scheduler (scheduler/, shift 3 static); io.safetensors: noise, captions,
                         final latents and images in [0, 1], Turbo-style (8 steps, guidance 0) and
-                        with classifier-free guidance (3 steps, guidance 1.5)
+                        with classifier-free guidance (3 steps, guidance 1.5); the Turbo run's final
+                        latents also from torch's bfloat16 pipeline
 
 Every parameter is re-randomised, the learned pad tokens included, so no path hides behind a zero.
 """
@@ -173,6 +174,16 @@ def make_pipeline(model: ZImageTransformer2DModel, out: Path) -> None:
         with torch.no_grad():
             io[f"{name}.latents"] = pipe(**run, output_type="latent").images
             io[f"{name}.images"] = pipe(**run, output_type="pt").images  # (B, 3, H, W) in [0, 1]
+    # the same Turbo run in bfloat16 (caption features bf16; t, noise and latents stay float32)
+    vae_bf16 = randomize(AutoencoderKL(**vae_config((8, 8, 8, 8), 16, 1, 4, sd_style=False)), seed=61).to(torch.bfloat16)
+    pipe = ZImagePipeline(scheduler=scheduler, vae=vae_bf16, text_encoder=None, tokenizer=None,
+                          transformer=make_model().to(torch.bfloat16))
+    pipe.set_progress_bar_config(disable=True)
+    steps, guidance = PIPELINE_RUNS["turbo"]
+    with torch.no_grad():
+        io["turbo.latents.bf16"] = pipe(
+            prompt_embeds=[c.bfloat16() for c in pos], height=HEIGHT, width=WIDTH, num_inference_steps=steps,
+            guidance_scale=guidance, latents=noise, output_type="latent").images
     save(root / "io.safetensors", io)
 
 
