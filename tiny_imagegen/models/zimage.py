@@ -231,12 +231,13 @@ class ZImageBlock(nn.Module):
         self.feed_forward = SwiGLU(D, config.ffn_hidden)
         self.attention_norm1, self.attention_norm2 = RMSNorm(D, eps), RMSNorm(D, eps)
         self.ffn_norm1, self.ffn_norm2 = RMSNorm(D, eps), RMSNorm(D, eps)
+        self.modulated = modulated
         if modulated:  # a plain Linear of the timestep embedding: no SiLU before it (ZT:226)
             self.adaLN_modulation = nn.Linear(config.adaln_dim, 4 * D)
 
     def __call__(self, x: mx.array, rope, key_mask: mx.array | None, c: mx.array | None = None) -> mx.array:
         """x (B, L, D), c (B, adaln_dim) or None for an unmodulated block -> (B, L, D)."""
-        if "adaLN_modulation" not in self:
+        if not self.modulated:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, key_mask))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
         scale_msa, gate_msa, scale_mlp, gate_mlp = mx.split(self.adaLN_modulation(c)[:, None], 4, axis=-1)
