@@ -16,7 +16,7 @@ Qwen2's published merges.txt.
 
 Everything is cached under $TINY_IMAGEGEN_CACHE (default ~/.cache/tiny_imagegen)/qwen3-vocab,
 the wheel's two data files checked by sha256; nothing of it is committed (the rebuilt folder is
-4.4 MB). `real_tokenizer_folder()` downloads (pip, once) and rebuilds when the cache is empty.
+4.7 MB). `real_tokenizer_folder()` downloads (pip, once) and rebuilds when the cache is empty.
 """
 
 import hashlib

@@ -91,15 +91,17 @@ class Qwen3Config:
         return cls.from_config(json.loads(Path(path).read_text()))
 
 
-# Qwen/Qwen3-4B's config.json (hub, 2025-04; also the Qwen3 technical report, arXiv 2505.09388,
-# Table 1: 36 layers, 32 / 8 heads, tied embeddings): the text encoder of Z-Image-Turbo and
-# FLUX.2 klein 4B. 4.02 B parameters here (no LM head: Qwen3-4B ties it to the embeddings).
+# The published configs (Qwen/Qwen3-4B and Qwen/Qwen3-8B config.json on the hub, not reachable
+# here: the numbers as we know them), checked against the model cards' counts, which our
+# parameter count reproduces: Qwen3-4B "4.0B parameters, 3.6B non-embedding, 36 layers, 32 heads
+# for Q and 8 for KV", embeddings tied to the LM head (we have no LM head: 4.02 B here, 3.63 B
+# without the embedding); the text encoder of Z-Image-Turbo and FLUX.2 klein 4B.
 QWEN3_4B = Qwen3Config(
     vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
     num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
 )
-# Qwen/Qwen3-8B's config.json (same sources: 36 layers, 32 / 8 heads, untied LM head, which we
-# drop): the text encoder of FLUX.2 klein 9B. 7.57 B parameters here.
+# Qwen3-8B: "8.2B parameters, 6.95B non-embedding", same depth and heads, an untied LM head
+# (dropped: 7.57 B here, 6.95 B without the embedding); the text encoder of FLUX.2 klein 9B.
 QWEN3_8B = Qwen3Config(
     vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
     num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,

@@ -41,6 +41,8 @@ import mlx.core as mx
 
 from .bpe import byte_pair_encode, bytes_to_unicode, split_special, unicode_class
 
+# transformers 5.24, models/qwen2/tokenization_qwen2.py (PRETOKENIZE_REGEX), as `tokenizers` reads it
+QWEN2_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 PAD_TOKEN = "<|endoftext|>"
 MAX_LENGTH = 512  # the pipelines' max_sequence_length
 USER_TURN = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
@@ -55,6 +57,7 @@ def chat_prompt(prompt: str, enable_thinking: bool = True) -> str:
 
 
 def qwen2_pattern() -> re.Pattern:
+    """QWEN2_REGEX for Python's `re`: \\p{L}, \\p{N} and \\s spelled out as character classes."""
     L, N, S = unicode_class("L"), unicode_class("N"), _WHITESPACE
     return re.compile(
         rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]| ?[^{S}{L}{N}]+[\r\n]*"
@@ -165,5 +168,3 @@ def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, st
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return model["vocab"], merges, _added_tokens(spec.get("added_tokens", []))
 
-
-QWEN2_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
