@@ -237,6 +237,7 @@ class Pipeline:
         `vae_tiling`: None decodes in tiles above 768x768 pixels, True / False force it.
         `preview(step, latents)` is called after every step; `self.decode` turns them into images.
         Family options (e.g. FLUX's `true_cfg`) pass through `options`."""
+        self.timings, self.peak_memory = {}, {}
         d = self.defaults
         width, height = width or d.width, height or d.height
         steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance
