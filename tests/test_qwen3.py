@@ -17,7 +17,7 @@ import pytest
 
 from conftest import assert_bf16_parity, assert_close, fixture_path, load_fixture
 from tiny_imagegen.checkpoints.convert import (
-    COMPONENTS, convert, load_component, quantize_component, read_manifest, save_converted, stored_tensors,
+    load_component, quantize_component, read_manifest, save_converted, stored_tensors,
 )
 from tiny_imagegen.checkpoints.mapping import CheckpointError, map_checkpoint, parameter_shapes, shape_placeholders
 from tiny_imagegen.checkpoints.qwen3 import QWEN3_CAUSAL_LM, QWEN3_MODEL, load_qwen3, qwen3_table
@@ -207,14 +207,6 @@ def test_quantized_by_the_policy(tmp_path, bits):
     again = load_component(saved, "qwen3").hidden_states(io["input_ids"], io["attention_mask"], indices=(-2, -1))
     assert all(mx.array_equal(a, b) for a, b in zip(again, out))
     assert read_manifest(saved)["components"]["qwen3"]["quantized_layers"] == layers
-
-
-def test_convert_tells_qwen3_from_clip_by_model_type(tmp_path):
-    repo = tmp_path / "Z-Image-like"
-    shutil.copytree(folder("shallow"), repo / "text_encoder")
-    out = convert(repo, tmp_path / "converted", dtype="float32")
-    assert list(read_manifest(out)["components"]) == ["qwen3"]
-    assert COMPONENTS["qwen3"].source_folder == COMPONENTS["clip"].source_folder == "text_encoder"
 
 
 def test_memory_of_qwen3_4b():

@@ -68,9 +68,6 @@ class Component:
     loader: str  # source_folder -> model, lazily (weights read when first evaluated)
     keep: tuple[str, ...] = ()  # layer paths (fnmatch) never quantized
     quantize: bool = True
-    # where components share a folder name (text_encoder/ is CLIP in FLUX.1, Qwen3 in Z-Image and
-    # FLUX.2), the `model_type` its config.json must name
-    model_type: str | None = None
 
 
 _M, _C = "tiny_imagegen.models", "tiny_imagegen.checkpoints"
@@ -81,13 +78,12 @@ COMPONENTS = {
     ),
     "t5": Component(f"{_M}.t5:T5Encoder", f"{_M}.t5:T5Config", "text_encoder_2", f"{_C}.text_encoders:load_t5_encoder"),
     "clip": Component(
-        f"{_M}.clip:CLIPTextModel", f"{_M}.clip:CLIPTextConfig", "text_encoder", f"{_C}.text_encoders:load_clip_text_model",
-        model_type="clip_text_model",
+        f"{_M}.clip:CLIPTextModel", f"{_M}.clip:CLIPTextConfig", "text_encoder", f"{_C}.text_encoders:load_clip_text_model"
     ),
     # Qwen3 (Z-Image, FLUX.2 klein): every Linear of the decoder layers; the token embedding (an
     # nn.Embedding, 10% of Qwen3-4B) and the RMSNorm scales stay as they are
     "qwen3": Component(
-        f"{_M}.qwen3:Qwen3Model", f"{_M}.qwen3:Qwen3Config", "text_encoder", f"{_C}.qwen3:load_qwen3", model_type="qwen3"
+        f"{_M}.qwen3:Qwen3Model", f"{_M}.qwen3:Qwen3Config", "text_encoder", f"{_C}.qwen3:load_qwen3"
     ),
     "vae": Component(f"{_M}.vae:AutoencoderKL", f"{_M}.vae:VAEConfig", "vae", f"{_C}.vae:load_vae", quantize=False),
 }
@@ -322,9 +318,9 @@ def convert(
     force: bool = False,
     provenance: dict | None = None,
 ) -> Path:
-    """Convert a folder laid out like a FLUX hub repo (every known component found in it), or
-    re-save an unquantized converted folder (e.g. to quantize it), into our format at `output`."""
-    from ..hub import hub_source
+    """Convert a folder laid out like a hub repo (the components its family reads, registry.py),
+    or re-save an unquantized converted folder (e.g. to quantize it), into our format at `output`."""
+    from ..hub import family_of_folder, hub_source
 
     source = Path(source)
     provenance = {**hub_source(source), **(provenance or {})}
@@ -334,26 +330,22 @@ def convert(
             raise ValueError(f"{source} is already quantized: convert from the original weights instead")
         models = {name: (lambda n=name: load_component(source, n)) for name in manifest["components"]}
         provenance = {**manifest["source"], "converted_from": str(source.resolve())}
+        pipeline = manifest.get("pipeline")
     else:
+        family = family_of_folder(source)
+        specs = {name: COMPONENTS[name] for name in family.components + family.optional_components}
         models = {
             name: (lambda spec=spec: _import(spec.loader)(source / spec.source_folder))
-            for name, spec in COMPONENTS.items()
-            if (source / spec.source_folder).is_dir() and _has_model_type(source / spec.source_folder, spec.model_type)
+            for name, spec in specs.items()
+            if (source / spec.source_folder).is_dir()
         }
-    if not models:
-        folders = ", ".join(c.source_folder for c in COMPONENTS.values())
-        raise CheckpointError(f"{source}: no component folders ({folders}) and no {MODEL_JSON}: nothing to convert")
+        pipeline = {"family": family.name}
+        if not models:
+            folders = ", ".join(c.source_folder for c in specs.values())
+            raise CheckpointError(f"{source}: no component folders ({folders}) and no {MODEL_JSON}: nothing to convert")
     copy = {f: source / f for f in COPIED_FOLDERS if (source / f).is_dir()}
-    return save_converted(
-        output, models, copy=copy, source=provenance, bits=bits, group_size=group_size, dtype=dtype, force=force
-    )
-
-
-def _has_model_type(folder: Path, model_type: str | None) -> bool:
-    if model_type is None:
-        return True
-    config = folder / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == model_type
+    return save_converted(output, models, copy=copy, source=provenance, bits=bits, group_size=group_size,
+                          dtype=dtype, force=force, pipeline=pipeline)
 
 
 # ---- loading --------------------------------------------------------------------------------------
