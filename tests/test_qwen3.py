@@ -220,3 +220,30 @@ def test_memory_of_qwen3_4b():
     print("Qwen3-4B weights: " + ", ".join(f"{k or 'bf16'}: {v / 2**30:.2f} GiB" for k, v in sizes.items()))
     assert sizes[None] == 2 * 4_022_468_096
     assert sizes[None] > sizes[8] > sizes[4]
+
+
+def test_prompt_encoders_equal_diffusers(tmp_path):
+    """qwen_conditioning.QwenPromptEncoder on a repo-shaped folder, as the two pipelines use it."""
+    from tiny_imagegen.qwen_conditioning import QwenPromptEncoder
+
+    shutil.copytree(folder("deep"), tmp_path / "text_encoder")
+    shutil.copytree(fixture_path("qwen3", "tokenizer_small"), tmp_path / "tokenizer")
+    ref = load_fixture("qwen3", "conditioning.safetensors")
+    setup = json.loads(fixture_path("qwen3", "conditioning.json").read_text())
+    length = setup["max_sequence_length"]
+
+    zimage = QwenPromptEncoder.zimage(tmp_path, dtype=mx.float32, max_length=length)
+    assert len(zimage.model.layers) == DEEP_LAYERS - 1  # hidden_states[-2]: the last layer is never read
+    embeds, mask = zimage(setup["prompts"])
+    assert embeds.shape[1] == mask.shape[1] == int(mask.sum(1).max()) < length  # padded to the longest prompt only
+    for i in range(len(setup["prompts"])):
+        ours = embeds[i, : int(mask[i].sum())]
+        assert_close(f"QwenPromptEncoder.zimage [{i}] vs diffusers", ours, ref[f"zimage_{i}"], atol=tolerance(ref[f"zimage_{i}"]))
+
+    flux2 = QwenPromptEncoder.flux2_klein(tmp_path, dtype=mx.bfloat16, max_length=length)
+    assert len(flux2.model.layers) == 27
+    embeds, mask = flux2(setup["prompts"])
+    assert embeds.shape == (3, length, 3 * 16) and embeds.dtype == mx.bfloat16
+    err = float(mx.abs(embeds.astype(mx.float32) - ref["flux2"]).max())
+    print(f"QwenPromptEncoder.flux2_klein in bf16 vs diffusers fp32: max abs error {err:.2e}")
+    assert err < 0.1 * float(mx.abs(ref["flux2"]).max())

@@ -178,6 +178,19 @@ def causal_padding_mask(length: int, key_is_real: mx.array | None = None) -> mx.
     return mask & key_is_real.astype(mx.bool_)[:, None, None, :]
 
 
+def hidden_state_indices(indices: Sequence[int], num_hidden_layers: int) -> list[int]:
+    """Indices into the (N + 1)-entry hidden_states tuple, negative ones counted from its end
+    (-1 = N, after the final norm; -2 = N - 1). Entry i needs the first i decoder layers, so
+    max(result) is how many a model must have."""
+    n = num_hidden_layers
+    if isinstance(indices, int):
+        raise TypeError("Qwen3: indices must be a sequence of ints, e.g. (-2,) or (9, 18, 27)")
+    bad = [i for i in indices if not -(n + 1) <= i <= n]
+    if bad:
+        raise ValueError(f"Qwen3: hidden state index {bad[0]} is out of range for {n} layers (0..{n}, or -{n + 1}..-1)")
+    return [i % (n + 1) for i in indices]
+
+
 class Qwen3Model(nn.Module):
     def __init__(self, config: Qwen3Config = QWEN3_4B, num_layers: int | None = None):
         """`num_layers` builds only the first decoder layers, for a pipeline that reads an early
@@ -217,20 +230,11 @@ class Qwen3Model(nn.Module):
         return self.hidden_states(input_ids, attention_mask, (-1,))[0]
 
     def _resolve(self, indices: Sequence[int]) -> list[int]:
-        n = self.config.num_hidden_layers
-        if isinstance(indices, int):
-            raise TypeError("Qwen3: indices must be a sequence of ints, e.g. (-2,) or (9, 18, 27)")
-        resolved = []
-        for index in indices:
-            if not -(n + 1) <= index <= n:
-                raise ValueError(f"Qwen3: hidden state index {index} is out of range for {n} layers (0..{n}, or -{n + 1}..-1)")
-            index = index % (n + 1)
-            needed = min(index, n)
-            if needed > len(self.layers):
-                raise ValueError(
-                    f"Qwen3: hidden state {index} needs {needed} layers, but this model was built with num_layers={len(self.layers)}"
-                )
-            resolved.append(index)
+        resolved = hidden_state_indices(indices, self.config.num_hidden_layers)
+        needed = max(resolved, default=0)
+        if needed > len(self.layers):
+            raise ValueError(f"Qwen3: hidden state {needed} needs {needed} layers, but this model was built "
+                             f"with num_layers={len(self.layers)}")
         return resolved
 
     def _embed(self, input_ids: mx.array, key_is_real: mx.array | None) -> tuple[mx.array, mx.array]:
