@@ -51,14 +51,15 @@ def test_guidance_formula():
 
 
 def hub_folder(tmp_path):
-    """A folder laid out like the Z-Image hub repo (text encoder aside), from the fixtures."""
+    """A folder laid out like the Z-Image hub repo, from the fixtures."""
     import json
     import shutil
 
     folder = tmp_path / "Z-Image-tiny"
     shutil.copytree(fixture_path("zimage", "tiny", "diffusers"), folder / "transformer")
-    for part in ("vae", "scheduler"):
+    for part in ("vae", "scheduler", "text_encoder"):
         shutil.copytree(fixture_path("zimage", "pipeline", part), folder / part)
+    shutil.copytree(fixture_path("qwen3", "tokenizer_small"), folder / "tokenizer")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline"}))
     return folder
 
@@ -85,6 +86,25 @@ def test_pipeline_matches_diffusers(tmp_path, run, steps, guidance, batch_cfg):
     assert_close(f"zimage pipeline {run}: uint8 pixels", ours, ref, atol=1)
 
 
+PROMPTS = ["a red circle to the left of a blue square", "Ein Café in Tōkyō"]
+
+
+@pytest.mark.parametrize("run, steps, guidance", [("turbo", 8, 0.0), ("cfg", 3, 1.5)])
+def test_pipeline_from_prompts_matches_diffusers(tmp_path, run, steps, guidance):
+    """The whole ZImagePipeline: Qwen tokenizer and chat template, Qwen3 hidden_states[-2] with the
+    pads dropped, the negative prompt "" when guidance > 0, sampling, decoding."""
+    io = load_fixture("zimage", "pipeline", "io.safetensors")
+    pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path)), dtype=mx.float32)
+    images = pipe.generate(PROMPTS, width=48, height=32, steps=steps, guidance=guidance,
+                           latents=io["noise"].transpose(0, 2, 3, 1))
+    assert pipe.text_encoder is None  # released before the transformer ran
+    assert_close(f"zimage pipeline from prompts, {run}: final latents", pipe.last_latents.transpose(0, 3, 1, 2),
+                 io[f"prompts.{run}.latents"], atol=5e-5)
+    ours = np.stack([np.asarray(im) for im in images]).astype(np.int16)
+    ref = np.round(np.array(io[f"prompts.{run}.images"].transpose(0, 2, 3, 1)) * 255).astype(np.int16)
+    assert_close(f"zimage pipeline from prompts, {run}: uint8 pixels", ours, ref, atol=1)
+
+
 def test_guidance_changes_the_image(tmp_path):
     """g > 0 runs the negative prompt: the fixture's two runs differ, and so would a missed CFG."""
     io = load_fixture("zimage", "pipeline", "io.safetensors")
@@ -102,7 +122,8 @@ def test_converted_folder_gives_the_same_image(tmp_path):
     hub = hub_folder(tmp_path)
     converted = convert(hub, tmp_path / "converted", dtype=mx.float32)
     manifest = read_manifest(converted)
-    assert sorted(manifest["components"]) == ["vae", "zimage_transformer"] and manifest["pipeline"]["family"] == "zimage"
+    assert sorted(manifest["components"]) == ["qwen3", "vae", "zimage_transformer"]
+    assert manifest["pipeline"]["family"] == "zimage" and (converted / "tokenizer" / "vocab.json").is_file()
     run = dict(conditioning=conditioning(io, False), width=48, height=32, steps=2, latents=io["noise"].transpose(0, 2, 3, 1))
     first = Pipeline.from_pretrained(str(hub), dtype=mx.float32)
     first.generate(**run)

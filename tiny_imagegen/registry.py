@@ -85,7 +85,8 @@ FAMILIES = {
             "zimage",
             pipeline="tiny_imagegen.pipelines.zimage:ZImagePipeline",
             pipeline_classes=("ZImagePipeline",),
-            components=("zimage_transformer", "vae"),
+            components=("zimage_transformer", "vae", "qwen3"),
+            tokenizers={"tokenizer": ("tokenizer_config.json",)},  # + tokenizer.json or vocab.json/merges.txt
         ),
     )
 }
@@ -110,11 +111,13 @@ def _flux1_configs(guidance_embed: bool) -> dict:
 def _zimage_configs() -> dict:
     # Tongyi-MAI, Z-Image-Turbo: single-stream DiT of 30 + 2 x 2 refiner blocks, dim 3840 = 30 heads
     # x 128 (6.15 B parameters; diffusers' ZImageTransformer2DModel defaults, [unverified] against
-    # the repo's transformer/config.json offline); the 16-channel FLUX.1 VAE.
+    # the repo's transformer/config.json offline); the 16-channel FLUX.1 VAE; Qwen3-4B (36 layers,
+    # hidden 2560) as the text encoder, of which Z-Image reads the output of layer 35.
+    from .models.qwen3 import QWEN3_4B
     from .models.vae import VAE_PRESETS
     from .models.zimage import PRESETS
 
-    return {"zimage_transformer": PRESETS["z-image-turbo"], "vae": VAE_PRESETS["flux"]}
+    return {"zimage_transformer": PRESETS["z-image-turbo"], "vae": VAE_PRESETS["flux"], "qwen3": QWEN3_4B}
 
 
 MODELS: tuple[ModelSpec, ...] = (

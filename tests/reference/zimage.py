@@ -22,7 +22,9 @@ Writes under out/zimage/:
                         scheduler (scheduler/, shift 3 static); io.safetensors: noise, captions,
                         final latents and images in [0, 1], Turbo-style (8 steps, guidance 0) and
                         with classifier-free guidance (3 steps, guidance 1.5); the Turbo run's final
-                        latents also from torch's bfloat16 pipeline
+                        latents also from torch's bfloat16 pipeline. text_encoder/: a tiny Qwen3Model;
+                        "prompts.*": the same two runs from prompts (the small Qwen tokenizer of
+                        tests/fixtures/qwen3, negative prompt "")
 
 Every parameter is re-randomised, the learned pad tokens included, so no path hides behind a zero.
 """
@@ -139,6 +141,8 @@ def make_schedules(out: Path) -> None:
 
 
 PIPELINE_RUNS = {"turbo": (8, 0.0), "cfg": (3, 1.5)}  # steps, guidance_scale
+PROMPTS = ["a red circle to the left of a blue square", "Ein Café in Tōkyō"]
+QWEN_TOKENIZER = Path(__file__).resolve().parents[1] / "fixtures" / "qwen3" / "tokenizer_small"
 HEIGHT, WIDTH = 32, 48  # latents 4x6, tokens 2x3 (+ 26 pad tokens)
 
 
@@ -184,6 +188,25 @@ def make_pipeline(model: ZImageTransformer2DModel, out: Path) -> None:
         io["turbo.latents.bf16"] = pipe(
             prompt_embeds=[c.bfloat16() for c in pos], height=HEIGHT, width=WIDTH, num_inference_steps=steps,
             guidance_scale=guidance, latents=noise, output_type="latent").images
+    # the whole pipeline from prompts: a tiny Qwen3Model (hidden 24 = cap_feat_dim) and the small
+    # Qwen tokenizer of tests/fixtures/qwen3 (made by reference/qwen3.py)
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
+
+    tokenizer = AutoTokenizer.from_pretrained(QWEN_TOKENIZER)
+    text_encoder = randomize(Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=CONFIG["cap_feat_dim"], intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6, max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, pad_token_id=tokenizer.pad_token_id)), seed=62)
+    text_encoder.save_pretrained(root / "text_encoder")
+    pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=model)
+    pipe.set_progress_bar_config(disable=True)
+    for name, (steps, guidance) in PIPELINE_RUNS.items():
+        # a fresh list per call: ZImagePipeline._encode_prompt writes the templated prompts into it
+        run = dict(prompt=list(PROMPTS), height=HEIGHT, width=WIDTH, num_inference_steps=steps, guidance_scale=guidance,
+                   latents=noise)
+        with torch.no_grad():
+            io[f"prompts.{name}.latents"] = pipe(**run, output_type="latent").images
+            io[f"prompts.{name}.images"] = pipe(**{**run, "prompt": list(PROMPTS)}, output_type="pt").images
     save(root / "io.safetensors", io)
 
 

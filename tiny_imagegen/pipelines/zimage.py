@@ -11,6 +11,9 @@
   [pos; neg] (captions padded to a common length, each keeps its own). g is ZImagePipeline's
   guidance_scale as it is: Turbo is distilled for g = 0; g = 1 is already 2 pos - neg.
 - decode: the FLUX.1 VAE, latents / 0.3611 + 0.1159, as every FLUX VAE (vae/config.json).
+
+The text encoder (7.5 GB in bf16) is released after encoding, before the transformer runs, and
+re-loaded lazily by the next `generate` (pipeline.py).
 """
 
 from pathlib import Path
@@ -18,14 +21,30 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoints.convert import quantize_component
+from ..checkpoints.convert import load_component, quantize_component
 from ..checkpoints.vae import load_vae
 from ..checkpoints.zimage import load_zimage_transformer
 from ..pipeline import Conditioning, Pipeline
+from ..qwen_conditioning import ZIMAGE_HIDDEN_STATES, QwenPromptEncoder
 from ..registry import SamplingDefaults, find
 from ..sampling import euler_step, zimage_guidance, zimage_model_time, zimage_sigmas
+from ..text import QwenTokenizer
 
-TRANSFORMER = "zimage_transformer"
+TRANSFORMER, TEXT_ENCODER = "zimage_transformer", "qwen3"
+QUANTIZED_ON_LOAD = (TRANSFORMER, TEXT_ENCODER)  # the VAE stays as it is
+
+
+class ZImageText:
+    """prompts -> {"cap_feats": (B, L, 2560) Qwen3 hidden_states[-2], right-padded to the longest
+    prompt, "cap_lengths": (B,) its prompt tokens}. The padding rows are never read: Z-Image
+    drops them (ZP:248), and with causal attention they do not change the real rows."""
+
+    def __init__(self, encoder: QwenPromptEncoder):
+        self.encoder = encoder
+
+    def __call__(self, prompts: list[str]) -> dict:
+        embeds, mask = self.encoder(prompts)
+        return {"cap_feats": embeds, "cap_lengths": mask.sum(axis=1).astype(mx.int32)}
 
 
 def pad_captions(feats: mx.array, length: int) -> mx.array:
@@ -62,15 +81,29 @@ class ZImagePipeline(Pipeline):
         folder = Path(folder)
         defaults = spec.defaults if spec else turbo_defaults()
         if is_converted(folder):
-            parts, _ = load_converted_parts(folder, dtype, quantize, verify, (TRANSFORMER,))
+            parts, _ = load_converted_parts(folder, dtype, quantize, verify, QUANTIZED_ON_LOAD)
             transformer, vae = parts[TRANSFORMER], parts["vae"]
+
+            def text():  # as loaded first (quantized there), re-read from the folder after a release
+                if TEXT_ENCODER in parts:
+                    model = parts.pop(TEXT_ENCODER)
+                else:
+                    model = load_component(folder, TEXT_ENCODER, dtype=dtype)
+                    if quantize:
+                        quantize_component(TEXT_ENCODER, model, quantize)
+                tokenizer = QwenTokenizer.from_folder(folder / "tokenizer")
+                return ZImageText(QwenPromptEncoder(tokenizer, model, ZIMAGE_HIDDEN_STATES, enable_thinking=True,
+                                                    keep_padding=False, max_length=defaults.text_length))
         else:
             transformer = load_zimage_transformer(folder / "transformer", dtype=dtype)
             vae = load_vae(folder / "vae", dtype=dtype)
             if quantize:
                 quantize_component(TRANSFORMER, transformer, quantize)
-        text = None  # the Qwen3 text encoder: see ZImageText (wired in when the Qwen3 port is merged)
-        return cls(name, transformer, vae, text, defaults, dtype, keep_text_encoders, load_text_encoder=None,
+
+            def text():  # reads only the 35 of Qwen3-4B's 36 layers that hidden_states[-2] needs
+                return ZImageText(QwenPromptEncoder.zimage(folder, dtype=dtype, bits=quantize,
+                                                           max_length=defaults.text_length))
+        return cls(name, transformer, vae, text(), defaults, dtype, keep_text_encoders, load_text_encoder=text,
                    spec=spec)
 
     # ---- Z-Image's own steps ----------------------------------------------------------------------
