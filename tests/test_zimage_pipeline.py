@@ -183,3 +183,23 @@ def test_bf16_pipeline(tmp_path):
     err, torch_err = relative_l2(ours, ref), relative_l2(torch_bf16, ref)
     print(f"[bf16] zimage pipeline turbo final latents: ours {err:.3e}, torch bf16 {torch_err:.3e}")
     assert err <= 2 * torch_err
+
+
+def test_command_line(tmp_path):
+    """examples/generate.py on a Z-Image folder writes the image Pipeline.generate makes (Turbo's
+    8 steps and guidance 0 by default)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder, out = hub_folder(tmp_path), tmp_path / "circle.png"
+    script = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
+    r = subprocess.run([sys.executable, str(script), "--model", str(folder), "--prompt", "a red circle", "--width", "48",
+                        "--height", "32", "--seed", "3", "--dtype", "float32", "--output", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "8/8" in r.stderr
+    expected = Pipeline.from_pretrained(str(folder), dtype=mx.float32).generate("a red circle", width=48, height=32, seed=3)
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected[0]))
