@@ -74,7 +74,8 @@ class ZImageConfig:
 
     def __post_init__(self):
         if self.dim % self.n_heads or self.head_dim != sum(self.axes_dims):
-            raise ValueError(f"head_dim = dim / n_heads = {self.dim}/{self.n_heads} must equal sum(axes_dims) {self.axes_dims}")
+            raise ValueError(f"head_dim = dim / n_heads = {self.dim}/{self.n_heads} must equal "
+                             f"sum(axes_dims) {self.axes_dims}")
         if len(self.axes_dims) != 3 or len(self.axes_lens) != 3:
             raise ValueError(f"Z-Image's RoPE has three axes, got axes_dims {self.axes_dims}, axes_lens {self.axes_lens}")
 
@@ -291,7 +292,8 @@ class ZImageTransformer(nn.Module):
         B, H, W = self._check(latents, t, cap_feats)
         cap_lengths = [cap_feats.shape[1]] * B if cap_lengths is None else [int(n) for n in cap_lengths]
         if len(cap_lengths) != B or not all(1 <= n <= cap_feats.shape[1] for n in cap_lengths):
-            raise ValueError(f"cap_lengths must give 1..{cap_feats.shape[1]} valid rows for each of {B} captions, got {cap_lengths}")
+            raise ValueError(f"cap_lengths must give 1..{cap_feats.shape[1]} valid rows for each of {B} captions, "
+                             f"got {cap_lengths}")
         p = cfg.patch_size
         layout = sequence_layout(cfg, H // p, W // p, cap_lengths)
         keep = capture.__setitem__ if capture is not None else lambda name, value: None
