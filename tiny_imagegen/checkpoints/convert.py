@@ -83,7 +83,7 @@ COMPONENTS = {
     ),
     "vae": Component(f"{_M}.vae:AutoencoderKL", f"{_M}.vae:VAEConfig", "vae", f"{_C}.vae:load_vae", quantize=False),
     # DiT (facebook/DiT-XL-2-*): the patch embedding, the timestep/class embedders and the final
-    # layer stay in full precision, as the MM-DiT's boundary layers do (0.4% of DiT-XL/2)
+    # layer stay in full precision, as the MM-DiT's boundary layers do (0.9% of DiT-XL/2, biases included)
     "dit": Component(
         f"{_M}.dit:DiT", f"{_M}.dit:DiTConfig", "transformer", f"{_C}.dit:load_dit",
         keep=("x_embedder", "t_embedder.*", "y_embedder", "y_embedder.*", "txt_in", "final_layer.*"),
