@@ -10,7 +10,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from conftest import TESTS, assert_close, fixture_path, load_fixture
+from conftest import TESTS, assert_bf16_parity, assert_close, fixture_path, load_fixture
 from tiny_imagegen.pipeline import Pipeline
 
 RUNS = {"guided": (["207", "goldfish"], 4.0, 5), "unguided": (["balloon"], 1.0, 3)}  # labels 207, 1 / 417
@@ -85,6 +85,11 @@ def test_converted_folder_gives_the_same_image(tmp_path):
     a = _pipe().generate("golden retriever", steps=2, seed=5)
     b = _pipe(converted).generate("golden retriever", steps=2, seed=5)
     assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    # converted to 4 bits: the blocks' Linears are stored quantized, and the folder samples
+    q4 = convert(fixture_path("dit_pipeline", "repo"), tmp_path / "q4", bits=4, dtype=mx.float32)
+    layers = read_manifest(q4)["components"]["dit"]["quantized_layers"]
+    assert layers and all(p.startswith("blocks.") for p in layers) and "final_layer.linear" not in layers
+    assert _pipe(q4).generate("golden retriever", steps=2, seed=5)[0].size == (64, 64)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -107,3 +112,15 @@ def test_offline_empty_cache_says_what_to_download(tmp_path, name):
     assert run.returncode != 0 and message.startswith(f"tiny_imagegen.hub.ModelNotAvailable: {repo} is not in")
     assert (f"hf download {repo} --include model_index.json scheduler/scheduler_config.json 'transformer/*.json' "
             "'transformer/*.safetensors' 'vae/*.json' 'vae/*.safetensors'") in message
+
+
+def test_pipeline_in_bf16():
+    """The guided run in bfloat16 (the model and VAE; the DDIM update stays float32, ddpm.py):
+    pixels no further from the fp32 reference than DiTPipeline's own bf16 run, within 2x."""
+    io = load_fixture("dit_pipeline", "io.safetensors")
+    prompts, guidance, steps = RUNS["guided"]
+    pipe = Pipeline.from_pretrained(str(fixture_path("dit_pipeline", "repo")), dtype=mx.bfloat16)
+    pipe.generate(prompts, steps=steps, guidance=guidance, latents=io["guided.noise_bf16"].transpose(0, 2, 3, 1))
+    pixels = mx.clip(pipe.decode(pipe.last_latents) * 0.5 + 0.5, 0, 1)
+    assert_bf16_parity("dit pipeline guided: pixels", pixels, io["guided.images"].transpose(0, 2, 3, 1),
+                       io["guided.images_bf16"].transpose(0, 2, 3, 1))

@@ -6,7 +6,7 @@ classes the pipeline's null label 1000 needs, embedders shared as in the hub che
 (a tiny SD-style AutoencoderKL: quant convs, scale 0.18215) and scheduler/ (the hub's
 DDIMScheduler: linear betas, clip_sample off). Then out/dit_pipeline/io.safetensors: per run, the
 noise DiTPipeline draws from its generator, the final latents (what it hands the VAE, times the
-scaling factor) and the images in [0, 1].
+scaling factor) and the images in [0, 1]; and the guided run's images in bfloat16.
 """
 
 import json
@@ -63,4 +63,11 @@ def make(out: Path) -> None:
                           generator=torch.Generator().manual_seed(seed)).images  # (B, 3, 64, 64) in [0, 1]
         io[f"{name}.latents"] = decoded.pop()
         io[f"{name}.images"] = images
+    # the guided run again with the pipeline in bfloat16 (its noise is drawn in bfloat16)
+    labels, scale, steps, seed = RUNS["guided"]
+    pipe.to(torch.bfloat16)
+    io["guided.noise_bf16"] = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(seed), dtype=torch.bfloat16)
+    with torch.no_grad():
+        io["guided.images_bf16"] = pipe(class_labels=labels, guidance_scale=scale, num_inference_steps=steps,
+                                        output_type="pt", generator=torch.Generator().manual_seed(seed)).images
     save(root / "io.safetensors", io)
