@@ -124,3 +124,11 @@ def test_pipeline_in_bf16():
     pixels = mx.clip(pipe.decode(pipe.last_latents) * 0.5 + 0.5, 0, 1)
     assert_bf16_parity("dit pipeline guided: pixels", pixels, io["guided.images"].transpose(0, 2, 3, 1),
                        io["guided.images_bf16"].transpose(0, 2, 3, 1))
+
+
+def test_negative_prompt_is_a_class_to_steer_away_from():
+    pipe = _pipe(keep_text_encoders=True)
+    null = pipe.generate("207", steps=2, seed=3)
+    away = pipe.generate("207", steps=2, seed=3, negative_prompt="goldfish")
+    assert not np.array_equal(np.asarray(null[0]), np.asarray(away[0]))
+    assert pipe.condition(["207"], negative_prompt="", guidance=4.0).negative["y"].tolist() == [1000]

@@ -26,6 +26,7 @@ checkpoints/dit.py maps diffusers' DiTTransformer2DModel onto them.
 """
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -177,6 +178,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, dim: int, out_dim: int, adaptive: bool):
         super().__init__()
+        self.adaptive = adaptive
         if adaptive:
             self.modulation = Modulation(dim, 2, zero_init=True)
         else:
@@ -185,13 +187,18 @@ class FinalLayer(nn.Module):
         self.linear.weight, self.linear.bias = mx.zeros_like(self.linear.weight), mx.zeros_like(self.linear.bias)
 
     def __call__(self, x: mx.array, c: mx.array) -> mx.array:
-        if "modulation" in self:
+        if self.adaptive:
             shift, scale = self.modulation(c)
             return self.linear(modulate(layer_norm(x, 1e-6), shift, scale))
         return self.linear(self.norm(x))
 
 
 # ---- the model ------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def _position_table(dim: int, grid_h: int, grid_w: int, base_size: int) -> mx.array:
+    return sincos_2d_interpolated(dim, grid_h, grid_w, base_size)  # built once per grid, not per step
 
 
 class DiT(nn.Module):
@@ -234,7 +241,7 @@ class DiT(nn.Module):
 
     def position_table(self, grid_h: int, grid_w: int) -> mx.array:
         """(grid_h * grid_w, D) sin-cos table; other grids than the trained one are stretched over it."""
-        return sincos_2d_interpolated(self.config.hidden_size, grid_h, grid_w, self.config.sample_size // self.config.patch_size)
+        return _position_table(self.config.hidden_size, grid_h, grid_w, self.config.sample_size // self.config.patch_size)
 
     def embed(self, x: mx.array, timesteps: mx.array, y: mx.array, context: mx.array | None = None):
         """-> (tokens (B, L, D), c (B, D), cross-attention context (B, S, D) or None)."""

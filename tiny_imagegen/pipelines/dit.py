@@ -67,7 +67,12 @@ class ClassLabels:
 
 
 class DiTPipeline(Pipeline):
+    """`generate(prompts)` with class ids or names; the negative prompt is the null class unless
+    given (then guidance steers away from that class). Options: `sampler` "ddim" (default) or
+    "euler", `cfg_channels` (None: all eps channels, as DiTPipeline)."""
+
     family = "dit"
+    scheduler_config: dict | None = None  # the folder's scheduler/scheduler_config.json
 
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
