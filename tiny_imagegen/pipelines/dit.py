@@ -117,11 +117,9 @@ class DiTPipeline(Pipeline):
         return (height // f, width // f, self.transformer.config.in_channels)  # (h, w, C)
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
-               sampler: str = "ddim", cfg_channels: int | None = None, true_cfg: float = 1.0):
+               sampler: str = "ddim", cfg_channels: int | None = None):
         if init is not None:
             raise ValueError("DiT has no image-to-image here (DiTPipeline has none): drop the init image")
-        if true_cfg != 1.0:
-            raise ValueError("DiT is not guidance-distilled: its classifier-free guidance scale is `guidance`")
         C = self.transformer.config.in_channels
         B = noise.shape[0]
         p = ddpm.plan(self.schedule(sampler), sampler, steps)
