@@ -21,8 +21,10 @@ In the last two the blocks' norms are ordinary LayerNorms and the final norm is 
 in the paper). They start as identities too, by zeroing the output projection of every residual
 branch (our choice; the paper gives them the ViT initialisation).
 
-Parameter names follow the original code (`blocks.3.attn.qkv`, `final_layer.linear`);
-checkpoints/dit.py maps diffusers' DiTTransformer2DModel onto them.
+Parameter names follow the original code (`x_embedder`, `t_embedder`, `y_embedder`,
+`blocks.3.attn.qkv`, `final_layer.linear`) except inside the pieces shared from layers/
+(`MLPEmbedder.in_layer`, `Modulation.lin`); checkpoints/dit.py maps diffusers'
+DiTTransformer2DModel onto them.
 """
 
 from dataclasses import dataclass, replace
