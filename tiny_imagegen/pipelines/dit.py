@@ -72,6 +72,7 @@ class DiTPipeline(Pipeline):
     "euler", `cfg_channels` (None: all eps channels, as DiTPipeline)."""
 
     family = "dit"
+    img2img = False  # DiTPipeline has none
     scheduler_config: dict | None = None  # the folder's scheduler/scheduler_config.json
 
     @classmethod
