@@ -203,3 +203,14 @@ def test_command_line(tmp_path):
     assert "8/8" in r.stderr
     expected = Pipeline.from_pretrained(str(folder), dtype=mx.float32).generate("a red circle", width=48, height=32, seed=3)
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected[0]))
+
+
+@pytest.mark.parametrize("run, options", [("cfg_norm", {"cfg_normalization": 1.05}), ("cfg_trunc", {"cfg_truncation": 0.1})])
+def test_guidance_options_match_diffusers(tmp_path, run, options):
+    io = load_fixture("zimage", "pipeline", "io.safetensors")
+    pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path)), dtype=mx.float32)
+    pipe.generate(conditioning=conditioning(io, True), width=48, height=32, steps=3, guidance=1.5,
+                  latents=io["noise"].transpose(0, 2, 3, 1), **options)
+    ours = pipe.last_latents.transpose(0, 3, 1, 2)
+    assert_close(f"zimage pipeline {run}: final latents", ours, io[f"{run}.latents"], atol=5e-5)
+    assert float(mx.max(mx.abs(ours - io["cfg.latents"]))) > 100 * 5e-5  # the option changed the result

@@ -108,6 +108,15 @@ def zimage_guidance(pred_pos: mx.array, pred_neg: mx.array, scale: float) -> mx.
     return pos + scale * (pos - neg)
 
 
+def renormalize_guidance(pred: mx.array, pred_pos: mx.array, factor: float) -> mx.array:
+    """ZImagePipeline's `cfg_normalization`: scale each sample's guided prediction down so that
+    its L2 norm is at most `factor` times the positive prediction's (float32, per sample)."""
+    axes = tuple(range(1, pred.ndim))
+    norm = mx.sqrt(mx.sum(mx.square(pred), axis=axes, keepdims=True))
+    limit = factor * mx.sqrt(mx.sum(mx.square(pred_pos.astype(mx.float32)), axis=axes, keepdims=True))
+    return mx.where(norm > limit, pred * (limit / norm), pred)
+
+
 def noise_image(x0: mx.array, noise: mx.array, t: float) -> mx.array:
     """A point on the straight path: x_t = (1 - t) x0 + t ε."""
     return (1.0 - t) * x0 + t * noise

@@ -22,7 +22,8 @@ Writes under out/zimage/:
                         scheduler (scheduler/, shift 3 static); io.safetensors: noise, captions,
                         final latents and images in [0, 1], Turbo-style (8 steps, guidance 0) and
                         with classifier-free guidance (3 steps, guidance 1.5); the Turbo run's final
-                        latents also from torch's bfloat16 pipeline. text_encoder/: a tiny Qwen3Model;
+                        latents also from torch's bfloat16 pipeline; the CFG run's final latents with
+                        cfg_normalization=1.05 and with cfg_truncation=0.1. text_encoder/: a tiny Qwen3Model;
                         "prompts.*": the same two runs from prompts (the small Qwen tokenizer of
                         tests/fixtures/qwen3, negative prompt "")
 
@@ -141,6 +142,7 @@ def make_schedules(out: Path) -> None:
 
 
 PIPELINE_RUNS = {"turbo": (8, 0.0), "cfg": (3, 1.5)}  # steps, guidance_scale
+CFG_OPTIONS = {"cfg_norm": dict(cfg_normalization=1.05), "cfg_trunc": dict(cfg_truncation=0.1)}
 PROMPTS = ["a red circle to the left of a blue square", "Ein Café in Tōkyō"]
 QWEN_TOKENIZER = Path(__file__).resolve().parents[1] / "fixtures" / "qwen3" / "tokenizer_small"
 HEIGHT, WIDTH = 32, 48  # latents 4x6, tokens 2x3 (+ 26 pad tokens)
@@ -178,6 +180,12 @@ def make_pipeline(model: ZImageTransformer2DModel, out: Path) -> None:
         with torch.no_grad():
             io[f"{name}.latents"] = pipe(**run, output_type="latent").images
             io[f"{name}.images"] = pipe(**run, output_type="pt").images  # (B, 3, H, W) in [0, 1]
+    # ZImagePipeline's two guidance options, each alone (final latents)
+    for name, extra in CFG_OPTIONS.items():
+        with torch.no_grad():
+            io[f"{name}.latents"] = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, height=HEIGHT, width=WIDTH,
+                                         num_inference_steps=3, guidance_scale=1.5, latents=noise, output_type="latent",
+                                         **extra).images
     # the same Turbo run in bfloat16 (caption features bf16; t, noise and latents stay float32)
     vae_bf16 = randomize(AutoencoderKL(**vae_config((8, 8, 8, 8), 16, 1, 4, sd_style=False)), seed=61).to(torch.bfloat16)
     pipe = ZImagePipeline(scheduler=scheduler, vae=vae_bf16, text_encoder=None, tokenizer=None,

@@ -27,7 +27,7 @@ from ..checkpoints.zimage import load_zimage_transformer
 from ..pipeline import Conditioning, Pipeline
 from ..qwen_conditioning import ZIMAGE_HIDDEN_STATES, QwenPromptEncoder
 from ..registry import SamplingDefaults, find
-from ..sampling import euler_step, zimage_guidance, zimage_model_time, zimage_sigmas
+from ..sampling import euler_step, renormalize_guidance, zimage_guidance, zimage_model_time, zimage_sigmas
 from ..text import QwenTokenizer
 
 TRANSFORMER, TEXT_ENCODER = "zimage_transformer", "qwen3"
@@ -116,28 +116,34 @@ class ZImagePipeline(Pipeline):
         return (height // f, width // f, self.vae.config.latent_channels)  # (h, w, C)
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
-               shift: float | None = None, batch_cfg: bool | None = None):
+               shift: float | None = None, batch_cfg: bool | None = None, cfg_normalization: float = 0.0,
+               cfg_truncation: float = 1.0):
+        """Family options: `shift` overrides the static schedule shift (3); `batch_cfg=False` runs
+        the negative prompt as a second forward (half the activations); ZImagePipeline's
+        `cfg_normalization` (> 0: cap the guided prediction's norm at that multiple of the
+        positive one's) and `cfg_truncation` (no guidance at steps whose model time exceeds it)."""
         if init is not None:
             raise ValueError("image-to-image is not implemented for Z-Image (ZImagePipeline has none either)")
         B = noise.shape[0]
         sigmas = zimage_sigmas(steps, self.defaults.shift if shift is None else shift)
-        cfg = guidance > 0
-        batched = cfg and (self.batch_cfg if batch_cfg is None else batch_cfg)
-        if batched:
-            feats, lengths = join_conditions(cond.positive, cond.negative)
-        else:
-            feats, lengths = cond.positive["cap_feats"], _lengths(cond.positive)
+        batched = guidance > 0 and (self.batch_cfg if batch_cfg is None else batch_cfg)
+        pos = cond.positive["cap_feats"], _lengths(cond.positive)
+        joint = join_conditions(cond.positive, cond.negative) if batched else None
 
-        def predict(x, t):  # the model's x0 - noise, float32
-            xs = mx.concatenate([x, x]) if batched else x
-            ts = mx.full((xs.shape[0],), t, dtype=mx.float32)  # t stays float32 in every dtype (ZP:510)
-            out = self.transformer(xs.astype(self.dtype), ts, feats, lengths).astype(mx.float32)
+        def forward(x, t, captions):  # the model's x0 - noise, float32
+            ts = mx.full((x.shape[0],), t, dtype=mx.float32)  # t stays float32 in every dtype (ZP:510)
+            return self.transformer(x.astype(self.dtype), ts, *captions).astype(mx.float32)
+
+        def predict(x, t):
+            if guidance <= 0 or t > cfg_truncation:  # ZP:504-515: CFG only when its scale is > 0
+                return forward(x, t, pos)
             if batched:
-                return zimage_guidance(out[:B], out[B:], guidance)
-            if cfg:  # unbatched guidance: a second forward
-                neg = self.transformer(x.astype(self.dtype), ts, cond.negative["cap_feats"], _lengths(cond.negative))
-                return zimage_guidance(out, neg, guidance)
-            return out
+                out = forward(mx.concatenate([x, x]), t, joint)
+                out_pos, out_neg = out[:B], out[B:]
+            else:  # unbatched guidance: a second forward
+                out_pos, out_neg = forward(x, t, pos), forward(x, t, (cond.negative["cap_feats"], _lengths(cond.negative)))
+            pred = zimage_guidance(out_pos, out_neg, guidance)
+            return renormalize_guidance(pred, out_pos, cfg_normalization) if cfg_normalization > 0 else pred
 
         def step(i, x):
             v = -predict(x, zimage_model_time(sigmas[i]))  # the flow's velocity noise - x0 (ZP:567)
