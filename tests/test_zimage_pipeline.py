@@ -214,3 +214,13 @@ def test_guidance_options_match_diffusers(tmp_path, run, options):
     ours = pipe.last_latents.transpose(0, 3, 1, 2)
     assert_close(f"zimage pipeline {run}: final latents", ours, io[f"{run}.latents"], atol=5e-5)
     assert float(mx.max(mx.abs(ours - io["cfg.latents"]))) > 100 * 5e-5  # the option changed the result
+
+
+def test_unregistered_folder_defaults(tmp_path):
+    import json
+
+    folder = hub_folder(tmp_path)
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "shift": 6.0}))
+    d = Pipeline.from_pretrained(str(folder), dtype=mx.float32).defaults
+    assert (d.steps, d.guidance, d.shift, d.text_length) == (8, 0.0, 6.0, 512)  # Turbo's, the folder's shift

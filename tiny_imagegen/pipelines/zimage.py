@@ -16,6 +16,8 @@ The text encoder (7.5 GB in bf16) is released after encoding, before the transfo
 re-loaded lazily by the next `generate` (pipeline.py).
 """
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -64,9 +66,14 @@ def _lengths(cond: dict) -> list[int]:
     return np.array(cond["cap_lengths"]).astype(int).tolist()
 
 
-def turbo_defaults() -> SamplingDefaults:
-    spec = find("z-image-turbo")
-    return spec.defaults if spec else SamplingDefaults(steps=8, guidance=0.0, shift=3.0, text_length=512)
+def defaults_for_folder(folder: Path) -> SamplingDefaults:
+    """A Z-Image folder the registry does not know: Turbo's defaults, with the static shift its
+    scheduler config says."""
+    base = find("z-image-turbo").defaults
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        return replace(base, shift=float(json.loads(scheduler.read_text()).get("shift", base.shift)))
+    return base
 
 
 class ZImagePipeline(Pipeline):
@@ -79,7 +86,7 @@ class ZImagePipeline(Pipeline):
         from ..loading import load_converted_parts
 
         folder = Path(folder)
-        defaults = spec.defaults if spec else turbo_defaults()
+        defaults = spec.defaults if spec else defaults_for_folder(folder)
         if is_converted(folder):
             parts, _ = load_converted_parts(folder, dtype, quantize, verify, QUANTIZED_ON_LOAD)
             transformer, vae = parts[TRANSFORMER], parts["vae"]
@@ -128,6 +135,7 @@ class ZImagePipeline(Pipeline):
         sigmas = zimage_sigmas(steps, self.defaults.shift if shift is None else shift)
         batched = guidance > 0 and (self.batch_cfg if batch_cfg is None else batch_cfg)
         pos = cond.positive["cap_feats"], _lengths(cond.positive)
+        neg = (cond.negative["cap_feats"], _lengths(cond.negative)) if guidance > 0 else None
         joint = join_conditions(cond.positive, cond.negative) if batched else None
 
         def forward(x, t, captions):  # the model's x0 - noise, float32
@@ -141,7 +149,7 @@ class ZImagePipeline(Pipeline):
                 out = forward(mx.concatenate([x, x]), t, joint)
                 out_pos, out_neg = out[:B], out[B:]
             else:  # unbatched guidance: a second forward
-                out_pos, out_neg = forward(x, t, pos), forward(x, t, (cond.negative["cap_feats"], _lengths(cond.negative)))
+                out_pos, out_neg = forward(x, t, pos), forward(x, t, neg)
             pred = zimage_guidance(out_pos, out_neg, guidance)
             return renormalize_guidance(pred, out_pos, cfg_normalization) if cfg_normalization > 0 else pred
 
