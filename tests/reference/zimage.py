@@ -25,7 +25,8 @@ Writes under out/zimage/:
                         latents also from torch's bfloat16 pipeline; the CFG run's final latents with
                         cfg_normalization=1.05 and with cfg_truncation=0.1. text_encoder/: a tiny Qwen3Model;
                         "prompts.*": the same two runs from prompts (the small Qwen tokenizer of
-                        tests/fixtures/qwen3, negative prompt "")
+                        tests/fixtures/qwen3, negative prompt ""); the text encoder's and the VAE's
+                        weights are float16-exact and stored in float16, as the transformer's
 
 Every parameter is re-randomised, the learned pad tokens included, so no path hides behind a zero.
 """
@@ -155,14 +156,30 @@ def padded_batch(caps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, torch.tensor([len(c) for c in caps], dtype=torch.int32)
 
 
-def make_pipeline(model: ZImageTransformer2DModel, out: Path) -> None:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+def half_exact(model: torch.nn.Module) -> torch.nn.Module:
+    """Round every parameter to a float16 value (kept in float32), so that the weights can be
+    stored in float16 at half the size and the reference runs on exactly what is stored."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model
+
+
+def tiny_vae() -> "AutoencoderKL":
+    from diffusers import AutoencoderKL
 
     from .vae import _config as vae_config
 
+    return half_exact(randomize(AutoencoderKL(**vae_config((8, 8, 8, 8), 16, 1, 4, sd_style=False)), seed=61))
+
+
+def make_pipeline(model: ZImageTransformer2DModel, out: Path) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
     root = out / "zimage" / "pipeline"
-    vae = randomize(AutoencoderKL(**vae_config((8, 8, 8, 8), 16, 1, 4, sd_style=False)), seed=61)
-    vae.save_pretrained(root / "vae")
+    vae = tiny_vae()
+    vae.half().save_pretrained(root / "vae")  # no buffers: float() restores it exactly
+    vae.float()
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
     scheduler.save_pretrained(root / "scheduler")
     pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=model)
@@ -187,7 +204,7 @@ def make_pipeline(model: ZImageTransformer2DModel, out: Path) -> None:
                                          num_inference_steps=3, guidance_scale=1.5, latents=noise, output_type="latent",
                                          **extra).images
     # the same Turbo run in bfloat16 (caption features bf16; t, noise and latents stay float32)
-    vae_bf16 = randomize(AutoencoderKL(**vae_config((8, 8, 8, 8), 16, 1, 4, sd_style=False)), seed=61).to(torch.bfloat16)
+    vae_bf16 = tiny_vae().to(torch.bfloat16)
     pipe = ZImagePipeline(scheduler=scheduler, vae=vae_bf16, text_encoder=None, tokenizer=None,
                           transformer=make_model().to(torch.bfloat16))
     pipe.set_progress_bar_config(disable=True)
@@ -201,11 +218,12 @@ def make_pipeline(model: ZImageTransformer2DModel, out: Path) -> None:
     from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 
     tokenizer = AutoTokenizer.from_pretrained(QWEN_TOKENIZER)
-    text_encoder = randomize(Qwen3Model(Qwen3Config(
+    text_encoder = half_exact(randomize(Qwen3Model(Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=CONFIG["cap_feat_dim"], intermediate_size=48, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6, max_position_embeddings=1024,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, pad_token_id=tokenizer.pad_token_id)), seed=62)
-    text_encoder.save_pretrained(root / "text_encoder")
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, pad_token_id=tokenizer.pad_token_id)), seed=62))
+    # float16 files; the rotary inv_freq buffer stays float32 (it is not stored)
+    text_encoder.save_pretrained(root / "text_encoder", state_dict={k: v.half() for k, v in text_encoder.state_dict().items()})
     pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=model)
     pipe.set_progress_bar_config(disable=True)
     for name, (steps, guidance) in PIPELINE_RUNS.items():
