@@ -139,3 +139,38 @@ def test_bad_config_is_named(change, message):
     cfg = json.loads(fixture_path("unet", "sd15_config.json").read_text())
     with pytest.raises(ValueError, match=message):
         UNetConfig.from_diffusers({**cfg, **change})
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_converted_round_trip(tmp_path, bits):
+    """Our converted format: fp32 bit-identical; 4/8-bit equals quantizing in memory. The small
+    model's Linears with inputs of a multiple of the group size (32) are the 17 resnets' time
+    projections (4 x 8 wide) and the 11 GEGLU output projections (4 x 8 or 4 x 16): those are
+    quantized; the timestep MLP (also 32 wide) is kept."""
+    from tiny_imagegen.checkpoints.convert import load_component, quantize_component, read_manifest, save_converted
+
+    io = load_fixture("unet", "sd_small", "io.safetensors")
+    run = lambda m: m(io["x"], io["t"], io["context"])  # noqa: E731
+    out = save_converted(tmp_path / "unet", {"unet": load("sd_small")}, bits=bits, group_size=32, dtype="float32")
+    reloaded = load_component(out, "unet")
+    expected = load("sd_small")
+    if bits:
+        layers = quantize_component("unet", expected, bits, group_size=32)
+        assert sorted(p.rsplit(".", 1)[-1] for p in layers) == ["proj_out"] * 11 + ["time_emb_proj"] * 17
+        assert read_manifest(out)["components"]["unet"]["quantized_layers"] == layers
+        assert float(mx.abs(run(expected) - io["out"]).max()) > 0  # quantization did change something
+    assert_close(f"unet converted ({bits or 'fp32'})", run(reloaded), run(expected), atol=0)
+    assert read_manifest(out)["components"]["unet"]["config"]["attention_heads"] == [2, 2, 4]
+
+
+def test_sd15_quantization_rule():
+    """At full size: every attention, GEGLU, projection and per-resnet time Linear is quantized;
+    convolutions and the timestep MLP are not."""
+    from tiny_imagegen.checkpoints.convert import quantizable_layers
+
+    layers = quantizable_layers("unet", unet_from_preset("sd15"), 64)
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k" in layers
+    assert "up_blocks.3.attentions.2.transformer_blocks.0.ff.proj_out" in layers
+    assert "mid_block.resnets.1.time_emb_proj" in layers and "down_blocks.1.attentions.1.proj_in" in layers
+    assert not [p for p in layers if p.startswith("time_embedding") or "conv" in p]
+    assert len(layers) == 16 * 12 + 22  # 16 transformers x (proj in/out, 2 x q k v out, ff in/out), 22 resnets
