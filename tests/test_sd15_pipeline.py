@@ -40,11 +40,12 @@ def reference_pixels(io, sampler):
 
 def run(pipe, io, sampler, **kw):
     noise = io["noise"].transpose(0, 2, 3, 1)
+    karras = sampler == "euler_karras"
     return pipe.generate(PROMPTS, negative_prompt=NEGATIVE, width=48, height=32, steps=4, guidance=7.5,
-                         latents=noise, sampler=sampler, **kw)
+                         latents=noise, sampler="euler" if karras else sampler, karras=karras, **kw)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_karras"])
 def test_pipeline_matches_diffusers(tmp_path, sampler):
     io = load_fixture("sd15_pipeline", "io.safetensors")
     pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path)), dtype=mx.float32)
@@ -110,6 +111,8 @@ def test_bad_sampler_and_size_are_named(tmp_path):
     pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path)), dtype=mx.float32, keep_text_encoders=True)
     with pytest.raises(ValueError, match="unknown sampler 'pndm'"):
         pipe.generate("a cat", width=16, height=16, steps=1, sampler="pndm")
+    with pytest.raises(ValueError, match="Karras sigmas are a schedule of the Euler sampler"):
+        pipe.generate("a cat", width=16, height=16, steps=1, karras=True)
     with pytest.raises(ValueError, match="width 20 is not a multiple of 8"):
         pipe.generate("a cat", width=20, height=16, steps=1)
 

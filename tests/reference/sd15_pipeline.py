@@ -5,8 +5,8 @@ text_encoders/flux: text_encoder/, tokenizer/; the tokenizer pads with <|endofte
 does). Here we add a tiny U-Net of SD's structure (cross-attention to the 64-wide CLIP states)
 and an SD-style VAE (4 latent channels, quant convs, scale 0.18215) with seeded weights, SD 1.5's
 scheduler config, and run the pipeline from given noise with classifier-free guidance and a
-negative prompt, with DDIMScheduler and EulerDiscreteScheduler (both from that config, as a user
-swaps them in). Writes under out/sd15_pipeline/:
+negative prompt, with DDIMScheduler and EulerDiscreteScheduler (from that config, as a user swaps them
+in; Euler also on Karras sigmas). Writes under out/sd15_pipeline/:
 
   unet/ vae/ scheduler/ model_index.json   the repo folders (the test adds text_encoder/, tokenizer/)
   io.safetensors   the noise; per sampler the final latents and the images in [0, 1]
@@ -29,7 +29,8 @@ NEGATIVE = ["blurry", "a green triangle"]
 HEIGHT, WIDTH = 32, 48  # latents 4x6: the U-Net's 3 levels go 4x6 -> 2x3 -> 1x2 and crop on the way up
 STEPS, GUIDANCE = 4, 7.5
 UNET = {**SMALL["sd_small"], "cross_attention_dim": 64}
-SAMPLERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
+SAMPLERS = {"ddim": (DDIMScheduler, SD15), "euler": (EulerDiscreteScheduler, SD15),
+            "euler_karras": (EulerDiscreteScheduler, {**SD15, "use_karras_sigmas": True})}
 
 
 def make(out: Path) -> None:
@@ -40,8 +41,8 @@ def make(out: Path) -> None:
                 tokenizer=CLIPTokenizer.from_pretrained(TEXT / "tokenizer"))
     noise = torch.randn(len(PROMPTS), 4, HEIGHT // 8, WIDTH // 8, generator=seeded(6))
     io = {"noise": noise}
-    for name, cls in SAMPLERS.items():
-        pipe = StableDiffusionPipeline(vae=vae, unet=unet, scheduler=cls.from_config(SD15), safety_checker=None,
+    for name, (cls, config) in SAMPLERS.items():
+        pipe = StableDiffusionPipeline(vae=vae, unet=unet, scheduler=cls.from_config(config), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False, **text)
         pipe.set_progress_bar_config(disable=True)
         run = dict(prompt=PROMPTS, negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH, num_inference_steps=STEPS,

@@ -5,7 +5,8 @@
   StableDiffusionPipeline; the U-Net cross-attends to all 77 positions.
 - noise: latents (1, H/8, W/8, 4), times the sampler's init_noise_sigma (1 for DDIM, sigma_max
   for Euler).
-- sampler: DDIM (default) or Euler on SD 1.5's DDPM schedule (ddpm.py); the `sampler` option.
+- sampler: DDIM (default) or Euler on SD 1.5's DDPM schedule (ddpm.py); the `sampler` option,
+  and `karras=True` for Euler on Karras sigmas.
   The hub repo names PNDM, which is not implemented; DDIM and Euler read its config as diffusers
   does when a user swaps them in.
 - guidance: classifier-free, eps_uncond + g (eps_text - eps_uncond), one batched forward of
@@ -14,6 +15,7 @@
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -101,16 +103,20 @@ class SD15Pipeline(Pipeline):
         f = self.vae.config.downscale
         return (height // f, width // f, self.vae.config.latent_channels)  # (h, w, 4)
 
-    def schedule(self, sampler: str) -> ddpm.DDPMSchedule:
+    def schedule(self, sampler: str, karras: bool = False) -> ddpm.DDPMSchedule:
+        """The folder's scheduler config read as `sampler` reads it (SD 1.5's when there is none)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r} for Stable Diffusion: choose from {SAMPLERS}")
+        if karras and sampler != "euler":
+            raise ValueError("Karras sigmas are a schedule of the Euler sampler: pass sampler='euler'")
         cfg = getattr(self, "scheduler", {})
-        return ddpm.DDPMSchedule.from_diffusers(cfg, sampler) if cfg else ddpm.SCHEDULES[f"sd15-{sampler}"]
+        schedule = ddpm.DDPMSchedule.from_diffusers(cfg, sampler) if cfg else ddpm.SCHEDULES[f"sd15-{sampler}"]
+        return replace(schedule, use_karras_sigmas=True) if karras else schedule
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
-               sampler: str = "ddim"):
+               sampler: str = "ddim", karras: bool = False):
         B = noise.shape[0]
-        p = ddpm.plan(self.schedule(sampler), sampler, steps)
+        p = ddpm.plan(self.schedule(sampler, karras), sampler, steps)
         if init is None:
             x = noise.astype(mx.float32) * p.init_noise_sigma
         else:
