@@ -97,6 +97,21 @@ def test_quantize_on_load_runs(tmp_path, bits):
     assert any(type(m).__name__ == "QuantizedLinear" for _, m in pipe.transformer.named_modules())
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_image_to_image_matches_diffusers(tmp_path, sampler):
+    """StableDiffusionImg2ImgPipeline from the same init latents and noise: the last 3 of 5 steps."""
+    io = load_fixture("sd15_pipeline", "io.safetensors")
+    pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path)), dtype=mx.float32)
+    cond = pipe.condition(PROMPTS, NEGATIVE, 7.5)
+    nhwc = lambda k: io[k].transpose(0, 2, 3, 1)  # noqa: E731
+    steps = []
+    x = pipe.sample(nhwc("img2img.noise"), cond, steps=5, guidance=7.5, width=48, height=32,
+                    init=nhwc("img2img.init"), strength=0.6, sampler=sampler,
+                    run=lambda step, x, n: pipe.run_steps(step, x, n, progress=lambda i, n, s: steps.append(i)))
+    assert steps == [1, 2, 3]
+    assert_close(f"sd15 img2img {sampler}: final latents", x, nhwc(f"img2img.{sampler}.latents"), 0, 1e-5)
+
+
 def test_image_to_image_runs_the_tail_of_the_schedule(tmp_path):
     from PIL import Image
 

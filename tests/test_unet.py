@@ -174,3 +174,19 @@ def test_sd15_quantization_rule():
     assert "mid_block.resnets.1.time_emb_proj" in layers and "down_blocks.1.attentions.1.proj_in" in layers
     assert not [p for p in layers if p.startswith("time_embedding") or "conv" in p]
     assert len(layers) == 16 * 12 + 22  # 16 transformers x (proj in/out, 2 x q k v out, ff in/out), 22 resnets
+
+
+def test_single_file_with_the_other_components(tmp_path):
+    """v1-5-pruned-emaonly.safetensors also holds the VAE (first_stage_model.*), the text encoder
+    (cond_stage_model.*) and LDM's schedule buffers: only model.diffusion_model.* is the U-Net."""
+    tensors = dict(mx.load(str(fixture_path("unet", "sd_small", "ldm.safetensors"))))
+    tensors.update({"first_stage_model.decoder.conv_in.weight": mx.zeros((8, 4, 3, 3)), "alphas_cumprod": mx.ones((1000,)),
+                    "cond_stage_model.transformer.text_model.final_layer_norm.weight": mx.ones((12,))})
+    mx.save_safetensors(str(tmp_path / "v1-5-tiny.safetensors"), tensors)
+    cfg = UNetConfig.from_diffusers(json.loads(fixture_path("unet", "sd_small", "diffusers", "config.json").read_text()))
+    a = dict(tree_flatten(ckpt.load_unet(tmp_path / "v1-5-tiny.safetensors", config=cfg).parameters()))
+    b = dict(tree_flatten(load("sd_small").parameters()))
+    assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]) for k in a)
+    mx.save_safetensors(str(tmp_path / "vae-only.safetensors"), {"encoder.conv_in.weight": mx.zeros((8, 3, 3, 3))})
+    with pytest.raises(CheckpointError, match="holds no U-Net"):
+        ckpt.load_unet(tmp_path / "vae-only.safetensors")

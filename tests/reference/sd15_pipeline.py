@@ -9,13 +9,16 @@ negative prompt, with DDIMScheduler and EulerDiscreteScheduler (from that config
 in; Euler also on Karras sigmas). Writes under out/sd15_pipeline/:
 
   unet/ vae/ scheduler/ model_index.json   the repo folders (the test adds text_encoder/, tokenizer/)
-  io.safetensors   the noise; per sampler the final latents and the images in [0, 1]
+  io.safetensors   the noise; per sampler the final latents and the images in [0, 1]; image-to-image
+                   (StableDiffusionImg2ImgPipeline from given init latents, strength 0.6 of 5 steps):
+                   its noise (drawn from seed 7 as the pipeline draws it) and final latents
 """
 
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline,
+                       StableDiffusionPipeline, UNet2DConditionModel)
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ._common import randomize, save, save_json, seeded
@@ -50,6 +53,18 @@ def make(out: Path) -> None:
         with torch.no_grad():
             io[f"{name}.latents"] = pipe(**run, output_type="latent").images
             io[f"{name}.images"] = pipe(**run, output_type="pt").images  # (B, 3, H, W) in [0, 1]
+    init = torch.randn(len(PROMPTS), 4, HEIGHT // 8, WIDTH // 8, generator=seeded(8))
+    io["img2img.init"] = init
+    io["img2img.noise"] = torch.randn(init.shape, generator=seeded(7))  # what the pipeline draws below
+    for name in ("ddim", "euler"):
+        cls, config = SAMPLERS[name]
+        pipe = StableDiffusionImg2ImgPipeline(vae=vae, unet=unet, scheduler=cls.from_config(config), safety_checker=None,
+                                              feature_extractor=None, requires_safety_checker=False, **text)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():  # 4-channel images are taken as latents, not encoded
+            io[f"img2img.{name}.latents"] = pipe(
+                prompt=PROMPTS, negative_prompt=NEGATIVE, image=init, strength=0.6, num_inference_steps=5,
+                guidance_scale=GUIDANCE, generator=seeded(7), output_type="latent").images
     unet.save_pretrained(root / "unet")
     vae.save_pretrained(root / "vae")
     save_json(root / "scheduler" / "scheduler_config.json", SD15)
