@@ -20,6 +20,11 @@ plus the residual. SD 1.5 puts attention on the three finer levels and the middl
 coarsest level (down_block_types / up_block_types); 8 heads everywhere (diffusers calls this
 number `attention_head_dim`), so heads are 40, 80, 160 wide.
 
+Shared pieces: the sinusoid is layers/embeddings.timestep_embedding with time_factor 1 (t is
+already a training step, 0..999), nearest upsampling the VAE's. The VAE's ResNet block and
+downsampler are not reused: this one adds the timestep, its norms use eps 1e-5 (not 1e-6), and
+its stride-2 conv pads symmetrically (the VAE's pads bottom and right only).
+
 Parameter names are diffusers' (`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k`),
 except `to_out` (diffusers `to_out.0`) and `ff.proj_in` / `ff.proj_out` (`ff.net.0.proj` /
 `ff.net.2`). The per-pixel projections proj_in / proj_out are Linears here: SD 1.5 stores them
@@ -103,7 +108,8 @@ _FIXED = dict(
     only_cross_attention=False, dual_cross_attention=False, encoder_hid_dim=None, time_cond_proj_dim=None,
     conv_in_kernel=3, conv_out_kernel=3, resnet_skip_time_act=False, resnet_out_scale_factor=1.0,
     attention_type="default", num_class_embeds=None, projection_class_embeddings_input_dim=None,
-    time_embedding_act_fn=None, timestep_post_act=None, cross_attention_norm=None,
+    time_embedding_act_fn=None, timestep_post_act=None, cross_attention_norm=None, encoder_hid_dim_type=None,
+    class_embeddings_concat=False, mid_block_only_cross_attention=None, reverse_transformer_layers_per_block=None,
 )
 
 # stable-diffusion-v1-5/stable-diffusion-v1-5 unet/config.json (the UNetConfig defaults)
@@ -267,7 +273,7 @@ class UNet2DConditionModel(nn.Module):
         # outputs and its downsampler's. The up path takes them back last-in first-out.
         skip_ch = [ch[0]] + [c for i, c in enumerate(ch) for _ in range(n + (i < last))]
         self.up_blocks = []
-        for u, i in enumerate(reversed(range(last + 1))):  # deepest level first
+        for i in reversed(range(last + 1)):  # deepest level first
             skips = tuple(skip_ch.pop() for _ in range(n + 1))
             self.up_blocks.append(Level(cfg, i, ch[min(i + 1, last)], ch[i], n + 1, "up" if i > 0 else None, skips))
         self.conv_norm_out = group_norm(ch[0], cfg.norm_num_groups, cfg.norm_eps)
