@@ -114,9 +114,7 @@ class SD15Pipeline(Pipeline):
         return replace(schedule, use_karras_sigmas=True) if karras else schedule
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
-               sampler: str = "ddim", karras: bool = False, true_cfg: float = 1.0):
-        if true_cfg != 1.0:  # the command passes FLUX's option to every family
-            raise ValueError("true_cfg is FLUX.1-dev's option: Stable Diffusion's classifier-free guidance scale is `guidance`")
+               sampler: str = "ddim", karras: bool = False):
         B = noise.shape[0]
         p = ddpm.plan(self.schedule(sampler, karras), sampler, steps)
         if init is None:
