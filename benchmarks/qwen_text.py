@@ -3,7 +3,7 @@
 Tokenizer: a 512-token prompt (varied English prompt text with punctuation, digits and a little
 CJK; template applied, padded to 512) through ours and transformers' Qwen2Tokenizer (Rust
 `tokenizers`), both on the full real vocabulary rebuilt from the quicktok wheel (cached by
-tests/reference/_qwen_vocab.py; built on first use, ~2 min). Cold = the word cache emptied
+tests/reference/_qwen_vocab.py; built on first use, ~10 s). Cold = the word cache emptied
 before each call (every word byte-pair encoded), warm = the same prompt again. Median of N runs.
 
 Memory: Qwen3-4B / Qwen3-8B weights in bf16, 8-bit and 4-bit by the converter's policy, computed

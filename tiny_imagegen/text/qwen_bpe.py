@@ -147,9 +147,10 @@ def _read_json(path: Path):
 
 
 def _added_tokens(entries: list[dict]) -> dict[str, int]:
-    """content -> id; only the plain kind Qwen ships (matched in the raw text as written)."""
+    """content -> id, matched in the raw text (a `normalized` token would be matched after NFC
+    by `tokenizers`: the same for ASCII tokens like Qwen's); the stripping kinds are refused."""
     for t in entries:
-        flags = [f for f in ("lstrip", "rstrip", "single_word", "normalized") if t.get(f)]
+        flags = [f for f in ("lstrip", "rstrip", "single_word") if t.get(f)]
         if flags:
             raise ValueError(f"Qwen tokenizer: added token {t['content']!r} sets {flags}, which this tokenizer does not support")
     return {t["content"]: t["id"] for t in entries}
