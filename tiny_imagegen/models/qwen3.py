@@ -41,6 +41,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..layers.activations import silu
+
 
 @dataclass(frozen=True)
 class Qwen3Config:
@@ -155,7 +157,7 @@ class Qwen3MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))  # silu rounded once, as torch
 
 
 class Qwen3DecoderLayer(nn.Module):
