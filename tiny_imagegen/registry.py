@@ -81,6 +81,12 @@ FAMILIES = {
             components=("transformer", "vae", "clip", "t5"),
             tokenizers={"tokenizer": ("vocab.json", "merges.txt"), "tokenizer_2": ("spiece.model",)},
         ),
+        Family(  # class-conditioned: the "prompt" is an ImageNet class id or name (model_index.json id2label)
+            "dit",
+            pipeline="tiny_imagegen.pipelines.dit:DiTPipeline",
+            pipeline_classes=("DiTPipeline",),
+            components=("dit", "vae"),
+        ),
     )
 }
 
@@ -100,6 +106,20 @@ def _flux1_configs(guidance_embed: bool) -> dict:
     return {"transformer": MMDiTConfig(guidance_embed=guidance_embed), "t5": T5_V1_1_XXL,
             "clip": CLIP_VIT_L14_TEXT, "vae": VAE_PRESETS["flux"]}
 
+
+def _dit_configs(sample_size: int) -> dict:
+    # facebook/DiT-XL-2-256 / -512 (Peebles & Xie 2023): DiT-XL/2, 28 blocks, hidden 1152 = 16 x 72,
+    # 2x2 patches, learned sigma, 1000 classes, 674.8 M parameters (transformer/config.json); the VAE
+    # is stabilityai/sd-vae-ft-ema (vae/config.json), our SD preset.
+    from .models.dit import preset
+    from .models.vae import VAE_PRESETS
+
+    return {"dit": preset(f"dit-xl-2-{8 * sample_size}"), "vae": VAE_PRESETS["sd"]}
+
+
+# DiTPipeline's defaults: 50 steps (the hub's DDIMScheduler), guidance_scale 4.0 (the paper's
+# sample images; its FID numbers use 1.5)
+_DIT_LICENCE = "CC-BY-NC-4.0 (facebookresearch/DiT weights; non-commercial)"
 
 MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
@@ -124,6 +144,22 @@ MODELS: tuple[ModelSpec, ...] = (
         defaults=SamplingDefaults(steps=28, guidance=3.5, shift=True, text_length=512),
         repo_id="black-forest-labs/FLUX.1-dev", gated=True, aliases=("dev", "flux-dev"),
         configs=_flux1_configs(guidance_embed=True),
+    ),
+    ModelSpec(
+        "dit-xl-2-256", "dit",
+        description="DiT-XL/2, 675 M, class-conditional ImageNet 256x256 (prompt: a class id or name)",
+        licence=_DIT_LICENCE,
+        defaults=SamplingDefaults(steps=50, guidance=4.0, text_length=0, width=256, height=256),
+        repo_id="facebook/DiT-XL-2-256", aliases=("dit-256",),
+        configs=_dit_configs(32),
+    ),
+    ModelSpec(
+        "dit-xl-2-512", "dit",
+        description="DiT-XL/2, 675 M, class-conditional ImageNet 512x512 (prompt: a class id or name)",
+        licence=_DIT_LICENCE,
+        defaults=SamplingDefaults(steps=50, guidance=4.0, text_length=0, width=512, height=512),
+        repo_id="facebook/DiT-XL-2-512", aliases=("dit-512",),
+        configs=_dit_configs(64),
     ),
 )
 
