@@ -102,6 +102,8 @@ def test_bad_files_are_named(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
     with pytest.raises(ValueError, match="not Qwen2's"):
         QwenTokenizer.from_folder(tmp_path)
+    with pytest.raises(ValueError, match="make a symbol the vocabulary lacks"):
+        QwenTokenizer({c: i for i, c in enumerate(tokenizer("small")._byte_char.values())}, [("a", "b")], {"<|endoftext|>": 256})
     with pytest.raises(ValueError, match="padding"):
         tokenizer("small")("x", padding="right")
 
