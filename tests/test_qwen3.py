@@ -241,7 +241,13 @@ def test_prompt_encoders_equal_diffusers(tmp_path):
         ours = embeds[i, : int(mask[i].sum())]
         assert_close(f"QwenPromptEncoder.zimage [{i}] vs diffusers", ours, ref[f"zimage_{i}"], atol=tolerance(ref[f"zimage_{i}"]))
 
+    assert zimage.tokens_cut("a red cat") == 0
+    long = " ".join(["cat"] * 40)  # the template's 5 tokens + 40 + 4 > 32
+    templated = lambda thinking: f"<|im_start|>user\n{long}<|im_end|>\n<|im_start|>assistant\n" + thinking
+    assert zimage.tokens_cut(long) == len(zimage.tokenizer.encode(templated(""))) - length > 0
+
     flux2 = QwenPromptEncoder.flux2_klein(tmp_path, dtype=mx.bfloat16, max_length=length)
+    assert flux2.tokens_cut(long) == len(flux2.tokenizer.encode(templated("<think>\n\n</think>\n\n"))) - length
     assert len(flux2.model.layers) == 27
     embeds, mask = flux2(setup["prompts"])
     assert embeds.shape == (3, length, 3 * 16) and embeds.dtype == mx.bfloat16
