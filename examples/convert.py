@@ -18,13 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from tiny_imagegen.checkpoints.convert import DTYPES, GROUP_SIZES, convert, read_manifest  # noqa: E402
 from tiny_imagegen.checkpoints.mapping import CheckpointError  # noqa: E402
-from tiny_imagegen.hub import KNOWN_MODELS, ModelNotAvailable, resolve_model  # noqa: E402
+from tiny_imagegen import registry  # noqa: E402
+from tiny_imagegen.hub import ModelNotAvailable, resolve_model  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True,
-                   help=f"{', '.join(KNOWN_MODELS)}, a hub repo id, a local folder laid out like the hub repo, "
+                   help=f"{', '.join(m.name for m in registry.MODELS if not m.shipped)}, a hub repo id, a local folder laid out like the hub repo, "
                         "or an unquantized converted folder")
     p.add_argument("--output", required=True, type=Path, help="the folder to write, e.g. weights/schnell-q4")
     p.add_argument("--quantize", type=int, choices=(4, 8), help="bits per weight of the quantized layers")
@@ -48,7 +49,8 @@ def main(argv=None) -> int:
         return 1
     try:
         source = resolve_model(args.model, revision=args.revision)
-        provenance = {"model": args.model} if args.model in KNOWN_MODELS else {}
+        spec = registry.find(args.model)
+        provenance = {"model": spec.name} if spec else {}
         start = time.perf_counter()
         out = convert(source, args.output, bits=args.quantize, group_size=args.group_size, dtype=args.dtype,
                       force=args.force, provenance=provenance)

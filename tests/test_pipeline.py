@@ -39,12 +39,22 @@ def test_pipeline_matches_diffusers(tmp_path, variant):
     assert_close(f"pipeline {variant}: uint8 pixels", ours, ref, atol=1)
 
 
-def test_text_encoders_are_released_after_encoding(tmp_path):
-    pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path, "schnell_like")), dtype=mx.float32)
-    pipe.generate("a cat", width=16, height=16, steps=1)
+@pytest.mark.parametrize("layout", ["hub", "converted"])
+def test_text_encoders_are_released_then_reloaded(tmp_path, layout):
+    """Released after encoding (before the transformer runs), re-loaded on the next generate."""
+    from tiny_imagegen.checkpoints.convert import convert
+
+    folder = hub_folder(tmp_path, "schnell_like")
+    if layout == "converted":
+        folder = convert(folder, tmp_path / "converted", dtype=mx.float32)
+    pipe = Pipeline.from_pretrained(str(folder), dtype=mx.float32)
+    first = pipe.generate("a cat", width=16, height=16, steps=1, seed=2)
     assert pipe.text_encoder is None
-    with pytest.raises(RuntimeError, match="keep_text_encoders"):
-        pipe.generate("a dog", width=16, height=16, steps=1)
+    again = pipe.generate("a cat", width=16, height=16, steps=1, seed=2)  # re-loads the encoders
+    assert pipe.text_encoder is None and np.array_equal(np.asarray(first[0]), np.asarray(again[0]))
+    kept = Pipeline.from_pretrained(str(folder), dtype=mx.float32, keep_text_encoders=True)
+    kept.generate("a cat", width=16, height=16, steps=1)
+    assert kept.text_encoder is not None
 
 
 def test_same_seed_same_image_and_seeds_per_image(tmp_path):
