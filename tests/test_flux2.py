@@ -164,3 +164,51 @@ def test_not_a_flux2_checkpoint(tmp_path):
         load_flux2_transformer(flux1 / "diffusers")
     with pytest.raises(CheckpointError, match="not a FLUX.2 transformer"):
         load_flux2_transformer(flux1 / "bfl.safetensors")
+
+
+# ---- our converted format, quantized ------------------------------------------------------------
+
+
+def _small_random(seed=0):
+    mx.random.seed(seed)  # widths that are multiples of the group size, so that layers quantize
+    return Flux2Transformer(Flux2Config(in_channels=64, num_heads=2, head_dim=32, depth_double=1, depth_single=1,
+                                        context_dim=64, axes_dim=(8, 8, 8, 8)))
+
+
+def _inputs():
+    g = np.random.default_rng(0)
+    img, txt = mx.array(g.standard_normal((1, 6, 64)), mx.float32), mx.array(g.standard_normal((1, 5, 64)), mx.float32)
+    txt_ids, img_ids = Flux2Transformer.position_ids(2, 3, 5)
+    return img, img_ids, txt, txt_ids, mx.array([0.5])
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_converted_round_trip(tmp_path, bits):
+    from tiny_imagegen.checkpoints.convert import load_component, quantize_component, read_manifest, save_converted
+
+    out = save_converted(tmp_path / "klein", {"flux2_transformer": _small_random()}, bits=bits, dtype="float32")
+    reloaded = load_component(out, "flux2_transformer")
+    expected = _small_random()
+    layers = quantize_component("flux2_transformer", expected, bits) if bits else []
+    assert reloaded.config == expected.config
+    assert read_manifest(out)["components"]["flux2_transformer"]["quantized_layers"] == layers
+    assert_close(f"flux2 converted ({bits or 'fp32'})", reloaded(*_inputs()), expected(*_inputs()), atol=0)
+    if bits:
+        assert "single_blocks.0.linear1" in layers and "double_blocks.0.img_mlp.layers.0" in layers
+        kept = ("img_in", "final_layer", "time_in", "double_stream_modulation_img", "double_stream_modulation_txt",
+                "single_stream_modulation")
+        assert not [p for p in layers if p.split(".")[0] in kept]
+
+
+def test_full_size_quantization_keeps_the_boundary_and_the_shared_modulation():
+    from mlx.utils import tree_flatten
+
+    from tiny_imagegen.checkpoints.convert import quantizable_layers
+
+    model = Flux2Transformer(preset("flux2-klein-4b"))  # lazy
+    layers = set(quantizable_layers("flux2_transformer", model, 64))
+    modules = dict(model.named_modules())
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    quantized = sum(modules[p].weight.size for p in layers)
+    print(f"klein 4B: {len(layers)} of the Linears quantized, {1 - quantized / total:.2%} of the parameters kept")
+    assert 0.04 < 1 - quantized / total < 0.05
