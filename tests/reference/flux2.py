@@ -18,9 +18,11 @@ diffusers state dict exactly.
 from pathlib import Path
 
 import torch
-from diffusers import Flux2Transformer2DModel
+import numpy as np
+from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 from diffusers.models.transformers.transformer_flux2 import Flux2PosEmbed, Flux2SwiGLU
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
 
 from ._common import manifest, randomize, save, save_json, save_sharded, seeded
 
@@ -195,8 +197,39 @@ def make_manifests(out: Path) -> None:
         save_json(out / "flux2" / f"manifest_{name}_bfl.json", manifest(bfl))
 
 
+# (steps, packed image tokens): klein's 4 steps at 256² .. 2048² (16384 tokens, beyond the 4300
+# switch), base models' 50, odd ones; the scheduler as FLUX.2's scheduler_config.json is reported
+# to set it (dynamic exponential shift, unverified offline) and with a static shift
+SCHEDULE_CASES = [(4, 256), (4, 1024), (4, 4096), (4, 4300), (4, 4301), (4, 16384), (50, 4096), (28, 1536), (1, 64)]
+SCHEDULERS = {"dynamic": dict(use_dynamic_shifting=True, time_shift_type="exponential", shift=3.0),
+              "static": dict(use_dynamic_shifting=False, shift=3.0)}
+
+
+def make_schedules(out: Path) -> None:
+    tensors = {}
+    for kind, cfg in SCHEDULERS.items():
+        for steps, seq_len in SCHEDULE_CASES:
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **cfg)
+            mu = compute_empirical_mu(image_seq_len=seq_len, num_steps=steps)
+            retrieve_timesteps(scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)  # as FP:814-825
+            tensors[f"{kind}.{steps}.{seq_len}"] = scheduler.sigmas
+            tensors[f"mu.{steps}.{seq_len}"] = torch.tensor([mu], dtype=torch.float64)
+    # one Euler step on a bf16 model output and bf16 latents (the pipeline's bf16 trap) and in fp32
+    g = seeded(3)
+    x, v = torch.randn(2, 6, 16, generator=g), torch.randn(2, 6, 16, generator=g)
+    for suffix, dtype in (("", torch.float32), ("_bf16", torch.bfloat16)):
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, **SCHEDULERS["dynamic"])
+        retrieve_timesteps(scheduler, 4, "cpu", sigmas=np.linspace(1.0, 1 / 4, 4), mu=2.0)
+        t = scheduler.timesteps[0]
+        tensors[f"euler.out{suffix}"] = scheduler.step(v.to(dtype), t, x.to(dtype), return_dict=False)[0]
+        tensors["euler.sigmas"] = scheduler.sigmas
+    tensors.update({"euler.x": x, "euler.v": v})
+    save(out / "flux2" / "schedules.safetensors", tensors)
+
+
 def make(out: Path) -> None:
     for name in CONFIGS:
         make_model(name, out)
     make_units(out)
     make_manifests(out)
+    make_schedules(out)
