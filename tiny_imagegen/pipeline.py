@@ -73,7 +73,8 @@ class Pipeline:
         self.name, self.transformer, self.vae, self.text_encoder = name, transformer, vae, text_encoder
         self.defaults, self.dtype, self.keep_text_encoders, self.spec = defaults, dtype, keep_text_encoders, spec
         self._load_text_encoder = load_text_encoder
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {}  # phase -> seconds of the last generate
+        self.peak_memory: dict[str, int] = {}  # phase -> peak bytes (mx.get_peak_memory)
 
     # ---- loading ----------------------------------------------------------------------------------
 
@@ -117,6 +118,14 @@ class Pipeline:
     def decode(self, latents: mx.array, tiled: bool | None = None) -> mx.array:
         """Final latents -> images (B, H, W, 3) in [-1, 1]."""
         return self.vae.decode_latents(latents.astype(self.dtype), tiled=tiled)
+
+    def preview_latents(self, x: mx.array) -> mx.array:
+        """The sampler's state after a step -> latents `decode` takes (for per-step previews)."""
+        return x
+
+    def tokens_cut(self, prompt: str) -> int:
+        """How many tokens of `prompt` the text encoder's length cuts off (0: none)."""
+        return 0
 
     def encode_image(self, image, width: int, height: int) -> mx.array:
         """An init image -> the diffusion model's latents (1, h, w, C), for image-to-image."""
@@ -171,13 +180,21 @@ class Pipeline:
         """Encode once, generate many times: `generate(conditioning=pipe.condition([...]))`."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         guidance = self.defaults.guidance if guidance is None else guidance
-        start = time.perf_counter()
+        start = self._phase()
         cond = Conditioning(prompts, self.encode(prompts))
         if self.uses_negative(guidance, options):
             cond.negative = self.encode([negative_prompt] * len(prompts))
         self.release_text_encoder()
-        self.timings["text"] = time.perf_counter() - start
+        self._phase("text", start)
         return cond
+
+    def _phase(self, name: str | None = None, start: float | None = None) -> float:
+        """Start a phase (no arguments: -> its start time) or close one: add its time and peak memory."""
+        if name is not None:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+            self.peak_memory[name] = max(self.peak_memory.get(name, 0), mx.get_peak_memory())
+        mx.reset_peak_memory()
+        return time.perf_counter()
 
     def run_steps(self, step: Callable[[int, mx.array], mx.array], x: mx.array, n: int,
                   progress: Progress | None = None, preview: Callable[[int, mx.array], None] | None = None):
@@ -220,6 +237,7 @@ class Pipeline:
         `vae_tiling`: None decodes in tiles above 768x768 pixels, True / False force it.
         `preview(step, latents)` is called after every step; `self.decode` turns them into images.
         Family options (e.g. FLUX's `true_cfg`) pass through `options`."""
+        self.timings, self.peak_memory = {}, {}
         d = self.defaults
         width, height = width or d.width, height or d.height
         steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance
@@ -240,23 +258,24 @@ class Pipeline:
         B = len(seeds)
         init = self.encode_image(image, width, height) if image is not None else None  # once, not per image
 
-        out, finals, start = [], [], time.perf_counter()
-        self.timings.update(denoise=0.0, decode=0.0)
+        out, finals = [], []
+        for phase in ("denoise", "decode"):
+            self.timings[phase], self.peak_memory[phase] = 0.0, 0
         batch_size = batch_size or B
         for s in range(0, B, batch_size):
             rows = list(range(s, min(s + batch_size, B)))
             noise = (latents[s:rows[-1] + 1] if latents is not None
                      else mx.concatenate([self.noise(seeds[i], width, height) for i in rows]))
+            start = self._phase()
             x = self.sample(noise, conditioning.rows(rows), steps=steps, guidance=guidance, width=width,
                             height=height, init=init, strength=strength,
                             run=lambda step, x, n: self.run_steps(step, x, n, progress, preview), **options)
             finals.append(x)
-            t = time.perf_counter()
+            start = self._phase("denoise", start)
             pixels = self.decode(x, tiled=vae_tiling)
             mx.eval(pixels)
-            self.timings["decode"] += time.perf_counter() - t
+            self._phase("decode", start)
             out.append(pixels)
-        self.timings["denoise"] = time.perf_counter() - start - self.timings["decode"]
         self.last_latents = mx.concatenate(finals) if len(finals) > 1 else finals[0]
         from .models.vae import to_pil
 

@@ -120,7 +120,7 @@ MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
         "flux1-dev", "flux1",
         description="FLUX.1 [dev], 12 B, guidance-distilled, 28-50 steps",
-        licence="FLUX.1 [dev] Non-Commercial License (gated: accept it on the model page)",
+        licence="FLUX.1 [dev] Non-Commercial License",
         defaults=SamplingDefaults(steps=28, guidance=3.5, shift=True, text_length=512),
         repo_id="black-forest-labs/FLUX.1-dev", gated=True, aliases=("dev", "flux-dev"),
         configs=_flux1_configs(guidance_embed=True),

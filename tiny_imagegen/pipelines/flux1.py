@@ -111,8 +111,10 @@ class Flux1Pipeline(Pipeline):
                 return FluxText(FluxTextEncoders(
                     CLIPTokenizer.from_folder(folder / "tokenizer"), load_clip_text_model(folder / "text_encoder", dtype),
                     T5Tokenizer.from_folder(folder / "tokenizer_2", max_length=defaults.text_length), t5))
-        return cls(name, transformer, vae, text(), defaults, dtype, keep_text_encoders, load_text_encoder=text,
+        pipe = cls(name, transformer, vae, text(), defaults, dtype, keep_text_encoders, load_text_encoder=text,
                    spec=spec)
+        pipe.prompt_tokenizer = T5Tokenizer.from_folder(folder / "tokenizer_2")  # to count what is cut off
+        return pipe
 
     # ---- FLUX's own steps -------------------------------------------------------------------------
 
@@ -162,5 +164,12 @@ class Flux1Pipeline(Pipeline):
         def step(i, x):
             return euler_step(x, velocity(x, schedule[i]), schedule[i], schedule[i + 1])
 
+        self._grid = (h, w)
         x = run(step, x, len(schedule) - 1)
         return unpack_latents(x, h, w)
+
+    def preview_latents(self, x):
+        return unpack_latents(x, *self._grid)
+
+    def tokens_cut(self, prompt):
+        return max(0, len(self.prompt_tokenizer.encode(prompt)) - self.defaults.text_length)
