@@ -347,13 +347,21 @@ def convert(
             for name, spec in specs.items()
             if (source / spec.source_folder).is_dir()
         }
-        pipeline = {"family": family.name}
+        pipeline = {"family": family.name, **_pipeline_options(source)}
         if not models:
             folders = ", ".join(c.source_folder for c in specs.values())
             raise CheckpointError(f"{source}: no component folders ({folders}) and no {MODEL_JSON}: nothing to convert")
     copy = {f: source / f for f in COPIED_FOLDERS if (source / f).is_dir()}
     return save_converted(output, models, copy=copy, source=provenance, bits=bits, group_size=group_size,
                           dtype=dtype, force=force, pipeline=pipeline)
+
+
+def _pipeline_options(source: Path) -> dict:
+    """What model_index.json says about sampling beyond the components (FLUX.2 klein's
+    `is_distilled`: one pass per step, or classifier-free guidance), kept in model.json."""
+    index = source / "model_index.json"
+    config = json.loads(index.read_text()) if index.is_file() else {}
+    return {k: config[k] for k in ("is_distilled",) if k in config}
 
 
 # ---- loading --------------------------------------------------------------------------------------

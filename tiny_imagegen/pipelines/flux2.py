@@ -83,7 +83,7 @@ class Flux2KleinPipeline(Pipeline):
             parts, manifest = load_converted_parts(folder, dtype, quantize, verify, QUANTIZED_ON_LOAD)
             transformer, vae = parts["flux2_transformer"], parts["flux2_vae"]
             recipe = manifest.get("pipeline", {})
-            distilled = recipe.get("distilled", True)
+            distilled = recipe.get("is_distilled", True)
 
             def encoder():  # as loaded first, re-read from the folder after a release
                 if "qwen3" in parts:
