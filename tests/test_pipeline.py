@@ -155,3 +155,14 @@ def test_conditioning_is_reusable_and_repeated_generations_do_not_grow():
     assert pipe.text_encoder is None
     with pytest.raises(ValueError, match="give a prompt"):
         pipe.generate(seed=0)
+
+
+def test_vae_tiling_follows_size_and_device_memory():
+    from tiny_imagegen.memory import auto_tiling, untiled_decode_bytes, wired_weights
+
+    assert untiled_decode_bytes(1024, 1024, 128, mx.float32) == 26 * 2**20 * 128 * 4  # 13 GiB, as measured
+    assert auto_tiling(1024, 1024, 128, mx.float32, memory=2**40)  # above 768x768 pixels: always
+    assert not auto_tiling(768, 768, 128, mx.bfloat16, memory=32 * 2**30)
+    assert auto_tiling(768, 768, 128, mx.bfloat16, memory=6 * 2**30)  # 3.7 GiB untiled > half of 6 GiB
+    with wired_weights(2**40):  # no Metal here: a no-op that must not fail
+        pass

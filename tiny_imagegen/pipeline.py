@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
+from .memory import auto_tiling, wired_weights
 from .registry import FAMILIES, ModelSpec, SamplingDefaults
 from .sampling import sample_noise
 from .text_conditioning import default_dtype
@@ -150,6 +151,11 @@ class Pipeline:
                 raise ValueError(f"{side} {value} is outside {multiple}..{MAX_SIDE} pixels")
 
     @property
+    def weight_bytes(self) -> int:
+        """The denoiser's weights in memory (known from shapes, also before they are read)."""
+        return sum(v.nbytes for _, v in tree_flatten(self.transformer.parameters()))
+
+    @property
     def size_multiple(self) -> int:
         return 2 * self.vae.config.downscale  # VAE downscale x the 2x2 patch
 
@@ -234,7 +240,8 @@ class Pipeline:
         number of images per prompt). `conditioning` (from `condition`) replaces the prompts.
         `guidance`: the family's guidance knob (see its class). `image`/`strength`: image-to-image.
         `latents` replaces the seeded noise. `batch_size`: images per denoising pass (default all).
-        `vae_tiling`: None decodes in tiles above 768x768 pixels, True / False force it.
+        `vae_tiling`: None decodes in tiles above 768x768 pixels or where the untiled decode would
+        not fit the device's memory (memory.py); True / False force it.
         `preview(step, latents)` is called after every step; `self.decode` turns them into images.
         Family options (e.g. FLUX's `true_cfg`) pass through `options`."""
         self.timings, self.peak_memory = {}, {}
@@ -257,6 +264,8 @@ class Pipeline:
             conditioning = conditioning.rows([r for r in range(len(conditioning.prompts)) for _ in range(n_images)])
         B = len(seeds)
         init = self.encode_image(image, width, height) if image is not None else None  # once, not per image
+        if vae_tiling is None:
+            vae_tiling = auto_tiling(width, height, self.vae.config.block_out_channels[0], self.dtype)
 
         out, finals = [], []
         for phase in ("denoise", "decode"):
@@ -267,9 +276,10 @@ class Pipeline:
             noise = (latents[s:rows[-1] + 1] if latents is not None
                      else mx.concatenate([self.noise(seeds[i], width, height) for i in rows]))
             start = self._phase()
-            x = self.sample(noise, conditioning.rows(rows), steps=steps, guidance=guidance, width=width,
-                            height=height, init=init, strength=strength,
-                            run=lambda step, x, n: self.run_steps(step, x, n, progress, preview), **options)
+            with wired_weights(self.weight_bytes):
+                x = self.sample(noise, conditioning.rows(rows), steps=steps, guidance=guidance, width=width,
+                                height=height, init=init, strength=strength,
+                                run=lambda step, x, n: self.run_steps(step, x, n, progress, preview), **options)
             finals.append(x)
             start = self._phase("denoise", start)
             pixels = self.decode(x, tiled=vae_tiling)

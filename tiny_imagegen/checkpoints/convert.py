@@ -93,6 +93,11 @@ COMPONENTS = {
     "clip": Component(
         f"{_M}.clip:CLIPTextModel", f"{_M}.clip:CLIPTextConfig", "text_encoder", f"{_C}.text_encoders:load_clip_text_model"
     ),
+    # Qwen3 (Z-Image, FLUX.2 klein): every Linear of the decoder layers; the token embedding (an
+    # nn.Embedding, 10% of Qwen3-4B) and the RMSNorm scales stay as they are
+    "qwen3": Component(
+        f"{_M}.qwen3:Qwen3Model", f"{_M}.qwen3:Qwen3Config", "text_encoder", f"{_C}.qwen3:load_qwen3"
+    ),
     "vae": Component(f"{_M}.vae:AutoencoderKL", f"{_M}.vae:VAEConfig", "vae", f"{_C}.vae:load_vae", quantize=False),
 }
 
