@@ -157,7 +157,7 @@ MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
         "flux2-klein-9b", "flux2",
         description="FLUX.2 [klein] 9B, step-distilled (4 steps), Qwen3-8B text, 32-channel VAE",
-        licence="FLUX Non-Commercial License: non-commercial use only (gated: accept it on the model page)",
+        licence="FLUX Non-Commercial License, non-commercial use only",
         defaults=SamplingDefaults(steps=4, guidance=1.0, shift=True, text_length=512),
         repo_id="black-forest-labs/FLUX.2-klein-9B", gated=True, aliases=("klein-9b",),
         configs=_flux2_configs("9b"),
