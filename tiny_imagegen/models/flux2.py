@@ -178,8 +178,9 @@ class Flux2Transformer(nn.Module):
         self.double_stream_modulation_txt = Modulation(D, 6)
         self.single_stream_modulation = Modulation(D, 3)
         self.pe_embedder = AxialRoPE(cfg.axes_dim, cfg.theta)
-        self.double_blocks = [DoubleStreamBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.eps) for _ in range(cfg.depth_double)]
-        self.single_blocks = [SingleStreamBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.eps) for _ in range(cfg.depth_single)]
+        block = (D, cfg.num_heads, cfg.mlp_ratio, cfg.eps)
+        self.double_blocks = [DoubleStreamBlock(*block) for _ in range(cfg.depth_double)]
+        self.single_blocks = [SingleStreamBlock(*block) for _ in range(cfg.depth_single)]
         self.final_layer = LastLayer(D, cfg.out_channels or cfg.in_channels)
         without_biases(self)  # every Linear of FLUX.2 is bias-free
 

@@ -130,6 +130,8 @@ class Flux2KleinPipeline(Pipeline):
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
                batch_cfg: bool | None = None):
+        if init is not None:
+            raise NotImplementedError("FLUX.2 klein: image-to-image is not implemented")
         B, h, w, C = noise.shape
         dtype = self.dtype  # the latents take the text encoder's dtype, FP:796
         x = noise.astype(dtype).reshape(B, h * w, C)  # tokens: the packed grid row-major, FP:388-397
@@ -155,7 +157,5 @@ class Flux2KleinPipeline(Pipeline):
         def step(i, x):
             return euler_step_in_model_dtype(x, velocity(x, schedule[i]), schedule[i], schedule[i + 1])
 
-        if init is not None:
-            raise NotImplementedError("FLUX.2 klein: image-to-image is not implemented")
         x = run(step, x, len(schedule) - 1)
         return x.reshape(B, h, w, C)
