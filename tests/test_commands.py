@@ -157,3 +157,26 @@ def test_every_name_resolves_through_the_registry():
         assert spec.repo_id is None or registry.by_repo(spec.repo_id) is spec
     assert registry.find("flux3-turbo") is None
     assert registry.family_for_pipeline_class("FluxPipeline").name == "flux1"
+
+
+def test_class_conditional_flags(tmp_path):
+    """DiT through the command: --class-label by id or name, --sampler; bad names and options refused."""
+    from conftest import fixture_path
+
+    repo = fixture_path("dit_pipeline", "repo")
+    size = ["--width", 64, "--height", 64, "--steps", 2, "--guidance", 2.0]  # the tiny repo's 8x8 latents
+    r = cli("--model", repo, "--class-label", 207, "--class-label", "goldfish", "--sampler", "euler", *size,
+            "--seed", 0, "--output", tmp_path / "c{i}.png")
+    assert r.returncode == 0, r.stderr
+    assert [Image.open(tmp_path / f"c{i}.png").text["prompt"] for i in (0, 1)] == ["207", "goldfish"]
+    for extra, message in ((["--class-label", "golden retreiver"], "golden retreiver"),
+                           (["--class-label", 1, "--karras"], "--karras is not an option of"),
+                           (["--class-label", 1, "--image", ROOT / "README.md"], "not a readable image"),
+                           (["--class-label", 1, "--prompt", "x"], "not both")):
+        r = cli("--model", repo, *extra, *size, "--output", tmp_path / "bad.png")
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64)).save(init)
+    r = cli("--model", repo, "--class-label", 1, "--image", init, *size, "--output", tmp_path / "bad.png")
+    assert r.returncode == 2 and "no image-to-image" in r.stderr
+    assert not (tmp_path / "bad.png").exists()

@@ -65,6 +65,7 @@ def expand_seeds(n_prompts: int, n_images: int, seed: int | list[int]) -> list[i
 
 class Pipeline:
     family = ""  # the registry's family name, set by each subclass
+    img2img = True  # whether `generate(image=...)` is supported
 
     def __init__(self, name: str, transformer, vae, text_encoder, defaults: SamplingDefaults,
                  dtype: mx.Dtype = mx.float32, keep_text_encoders: bool = False,

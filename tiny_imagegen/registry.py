@@ -88,6 +88,12 @@ FAMILIES = {
             components=("flux2_transformer", "flux2_vae", "qwen3"),
             tokenizers={"tokenizer": ("tokenizer_config.json",)},  # + tokenizer.json or vocab.json/merges.txt
         ),
+        Family(  # class-conditioned: the "prompt" is an ImageNet class id or name (model_index.json id2label)
+            "dit",
+            pipeline="tiny_imagegen.pipelines.dit:DiTPipeline",
+            pipeline_classes=("DiTPipeline",),
+            components=("dit", "vae"),
+        ),
     )
 }
 
@@ -121,6 +127,20 @@ def _flux2_configs(size: str) -> dict:
     return {"flux2_transformer": PRESETS[f"flux2-klein-{size}"], "flux2_vae": Flux2VAEConfig(),
             "qwen3": {"4b": QWEN3_4B, "9b": QWEN3_8B}[size]}
 
+
+def _dit_configs(sample_size: int) -> dict:
+    # facebook/DiT-XL-2-256 / -512 (Peebles & Xie 2023): DiT-XL/2, 28 blocks, hidden 1152 = 16 x 72,
+    # 2x2 patches, learned sigma, 1000 classes, 674.8 M parameters (transformer/config.json); the VAE
+    # is stabilityai/sd-vae-ft-ema (vae/config.json), our SD preset.
+    from .models.dit import preset
+    from .models.vae import VAE_PRESETS
+
+    return {"dit": preset(f"dit-xl-2-{8 * sample_size}"), "vae": VAE_PRESETS["sd"]}
+
+
+# DiTPipeline's defaults: 50 steps (the hub's DDIMScheduler), guidance_scale 4.0 (the paper's
+# sample images; its FID numbers use 1.5)
+_DIT_LICENCE = "CC-BY-NC-4.0 (facebookresearch/DiT weights; non-commercial)"
 
 MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
@@ -161,6 +181,22 @@ MODELS: tuple[ModelSpec, ...] = (
         defaults=SamplingDefaults(steps=4, guidance=1.0, shift=True, text_length=512),
         repo_id="black-forest-labs/FLUX.2-klein-9B", gated=True, aliases=("klein-9b",),
         configs=_flux2_configs("9b"),
+    ),
+    ModelSpec(
+        "dit-xl-2-256", "dit",
+        description="DiT-XL/2, 675 M, class-conditional ImageNet 256x256 (prompt: a class id or name)",
+        licence=_DIT_LICENCE,
+        defaults=SamplingDefaults(steps=50, guidance=4.0, text_length=0, width=256, height=256),
+        repo_id="facebook/DiT-XL-2-256", aliases=("dit-256",),
+        configs=_dit_configs(32),
+    ),
+    ModelSpec(
+        "dit-xl-2-512", "dit",
+        description="DiT-XL/2, 675 M, class-conditional ImageNet 512x512 (prompt: a class id or name)",
+        licence=_DIT_LICENCE,
+        defaults=SamplingDefaults(steps=50, guidance=4.0, text_length=0, width=512, height=512),
+        repo_id="facebook/DiT-XL-2-512", aliases=("dit-512",),
+        configs=_dit_configs(64),
     ),
 )
 

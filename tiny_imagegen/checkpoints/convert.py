@@ -4,7 +4,7 @@
       model.json               configs, quantization, provenance, size + sha256 of every file
       transformer.safetensors  one file per component, in our parameter names
       t5.safetensors  clip.safetensors  vae.safetensors
-      tokenizer/  tokenizer_2/  scheduler/     copied from the source as they are
+      tokenizer/  tokenizer_2/  scheduler/     copied from the source as they are (and model_index.json)
 
 A component is built from its config alone (MLX initialises lazily, so that costs nothing),
 quantized with the recorded layer list when the folder is quantized, then filled with
@@ -53,6 +53,7 @@ FORMAT, FORMAT_VERSION, MODEL_JSON = "tiny_imagegen", 1, "model.json"
 BITS, GROUP_SIZES = (4, 8), (32, 64, 128)
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 COPIED_FOLDERS = ("tokenizer", "tokenizer_2", "scheduler")
+COPIED_FILES = ("model_index.json",)  # the pipeline's own config (DiT: the class names, id2label)
 
 
 class ConvertedModelError(CheckpointError):
@@ -99,6 +100,12 @@ COMPONENTS = {
         f"{_M}.qwen3:Qwen3Model", f"{_M}.qwen3:Qwen3Config", "text_encoder", f"{_C}.qwen3:load_qwen3"
     ),
     "vae": Component(f"{_M}.vae:AutoencoderKL", f"{_M}.vae:VAEConfig", "vae", f"{_C}.vae:load_vae", quantize=False),
+    # DiT (facebook/DiT-XL-2-*): the patch embedding, the timestep/class embedders and the final
+    # layer stay in full precision, as the MM-DiT's boundary layers do (0.9% of DiT-XL/2, biases included)
+    "dit": Component(
+        f"{_M}.dit:DiT", f"{_M}.dit:DiTConfig", "transformer", f"{_C}.dit:load_dit",
+        keep=("x_embedder", "t_embedder.*", "y_embedder", "y_embedder.*", "txt_in", "final_layer.*"),
+    ),
 }
 
 
@@ -158,7 +165,7 @@ def save_converted(
     """Write `components` (name -> model, or a function returning one: called one at a time, so a
     full-size model is released before the next is read) into the folder `output`.
 
-    copy: folder name -> source folder copied in as it is (tokenizers, scheduler).
+    copy: folder (or file) name -> source folder (or file) copied in as it is (tokenizers, scheduler).
     source: provenance written to model.json. bits/group_size: quantize by the rule, or None.
     dtype: cast floating-point weights before quantizing (None keeps them). The models passed in
     are not modified. Refuses an existing `output` unless `force`. pipeline: how the model is
@@ -196,8 +203,9 @@ def save_converted(
             manifest["components"][name] = entry
             manifest["files"].update(files)
         for folder, src in (copy or {}).items():
-            for f in sorted(p for p in Path(src).rglob("*") if p.is_file()):
-                rel = Path(folder) / f.relative_to(src)
+            src = Path(src)
+            for f in [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file()):
+                rel = Path(folder) / f.relative_to(src) if f != src else Path(folder)
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(f, tmp / rel)
                 manifest["files"][rel.as_posix()] = _file_record(tmp / rel)
@@ -357,6 +365,7 @@ def convert(
             folders = ", ".join(c.source_folder for c in specs.values())
             raise CheckpointError(f"{source}: no component folders ({folders}) and no {MODEL_JSON}: nothing to convert")
     copy = {f: source / f for f in COPIED_FOLDERS if (source / f).is_dir()}
+    copy.update({f: source / f for f in COPIED_FILES if (source / f).is_file()})
     return save_converted(output, models, copy=copy, source=provenance, bits=bits, group_size=group_size,
                           dtype=dtype, force=force, pipeline=pipeline)
 

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one prompt per line, or JSON lines {\"prompt\": ..., \"seed\": ..., \"width\": ..., "
                         "\"height\": ..., \"negative_prompt\": ..., \"steps\": ..., \"guidance\": ...}; "
                         "the model is loaded once for all")
+    p.add_argument("--class-label", action="append", metavar="ID|NAME",
+                   help="class-conditional models (DiT-XL/2): an ImageNet class id or name, in place of --prompt; "
+                        "repeat for several")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (classifier-free guidance)")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="a registered model (`--model list` shows them), a hub repo id, a local folder laid out "
@@ -46,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "classifier-free guidance scale, > 1 runs a second pass with --negative-prompt")
     p.add_argument("--true-cfg", type=float, default=1.0,
                    help="guidance-distilled models: real classifier-free guidance on top (default off)")
+    p.add_argument("--sampler", choices=("ddim", "euler"),
+                   help="noise-prediction models (SD 1.5, DiT): DDIM (default) or Euler")
+    p.add_argument("--karras", action="store_true", help="Euler sampler: Karras-spaced sigmas (SD 1.5)")
+    p.add_argument("--cfg-channels", type=int,
+                   help="DiT: guide only the first N latent channels (3: the original DiT sample.py; default all, as diffusers)")
     p.add_argument("--width", type=int, help="pixels, a multiple of 16 (default per model)")
     p.add_argument("--height", type=int, help="pixels, a multiple of 16 (default per model)")
     p.add_argument("--seed", type=int, action="append",
@@ -122,6 +130,10 @@ def read_jobs(args) -> list[Job]:
     seeds = list(args.seed) if args.seed and len(args.seed) > 1 else [first + i for i in range(args.n_images)]
     base = dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, steps=args.steps,
                 guidance=args.guidance)
+    if args.class_label:
+        if args.prompt is not None or args.prompt_file is not None:
+            raise UsageError("give --class-label or --prompt / --prompt-file, not both")
+        return [Job(str(label), seeds, **base) for label in args.class_label]
     if args.prompt_file is None:
         prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPTS.get(args.model)
         if prompt is None or not prompt.strip():
@@ -294,7 +306,10 @@ def run(args: argparse.Namespace) -> list[Path]:
         print(f"model {pipe.name}: device {mx.default_device()}, dtype {pipe.dtype}, "
               f"loaded in {load_time:.1f} s", file=sys.stderr)
 
-    options = family_options(pipe, {"true_cfg": (args.true_cfg, 1.0)})
+    options = family_options(pipe, {"true_cfg": (args.true_cfg, 1.0), "sampler": (args.sampler, None),
+                                    "karras": (args.karras, False), "cfg_channels": (args.cfg_channels, None)})
+    if init_image is not None and not pipe.img2img:
+        raise UsageError(f"--image: {pipe.name} ({pipe.family} models) has no image-to-image here")
     written = []
     for n, job in enumerate(jobs):
         width, height = job.width or pipe.defaults.width, job.height or pipe.defaults.height
@@ -314,11 +329,14 @@ def run(args: argparse.Namespace) -> list[Path]:
                  f"({pipe.defaults.text_length}): they are cut off")
         first = len(written)
         preview = stepwise_writer(pipe, args.stepwise_output, first) if args.stepwise_output else None
-        images = pipe.generate(job.prompt, width=width, height=height, steps=steps, guidance=guidance,
-                               seed=job.seeds, negative_prompt=job.negative_prompt, image=init_image,
-                               strength=args.strength, progress=ProgressBar(), batch_size=args.batch_size,
-                               vae_tiling={"auto": None, "on": True, "off": False}[args.vae_tiling],
-                               preview=preview, **options)
+        try:  # what only the family can check (e.g. a class name DiT does not know)
+            images = pipe.generate(job.prompt, width=width, height=height, steps=steps, guidance=guidance,
+                                   seed=job.seeds, negative_prompt=job.negative_prompt, image=init_image,
+                                   strength=args.strength, progress=ProgressBar(), batch_size=args.batch_size,
+                                   vae_tiling={"auto": None, "on": True, "off": False}[args.vae_tiling],
+                                   preview=preview, **options)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         metadata = {
             "prompt": job.prompt, "negative_prompt": job.negative_prompt, "steps": steps, "guidance": guidance,
             "width": width, "height": height, "model": pipe.name,
