@@ -91,6 +91,7 @@ def test_quantize_on_load_runs(io):
 
 def test_image_to_image_is_refused_clearly(io):
     pipe = Pipeline.from_pretrained(str(fixture_path("flux2_pipeline", "repo")), dtype=mx.float32)
+    assert not pipe.img2img  # the command refuses --image before any work
     with pytest.raises(NotImplementedError, match="reference images"):
         pipe.generate(PROMPTS[:1], width=48, height=32, image=object())
 

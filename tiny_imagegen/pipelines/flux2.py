@@ -67,6 +67,7 @@ def is_distilled(folder: Path) -> bool:
 class Flux2KleinPipeline(Pipeline):
     family = "flux2"
     batch_cfg = True  # positive and negative in one forward
+    img2img = False  # klein takes reference images for editing instead (not implemented)
 
     def __init__(self, *args, distilled: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
