@@ -167,8 +167,10 @@ def _download(name, repo_id, patterns, revision, cache_dir, token, local_files_o
             ignore_patterns=VARIANT_PATTERNS,
         )
     except GatedRepoError:  # a subclass of RepositoryNotFoundError: first
+        spec = registry.find(name) or registry.by_repo(repo_id)
+        terms = f" ({spec.licence})" if spec else ""
         raise ModelNotAvailable(
-            f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} while logged in, "
+            f"{repo_id} is gated{terms}: accept its licence at https://huggingface.co/{repo_id} while logged in, "
             "then log in here with `hf auth login` (or set HF_TOKEN to a read token) and run again"
         ) from None
     except RepositoryNotFoundError:
