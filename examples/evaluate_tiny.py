@@ -39,9 +39,17 @@ def main(argv=None):
     p.add_argument("--prompt", default=None, help="score this one prompt over --n seeds instead of the split")
     p.add_argument("--reconstruct", action="store_true",
                    help="score the VAE's reconstructions of the dataset's own images instead (the ceiling)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="apply a LoRA file (repeatable), e.g. one written by examples/train_lora.py")
     args = p.parse_args(argv)
 
     pipe = load_pipeline(args.weights)
+    if args.lora:
+        from tiny_imagegen.checkpoints.lora import apply_loras, parse_lora_spec
+
+        for record in apply_loras(pipe.transformer, [parse_lora_spec(s) for s in args.lora]):
+            print(f"LoRA {record['name']} x {record['weight']} ({record['format']}, {record['layers']} layers, "
+                  f"{record['applied']}, sha256 {record['sha256'][:12]})")
     if args.reconstruct:
         captions, images = reconstructions(pipe.vae, args)
     else:
