@@ -135,3 +135,68 @@ def test_branch_equals_merge_in_fp32():
     apply_loras(merged, files("two"), skip_clip=True)
     apply_loras(branched, files("two"), merge=False, skip_clip=True)
     assert_close("lora: branch vs merged (fp32)", run(branched, io), run(merged, io), atol=2e-6)
+
+
+# ---- names diffusers cannot check, dtypes, hub files -------------------------------------------
+
+
+def test_kohya_top_level_names_equal_the_bfl_names(tmp_path):
+    """diffusers drops kohya's img_in/txt_in/time_in/vector_in/guidance_in/final_layer LoRAs (see
+    the fixture maker), so these kohya names are checked against the BFL file's, which diffusers reads."""
+    io = load_fixture("flux_lora", "io.safetensors")
+    bfl = mx.load(str(fixture_path("flux_lora", "bfl.safetensors")))
+    top = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer")
+    bfl_top = {k: v for k, v in bfl.items() if k.startswith(top)}
+    kohya_top = {"lora_unet_" + k.split(".lora_")[0].replace(".", "_") + (".lora_down.weight" if ".lora_A." in k
+                 else ".lora_up.weight"): v for k, v in bfl_top.items()}
+    assert len(kohya_top) == 20
+    outs = []
+    for name, tensors in (("bfl", bfl_top), ("kohya", kohya_top)):
+        path = tmp_path / f"{name}.safetensors"
+        mx.save_safetensors(str(path), tensors)
+        model = transformer()
+        apply_loras(model, [(path, 1.0)])
+        outs.append(run(model, io))
+    assert float(mx.max(mx.abs(outs[0] - io["base.out"]))) > 1e-2
+    assert_close("lora: kohya top-level names vs BFL names", outs[1], outs[0], atol=0)
+
+
+@pytest.mark.parametrize("merge", [None, False])
+def test_bf16_model_stays_bf16(merge):
+    io = load_fixture("flux_lora", "io.safetensors")
+    model = load_flux_transformer(fixture_path("flux_pipeline", "dev_like", "transformer"), dtype=mx.bfloat16)
+    apply_loras(model, files("two"), merge=merge, skip_clip=True)
+    assert all(v.dtype == mx.bfloat16 for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
+    inputs = {k: (v if k.endswith("ids") else v.astype(mx.bfloat16)) for k, v in io.items()}
+    out = run(model, inputs)
+    base = load_flux_transformer(fixture_path("flux_pipeline", "dev_like", "transformer"), dtype=mx.bfloat16)
+    assert out.dtype == run(base, inputs).dtype  # the adapter changes no dtype (the base's own is not ours to test)
+    branch = next((m for _, m in model.named_modules() if isinstance(m, LoRALinear)), None)
+    if branch is not None:
+        assert branch(mx.zeros((1, 3, branch.lora_a.shape[1]), mx.bfloat16)).dtype == mx.bfloat16
+    err = float(mx.max(mx.abs(out.astype(mx.float32) - io["two.out"])))
+    assert err < 0.05 * float(mx.max(mx.abs(io["two.out"])))  # bf16's few significant bits, not a wrong adapter
+
+
+def test_hub_file_from_the_cache_offline(tmp_path):
+    """`org/name/file.safetensors` through hf_hub_download with HF_HUB_OFFLINE=1 and a pre-populated cache."""
+    import os
+    import subprocess
+    import sys
+
+    from test_hub import cache_snapshot
+
+    cache = tmp_path / "cache"
+    cache_snapshot(cache, "someone/tiny-lora", {"style.safetensors": fixture_path("flux_lora", "xlabs.safetensors").read_bytes()})
+    root = str(fixture_path("flux_lora").parents[2])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf_home"),
+           "PYTHONPATH": root}
+    code = ("from tiny_imagegen.checkpoints.flux import load_flux_transformer\n"
+            "from tiny_imagegen.checkpoints.lora import apply_loras\n"
+            f"m = load_flux_transformer({str(fixture_path('flux_pipeline', 'dev_like', 'transformer'))!r})\n"
+            "print(apply_loras(m, [('someone/tiny-lora/style.safetensors', 0.5)])[0])\n"
+            "apply_loras(m, [('someone/tiny-lora/missing.safetensors', 1.0)])\n")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                       cwd=root)
+    assert "'format': 'xlabs'" in r.stdout and "'weight': 0.5" in r.stdout, r.stdout + r.stderr
+    assert "hf download someone/tiny-lora missing.safetensors" in r.stderr
