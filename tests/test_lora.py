@@ -63,6 +63,23 @@ def test_four_steps_match_diffusers(tmp_path, case):
                  atol=LATENTS_ATOL)
 
 
+def test_pipeline_loras_survive_releasing_the_text_encoder(tmp_path):
+    """Pipeline.from_pretrained(loras=...): the CLIP parts come back when the released encoders are re-loaded."""
+    io = load_fixture("flux_lora", "io.safetensors")
+    pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path, "dev_like")), dtype=mx.float32,
+                                    loras=[(str(p), w) for p, w in files("two")])
+    assert [r["weight"] for r in pipe.loras] == [0.8, -0.5] and len(pipe.loras[0]["sha256"]) == 64
+    for attempt in ("first", "after re-loading the text encoders"):
+        pipe.generate(PROMPTS, width=48, height=32, steps=4, latents=io["noise"].transpose(0, 2, 3, 1))
+        assert pipe.text_encoder is None  # released after encoding
+        assert_close(f"lora two via Pipeline, {attempt}", pack_latents(pipe.last_latents), io["two.latents"],
+                     atol=LATENTS_ATOL)
+    from tiny_imagegen.checkpoints.lora import lora_metadata
+
+    meta = lora_metadata(pipe.loras)
+    assert meta["loras"][1].endswith(":-0.5") and len(meta["lora_sha256"][0]) == 12
+
+
 def test_unknown_keys_are_named_in_one_error(tmp_path):
     tensors = dict(mx.load(str(fixture_path("flux_lora", "kohya.safetensors"))))
     tensors["lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight"] = mx.zeros((4, 32))

@@ -313,9 +313,9 @@ def convert(
     force: bool = False,
     provenance: dict | None = None,
 ) -> Path:
-    """Convert a folder laid out like a FLUX hub repo (every known component found in it), or
-    re-save an unquantized converted folder (e.g. to quantize it), into our format at `output`."""
-    from ..hub import hub_source
+    """Convert a folder laid out like a hub repo (the components its family reads, registry.py),
+    or re-save an unquantized converted folder (e.g. to quantize it), into our format at `output`."""
+    from ..hub import family_of_folder, hub_source
 
     source = Path(source)
     provenance = {**hub_source(source), **(provenance or {})}
@@ -325,19 +325,22 @@ def convert(
             raise ValueError(f"{source} is already quantized: convert from the original weights instead")
         models = {name: (lambda n=name: load_component(source, n)) for name in manifest["components"]}
         provenance = {**manifest["source"], "converted_from": str(source.resolve())}
+        pipeline = manifest.get("pipeline")
     else:
+        family = family_of_folder(source)
+        specs = {name: COMPONENTS[name] for name in family.components + family.optional_components}
         models = {
             name: (lambda spec=spec: _import(spec.loader)(source / spec.source_folder))
-            for name, spec in COMPONENTS.items()
+            for name, spec in specs.items()
             if (source / spec.source_folder).is_dir()
         }
-    if not models:
-        folders = ", ".join(c.source_folder for c in COMPONENTS.values())
-        raise CheckpointError(f"{source}: no component folders ({folders}) and no {MODEL_JSON}: nothing to convert")
+        pipeline = {"family": family.name}
+        if not models:
+            folders = ", ".join(c.source_folder for c in specs.values())
+            raise CheckpointError(f"{source}: no component folders ({folders}) and no {MODEL_JSON}: nothing to convert")
     copy = {f: source / f for f in COPIED_FOLDERS if (source / f).is_dir()}
-    return save_converted(
-        output, models, copy=copy, source=provenance, bits=bits, group_size=group_size, dtype=dtype, force=force
-    )
+    return save_converted(output, models, copy=copy, source=provenance, bits=bits, group_size=group_size,
+                          dtype=dtype, force=force, pipeline=pipeline)
 
 
 # ---- loading --------------------------------------------------------------------------------------

@@ -365,12 +365,13 @@ def sha256_file(path: Path) -> str:
 
 
 def apply_loras(components: dict[str, nn.Module] | nn.Module, loras, merge: bool | None = None,
-                skip_clip: bool = False) -> list[dict]:
+                skip_clip: bool = False, only: tuple[str, ...] | None = None) -> list[dict]:
     """Apply LoRA files to a transformer (or {"transformer": ..., "clip": ...}) in place.
 
     loras: [(path, weight), ...]; a path may be a local file or a hub file `org/name/file.safetensors`
     (hub.resolve_file). All files are read and checked before any layer changes. Returns one record
-    per file (name, weight, format, sha256, how many layers merged / branched) for the metadata."""
+    per file (name, weight, format, sha256, how many layers merged / branched) for the metadata.
+    `only`: change these components alone (e.g. ("clip",) for a re-loaded text encoder)."""
     from ..hub import resolve_file
 
     if isinstance(components, nn.Module):
@@ -386,6 +387,9 @@ def apply_loras(components: dict[str, nn.Module] | nn.Module, loras, merge: bool
         all_replaced.update(replaced)
         records.append({"name": str(source), "weight": weight, "format": fmt, "sha256": sha256_file(path),
                         "layers": len(updates)})
+    if only is not None:
+        all_updates = {k: v for k, v in all_updates.items() if k[0] in only}
+        all_replaced = all_replaced if "transformer" in only else {}
     counts = apply_updates(components, dict(all_updates), merge)
     if all_replaced:
         dtype = {k: v.dtype for k, v in tree_flatten(components["transformer"].parameters())}
@@ -393,3 +397,10 @@ def apply_loras(components: dict[str, nn.Module] | nn.Module, loras, merge: bool
     for record in records:
         record["applied"] = "merged" if not counts["branch"] else ("branch" if not counts["merged"] else "mixed")
     return records
+
+
+def lora_metadata(records: list[dict]) -> dict[str, list[str]]:
+    """PNG text for the LoRAs an image was made with: `loras` as the --lora values that remake it,
+    `lora_sha256` the first 12 hex digits of each file."""
+    return {"loras": [f"{r['name']}:{r['weight']:g}" for r in records],
+            "lora_sha256": [r["sha256"][:12] for r in records]}
