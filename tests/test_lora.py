@@ -3,7 +3,6 @@ and a LoRA beside a quantized model against the merged fp32 one."""
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 import pytest
 
 from conftest import assert_close, fixture_path, load_fixture

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-import pytest
 
-from conftest import assert_close, fixture_path, load_fixture, require_reference_stack
+from conftest import assert_close, fixture_path, load_fixture, require_modules, require_reference_stack
 from tiny_imagegen.checkpoints.flux import load_flux_transformer
 from tiny_imagegen.checkpoints.lora import apply_loras
 from tiny_imagegen.train.flow_matching import flow_matching_loss, interpolate
@@ -68,12 +67,7 @@ def test_saved_adapter_reloads_into_our_loader(tmp_path):
 
 def test_saved_adapter_loads_into_diffusers(tmp_path):
     require_reference_stack()
-    try:
-        import peft  # noqa: F401
-    except ImportError as e:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but peft is missing: {e}")
-        pytest.skip(f"peft not installed: {e}")
+    require_modules("peft")
     import torch
     from diffusers import FluxTransformer2DModel
 

@@ -33,6 +33,7 @@ from ._common import save, seeded
 from .flux_pipeline import HEIGHT, PROMPTS, TEXT, VARIANTS, WIDTH
 from .sampling import SCHEDULERS
 
+REQUIRES = ("peft",)  # diffusers' load_lora_weights runs on PEFT
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 RANK, D, MLP = 4, 32, 128  # adapter rank; the tiny model's width and single-block MLP width
 DOUBLE = ["img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2", "img_mod.lin",
