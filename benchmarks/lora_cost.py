@@ -14,7 +14,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from tiny_imagegen.checkpoints.convert import quantize_component
-from tiny_imagegen.checkpoints.lora import Update, apply_updates, _linears
+from tiny_imagegen.checkpoints.lora import _linears
+from tiny_imagegen.layers.lora import Update, apply_updates
 from tiny_imagegen.layers.positions import flux_image_ids, flux_text_ids
 from tiny_imagegen.models.mmdit import MMDiT, MMDiTConfig
 

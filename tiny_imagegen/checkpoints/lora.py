@@ -32,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..layers.lora import LoRALinear, _linear_shape
+from ..layers.lora import LoRALinear, Update, apply_updates, get_layer, linear_shape
 from .flux import BFL, DIFFUSERS
 from .mapping import CheckpointError, source_keys, swap_halves
 from .text_encoders import CLIP_HUB, CLIP_TRANSFORMERS5
@@ -67,16 +67,6 @@ class Target:
     start: int
     stop: int
     swap: bool = False  # B's row halves swapped (diffusers' norm_out: (scale, shift))
-
-
-@dataclass(frozen=True)
-class Update:
-    """s · B A on rows [start, start + B.shape[0]) of one layer."""
-
-    a: mx.array  # (r, in)
-    b: mx.array  # (rows, r)
-    start: int
-    scale: float
 
 
 # ---- reading a file ------------------------------------------------------------------------------
@@ -148,7 +138,7 @@ def layer_names(fmt: str, components: dict[str, nn.Module]) -> dict[str, Target]
     names = {}
     transformer, clip = components.get("transformer"), components.get("clip")
     for path, layer in _linears(transformer) if transformer is not None else ():
-        out_features, in_features = _linear_shape(layer)
+        out_features, in_features = linear_shape(layer)
         if fmt == "xlabs":
             continue
         keys, transform = source_keys(DIFFUSERS if fmt == "diffusers" else BFL, path + ".weight")
@@ -164,11 +154,11 @@ def layer_names(fmt: str, components: dict[str, nn.Module]) -> dict[str, Target]
                 for their, ours in XLABS.items():
                     if their.startswith(n):
                         module = ours.format(i=i)
-                        out_features = _linear_shape(_layer(transformer, module))[0]
+                        out_features = linear_shape(get_layer(transformer, module))[0]
                         stop = 3 * D if module.endswith("linear1") else out_features
                         names[their.format(i=i)] = Target("transformer", module, 0, stop)
     for path, layer in _linears(clip) if clip is not None and fmt in ("diffusers", "kohya") else ():
-        out_features, _ = _linear_shape(layer)
+        out_features, _ = linear_shape(layer)
         for table in (CLIP_HUB, CLIP_TRANSFORMERS5):  # with or without transformers' text_model. level
             (key,), _ = source_keys(table, path + ".weight")
             their = key.removesuffix(".weight")
@@ -225,8 +215,8 @@ def lora_updates(tensors: dict[str, mx.array], metadata: dict[str, str], compone
             problems.append(f"{module}: needs both {a_suffix} and {b_suffix}, has {sorted(parts)}")
             continue
         a, b = parts[a_suffix], parts[b_suffix]
-        layer = _layer(components[target.component], target.module)
-        in_features = _linear_shape(layer)[1]
+        layer = get_layer(components[target.component], target.module)
+        in_features = linear_shape(layer)[1]
         rank = a.shape[0]
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_features or b.shape != (target.stop - target.start, rank):
             problems.append(f"{module}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit rows {target.start}:"
@@ -279,65 +269,6 @@ def _pattern(patterns: dict, module: str, default):
         if re.fullmatch(rf"(.*\.)?({key})", module):
             return value
     return default
-
-
-# ---- applying: merge, or a branch beside a quantized layer ------------------------------------------
-
-
-def _layer(model: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        model = model[int(part)] if part.isdigit() else getattr(model, part)
-    return model
-
-
-def _set_layer(model: nn.Module, path: str, layer: nn.Module) -> None:
-    parent, last = path.rsplit(".", 1) if "." in path else ("", path)
-    parent = _layer(model, parent) if parent else model
-    if last.isdigit():
-        parent[int(last)] = layer
-    else:
-        setattr(parent, last, layer)
-
-
-def _full_b(update: Update, out_features: int) -> mx.array:
-    """B placed at its rows of the whole layer, zeros elsewhere: (out, r)."""
-    rows, r = update.b.shape
-    if rows == out_features:
-        return update.b
-    return mx.concatenate([mx.zeros((update.start, r), update.b.dtype), update.b,
-                           mx.zeros((out_features - update.start - rows, r), update.b.dtype)])
-
-
-def apply_updates(components: dict[str, nn.Module], updates: dict[tuple[str, str], list[Update]],
-                  merge: bool | None = None) -> dict[str, int]:
-    """Apply updates in place. merge None: merged into nn.Linear weights, a branch (LoRALinear)
-    beside nn.QuantizedLinear; True / False force one (merging into a quantized layer is refused).
-    Returns how many layers took each path."""
-    from ..layers.lora import merge_lora
-
-    counts = {"merged": 0, "branch": 0}
-    for (component, path), ups in updates.items():
-        model = components[component]
-        layer = _layer(model, path)
-        base = layer.base if isinstance(layer, LoRALinear) else layer
-        out_features = _linear_shape(base)[0]
-        quantized = isinstance(base, nn.QuantizedLinear)
-        if merge and quantized:
-            raise ValueError(f"{component}.{path} is quantized: a LoRA cannot be merged into it (use merge=None)")
-        if (merge is None and not quantized and not isinstance(layer, LoRALinear)) or merge:
-            for u in ups:
-                merge_lora(base, u.a, _full_b(u, out_features), u.scale)
-            counts["merged"] += 1
-            continue
-        a = mx.concatenate([u.a for u in ups])  # (Σr, in): the adapters side by side along the rank
-        b = mx.concatenate([u.scale * _full_b(u, out_features) for u in ups], axis=1)  # (out, Σr)
-        if isinstance(layer, LoRALinear):  # adapters already there: one branch for all
-            a = mx.concatenate([layer.lora_a, a])
-            b = mx.concatenate([layer.scale * layer.lora_b, b], axis=1)
-        dtype = base.scales.dtype if quantized else base.weight.dtype
-        _set_layer(model, path, LoRALinear(base, a.astype(dtype), b.astype(dtype), 1.0))
-        counts["branch"] += 1
-    return counts
 
 
 # ---- the entry point ---------------------------------------------------------------------------------

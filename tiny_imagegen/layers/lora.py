@@ -13,6 +13,7 @@ the rank, B's side by side with each adapter's scale folded in, so the branch is
 """
 
 import math
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,7 +38,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Module, lora_a: mx.array, lora_b: mx.array, scale: float = 1.0):
         super().__init__()
-        out_features, in_features = _linear_shape(base)
+        out_features, in_features = linear_shape(base)
         if lora_a.shape[1] != in_features or lora_b.shape[0] != out_features or lora_b.shape[1] != lora_a.shape[0]:
             raise ValueError(f"LoRA shapes A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} do not fit a "
                              f"linear layer {in_features} -> {out_features}")
@@ -47,7 +48,7 @@ class LoRALinear(nn.Module):
     def for_training(cls, base: nn.Module, rank: int, alpha: float | None = None) -> "LoRALinear":
         """A fresh adapter as PEFT initialises one: A Kaiming-uniform (bound 1/sqrt(in)), B = 0,
         so training starts from the base model exactly; scale = alpha / rank (alpha defaults to rank)."""
-        out_features, in_features = _linear_shape(base)
+        out_features, in_features = linear_shape(base)
         bound = 1.0 / math.sqrt(in_features)
         a = mx.random.uniform(-bound, bound, (rank, in_features))
         return cls(base, a, mx.zeros((out_features, rank)), (alpha or rank) / rank)
@@ -61,10 +62,77 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.scale * ((x @ a.T) @ b.T)
 
 
-def _linear_shape(layer: nn.Module) -> tuple[int, int]:
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
     """(out, in) of an nn.Linear or nn.QuantizedLinear (whose packed weight hides `in`)."""
     if isinstance(layer, nn.QuantizedLinear):
         return layer.weight.shape[0], layer.weight.shape[1] * 32 // layer.bits
     if isinstance(layer, nn.Linear):
         return tuple(layer.weight.shape)
     raise TypeError(f"LoRA needs an nn.Linear or nn.QuantizedLinear, got {type(layer).__name__}")
+
+
+@dataclass(frozen=True)
+class Update:
+    """s · B A on rows [start, start + B.shape[0]) of one layer."""
+
+    a: mx.array  # (r, in)
+    b: mx.array  # (rows, r)
+    start: int
+    scale: float
+
+
+# ---- a model's layers by path: merge, or a branch beside a quantized layer ---------------------------
+
+
+def get_layer(model: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)
+    return model
+
+
+def set_layer(model: nn.Module, path: str, layer: nn.Module) -> None:
+    parent, last = path.rsplit(".", 1) if "." in path else ("", path)
+    parent = get_layer(model, parent) if parent else model
+    if last.isdigit():
+        parent[int(last)] = layer
+    else:
+        setattr(parent, last, layer)
+
+
+def full_b(update: Update, out_features: int) -> mx.array:
+    """B placed at its rows of the whole layer, zeros elsewhere: (out, r)."""
+    rows, r = update.b.shape
+    if rows == out_features:
+        return update.b
+    return mx.concatenate([mx.zeros((update.start, r), update.b.dtype), update.b,
+                           mx.zeros((out_features - update.start - rows, r), update.b.dtype)])
+
+
+def apply_updates(components: dict[str, nn.Module], updates: dict[tuple[str, str], list[Update]],
+                  merge: bool | None = None) -> dict[str, int]:
+    """Apply updates in place. merge None: merged into nn.Linear weights, a branch (LoRALinear)
+    beside nn.QuantizedLinear; True / False force one (merging into a quantized layer is refused).
+    Returns how many layers took each path."""
+    counts = {"merged": 0, "branch": 0}
+    for (component, path), ups in updates.items():
+        model = components[component]
+        layer = get_layer(model, path)
+        base = layer.base if isinstance(layer, LoRALinear) else layer
+        out_features = linear_shape(base)[0]
+        quantized = isinstance(base, nn.QuantizedLinear)
+        if merge and quantized:
+            raise ValueError(f"{component}.{path} is quantized: a LoRA cannot be merged into it (use merge=None)")
+        if (merge is None and not quantized and not isinstance(layer, LoRALinear)) or merge:
+            for u in ups:
+                merge_lora(base, u.a, full_b(u, out_features), u.scale)
+            counts["merged"] += 1
+            continue
+        a = mx.concatenate([u.a for u in ups])  # (Σr, in): the adapters side by side along the rank
+        b = mx.concatenate([u.scale * full_b(u, out_features) for u in ups], axis=1)  # (out, Σr)
+        if isinstance(layer, LoRALinear):  # adapters already there: one branch for all
+            a = mx.concatenate([layer.lora_a, a])
+            b = mx.concatenate([layer.scale * layer.lora_b, b], axis=1)
+        dtype = base.scales.dtype if quantized else base.weight.dtype
+        set_layer(model, path, LoRALinear(base, a.astype(dtype), b.astype(dtype), 1.0))
+        counts["branch"] += 1
+    return counts

@@ -24,7 +24,8 @@ import mlx.nn as nn
 import numpy as np
 
 from ..checkpoints.flux import DIFFUSERS
-from ..checkpoints.lora import _layer, _set_layer, _slot_rows
+from ..checkpoints.lora import _slot_rows
+from ..layers.lora import get_layer, set_layer
 from ..checkpoints.mapping import source_keys, swap_halves
 from ..layers.lora import LoRALinear
 from .shapes_dataset import is_held_out, sample_scene
@@ -43,7 +44,7 @@ def add_lora(model: nn.Module, rank: int, targets=DEFAULT_TARGETS, alpha: float 
     if not paths:
         raise ValueError(f"no linear layer matches the LoRA targets {targets}")
     for path in paths:
-        _set_layer(model, path, LoRALinear.for_training(_layer(model, path), rank, alpha))
+        set_layer(model, path, LoRALinear.for_training(get_layer(model, path), rank, alpha))
     return paths
 
 
