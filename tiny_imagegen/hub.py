@@ -239,3 +239,25 @@ def hub_source(path: str | Path) -> dict:
     if m:
         return {"repo_id": f"{m[1]}/{m[2]}", "revision": m[3]}
     return {"path": str(path)}
+
+
+def resolve_file(spec: str) -> Path:
+    """A local file, or one file of a hub repo named `org/name/path/in/repo` (hf_hub_download:
+    the cache, HF_HUB_OFFLINE=1, login). Used for LoRA files (--lora)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    parts = spec.split("/")
+    if len(parts) < 3 or path.exists() or spec.startswith(("/", ".", "~")):
+        raise ModelNotAvailable(f"no such file {spec!r} (a local file, or a hub file org/name/file.safetensors)")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except LocalEntryNotFoundError:
+        raise ModelNotAvailable(f"{filename} of {repo_id} is not in the Hugging Face cache and the hub cannot be "
+                                f"reached: on a machine with network run `hf download {repo_id} {filename}`") from None
+    except HfHubHTTPError as e:
+        raise ModelNotAvailable(f"cannot download {filename} from {repo_id}: {e}") from None
