@@ -30,6 +30,9 @@ DEFAULT_FAMILY = FAMILIES["flux1"]  # a diffusers folder without model_index.jso
 ALL_FOLDERS = DEFAULT_FAMILY.hub_folders()
 
 CONVERTED_MARKER = "model.json"  # written by checkpoints/convert.py
+# diffusers' weight variants beside the weights (SD 1.5: unet/*.fp16.safetensors, *.non_ema.*):
+# never read (checkpoints/safetensors_io.py skips them), so never downloaded
+VARIANT_PATTERNS = ["*.fp16.*", "*.bf16.*", "*.non_ema.*", "*.ema.*"]
 
 
 class ModelNotAvailable(RuntimeError):
@@ -52,7 +55,8 @@ def allow_patterns(folders=ALL_FOLDERS, family: Family = DEFAULT_FAMILY) -> list
 def download_command(repo_id: str, folders=None, revision: str | None = None, family: Family | None = None) -> str:
     """The `hf` command that fetches exactly what `resolve_model` would, into ./<repo name>."""
     family = family or _family_of_repo(repo_id)
-    words = ["hf", "download", repo_id, "--include", *allow_patterns(folders or family.hub_folders(), family)]
+    words = ["hf", "download", repo_id, "--include", *allow_patterns(folders or family.hub_folders(), family),
+             "--exclude", *VARIANT_PATTERNS]
     if revision:
         words += ["--revision", revision]
     words += ["--local-dir", repo_id.split("/")[-1]]
@@ -160,6 +164,7 @@ def _download(name, repo_id, patterns, revision, cache_dir, token, local_files_o
             token=token,
             local_files_only=local_files_only,
             allow_patterns=patterns,
+            ignore_patterns=VARIANT_PATTERNS,
         )
     except GatedRepoError:  # a subclass of RepositoryNotFoundError: first
         raise ModelNotAvailable(

@@ -182,15 +182,19 @@ class Pipeline:
             gc.collect()
             mx.clear_cache()
 
-    def condition(self, prompts: str | list[str], negative_prompt: str = "", guidance: float | None = None,
+    def condition(self, prompts: str | list[str], negative_prompt: str | list[str] = "", guidance: float | None = None,
                   **options) -> Conditioning:
-        """Encode once, generate many times: `generate(conditioning=pipe.condition([...]))`."""
+        """Encode once, generate many times: `generate(conditioning=pipe.condition([...]))`.
+        `negative_prompt`: one for every prompt, or a list with one per prompt."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one, or one per prompt")
         guidance = self.defaults.guidance if guidance is None else guidance
         start = self._phase()
         cond = Conditioning(prompts, self.encode(prompts))
         if self.uses_negative(guidance, options):
-            cond.negative = self.encode([negative_prompt] * len(prompts))
+            cond.negative = self.encode(negatives)
         self.release_text_encoder()
         self._phase("text", start)
         return cond
@@ -225,7 +229,7 @@ class Pipeline:
         guidance: float | None = None,
         seed: int | list[int] = 0,
         n_images: int = 1,
-        negative_prompt: str = "",
+        negative_prompt: str | list[str] = "",
         image=None,
         strength: float = 0.75,
         progress: Progress | None = None,

@@ -81,6 +81,13 @@ FAMILIES = {
             components=("transformer", "vae", "clip", "t5"),
             tokenizers={"tokenizer": ("vocab.json", "merges.txt"), "tokenizer_2": ("spiece.model",)},
         ),
+        Family(
+            "sd15",
+            pipeline="tiny_imagegen.pipelines.sd15:SD15Pipeline",
+            pipeline_classes=("StableDiffusionPipeline",),
+            components=("unet", "vae", "clip"),
+            tokenizers={"tokenizer": ("vocab.json", "merges.txt")},
+        ),
         Family(  # class-conditioned: the "prompt" is an ImageNet class id or name (model_index.json id2label)
             "dit",
             pipeline="tiny_imagegen.pipelines.dit:DiTPipeline",
@@ -105,6 +112,17 @@ def _flux1_configs(guidance_embed: bool) -> dict:
 
     return {"transformer": MMDiTConfig(guidance_embed=guidance_embed), "t5": T5_V1_1_XXL,
             "clip": CLIP_VIT_L14_TEXT, "vae": VAE_PRESETS["flux"]}
+
+
+def _sd15_configs() -> dict:
+    # stable-diffusion-v1-5/stable-diffusion-v1-5: unet/config.json (320/640/1280/1280 channels, 2
+    # resnets per level, 8 heads, cross-attention to 768-wide CLIP states; 859.5 M parameters),
+    # vae/config.json (4 latent channels, quant convs, scale 0.18215), text_encoder/ (CLIP ViT-L/14).
+    from .models.clip import CLIP_VIT_L14_TEXT
+    from .models.unet import UNET_PRESETS
+    from .models.vae import VAE_PRESETS
+
+    return {"unet": UNET_PRESETS["sd15"], "vae": VAE_PRESETS["sd"], "clip": CLIP_VIT_L14_TEXT}
 
 
 def _dit_configs(sample_size: int) -> dict:
@@ -144,6 +162,15 @@ MODELS: tuple[ModelSpec, ...] = (
         defaults=SamplingDefaults(steps=28, guidance=3.5, shift=True, text_length=512),
         repo_id="black-forest-labs/FLUX.1-dev", gated=True, aliases=("dev", "flux-dev"),
         configs=_flux1_configs(guidance_embed=True),
+    ),
+    ModelSpec(
+        "sd15", "sd15",
+        description="Stable Diffusion 1.5, 0.86 B U-Net on CLIP ViT-L/14 text, 512x512, DDIM or Euler",
+        licence="CreativeML OpenRAIL-M",
+        # StableDiffusionPipeline's defaults: guidance 7.5, 512x512 (unet sample_size 64 x 8), 50 steps
+        defaults=SamplingDefaults(steps=50, guidance=7.5, text_length=77, width=512, height=512),
+        repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5", aliases=("sd1.5", "stable-diffusion-1.5"),
+        configs=_sd15_configs(),
     ),
     ModelSpec(
         "dit-xl-2-256", "dit",

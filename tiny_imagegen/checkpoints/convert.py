@@ -21,7 +21,9 @@ model dtype, w ~ s * q + b. The rule for which layers (the predicate `quantizabl
   - never the MM-DiT's boundary layers, the patch projections `img_in` and `final_layer` (whose
     errors land directly on the predicted velocity), nor the small conditioning embedders
     `time_in`, `vector_in`, `guidance_in` (their output modulates every block): together
-    0.4% of FLUX's parameters.
+    0.4% of FLUX's parameters;
+  - the SD U-Net's convolutions are no Linears and stay in the model dtype, and so does its
+    timestep MLP `time_embedding` (as FLUX's `time_in`).
 
 Writing streams one tensor at a time into a temporary folder beside the target, then renames it:
 peak memory stays one tensor (mx.save_safetensors would hold the whole component), and no
@@ -82,6 +84,12 @@ COMPONENTS = {
         f"{_M}.clip:CLIPTextModel", f"{_M}.clip:CLIPTextConfig", "text_encoder", f"{_C}.text_encoders:load_clip_text_model"
     ),
     "vae": Component(f"{_M}.vae:AutoencoderKL", f"{_M}.vae:VAEConfig", "vae", f"{_C}.vae:load_vae", quantize=False),
+    # SD 1.5's U-Net: its Linears (attention, GEGLU, projections, per-resnet time projections) are
+    # quantized; its convolutions are no Linears and stay, and so does the timestep MLP.
+    "unet": Component(
+        f"{_M}.unet:UNet2DConditionModel", f"{_M}.unet:UNetConfig", "unet", f"{_C}.unet:load_unet",
+        keep=("time_embedding.*",),
+    ),
     # DiT (facebook/DiT-XL-2-*): the patch embedding, the timestep/class embedders and the final
     # layer stay in full precision, as the MM-DiT's boundary layers do (0.9% of DiT-XL/2, biases included)
     "dit": Component(
