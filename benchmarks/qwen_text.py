@@ -3,14 +3,17 @@
 Tokenizer: a 512-token prompt (varied English prompt text with punctuation, digits and a little
 CJK; template applied, padded to 512) through ours and transformers' Qwen2Tokenizer (Rust
 `tokenizers`), both on the full real vocabulary rebuilt from the quicktok wheel (cached by
-tests/reference/_qwen_vocab.py; built on first use, ~2 min). Cold = the word cache emptied
+tests/reference/_qwen_vocab.py; built on first use, ~10 s). Cold = the word cache emptied
 before each call (every word byte-pair encoded), warm = the same prompt again. Median of N runs.
 
 Memory: Qwen3-4B / Qwen3-8B weights in bf16, 8-bit and 4-bit by the converter's policy, computed
 from shapes only (nothing is allocated), for all layers and for the layers the pipelines run
 (Z-Image: 35, FLUX.2 klein: 27).
 
-    python benchmarks/qwen_text.py [--runs 50]
+Full width (`--full-width 2`): Qwen3-4B's layer shapes with random weights, ours against
+transformers in fp32 on 512 tokens (error and time; set LD_PRELOAD to OpenBLAS on Linux).
+
+    python benchmarks/qwen_text.py [--runs 50] [--full-width LAYERS]
 """
 
 import argparse
@@ -101,12 +104,51 @@ def memory() -> None:
             print(f"{name}, {layers} layers: bf16 {sizes[0]:.2f} GiB, 8-bit {sizes[1]:.2f} GiB, 4-bit {sizes[2]:.2f} GiB")
 
 
+def full_width(layers: int, tokens: int = 512) -> None:
+    """Qwen3-4B's width (2560, 32/8 heads, head_dim 128, MLP 9728) with `layers` layers and a
+    small vocabulary, random weights (transformers' init), fp32: ours against transformers on the
+    same weights and 512 tokens (batch 1), error and time (median of 3, after one warm-up)."""
+    import dataclasses
+    import tempfile
+
+    import torch
+    from transformers import Qwen3Config as HFConfig
+    from transformers import Qwen3Model as HFModel
+
+    from tiny_imagegen.checkpoints.qwen3 import load_qwen3
+
+    config = dataclasses.replace(QWEN3_4B, num_hidden_layers=layers, vocab_size=1024)
+    torch.manual_seed(0)
+    theirs = HFModel(HFConfig(**{k: v for k, v in dataclasses.asdict(config).items() if k != "rope_theta"},
+                              rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta})).eval()
+    ids = torch.randint(0, config.vocab_size, (1, tokens))
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs.save_pretrained(tmp)
+        ours = load_qwen3(tmp, mx.float32)
+        mx.eval(ours.parameters())
+    with torch.no_grad():
+        ref = theirs(ids).last_hidden_state.numpy()
+        torch_ms = median_ms(lambda: theirs(ids), 4)
+    x = mx.array(ids.numpy()).astype(mx.int32)
+    run = lambda: mx.eval(ours(x))
+    run()
+    ours_ms = median_ms(run, 3)
+    h = ours(x)
+    err = float(mx.abs(h - mx.array(ref)).max())
+    print(f"Qwen3-4B width, {layers} layers, {tokens} tokens, fp32: max abs error {err:.2e} (max |h| "
+          f"{float(abs(ref).max()):.2f}); ours {ours_ms / 1000:.2f} s, transformers {torch_ms / 1000:.2f} s")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--full-width", type=int, default=0, metavar="LAYERS",
+                        help="also compare a Qwen3-4B-wide model of LAYERS layers with transformers (~1 GB per layer)")
     args = parser.parse_args()
     tokenizer_speed(args.runs)
     memory()
+    if args.full_width:
+        full_width(args.full_width)
 
 
 if __name__ == "__main__":

@@ -180,3 +180,27 @@ def test_class_conditional_flags(tmp_path):
     r = cli("--model", repo, "--class-label", 1, "--image", init, *size, "--output", tmp_path / "bad.png")
     assert r.returncode == 2 and "no image-to-image" in r.stderr
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_lora_flag_and_its_metadata(tmp_path):
+    """--lora PATH:WEIGHT (repeatable) changes the image, is listed in the PNG with its sha256
+    prefix, and --config-from-metadata re-applies it; with --quantize it is merged first."""
+    from conftest import fixture_path
+
+    model = hub_folder(tmp_path, "dev_like")
+    lora = fixture_path("flux_lora", "kohya.safetensors")
+    base = ["--model", model, "--prompt", "a cat", "--width", 32, "--height", 32, "--steps", 2, "--seed", 1]
+    assert cli(*base, "--output", tmp_path / "plain.png").returncode == 0
+    r = cli(*base, "--lora", f"{lora}:0.8", "--output", tmp_path / "lora.png")
+    assert r.returncode == 0, r.stderr
+    text = Image.open(tmp_path / "lora.png").text
+    assert json.loads(text["loras"]) == [f"{lora}:0.8"] and len(json.loads(text["lora_sha256"])[0]) == 12
+    plain, with_lora = (np.asarray(Image.open(tmp_path / f), np.int16) for f in ("plain.png", "lora.png"))
+    assert np.abs(plain - with_lora).max() > 2
+    r = cli("--config-from-metadata", tmp_path / "lora.png", "--output", tmp_path / "again.png")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(tmp_path / "lora.png")))
+    assert cli(*base, "--lora", lora, "--quantize", 8, "--output", tmp_path / "q.png").returncode == 0
+    for spec, message in ((f"{lora}:heavy", "heavy"), (str(tmp_path / "none.safetensors"), "none.safetensors")):
+        r = cli(*base, "--lora", spec, "--output", tmp_path / "bad.png")
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -86,6 +86,16 @@ def test_ddim_eta1_is_stochastic_ddim(ref):
         assert_close(f"ddim eta 1 step {i}", ours, ref[k + "next"], 2e-6, 1e-6)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+@pytest.mark.parametrize("steps, strength", [(10, 0.6), (7, 0.75), (4, 1.0)])
+def test_img2img(sampler, steps, strength, ref):
+    p = ddpm.img2img_plan(ddpm.plan(ddpm.SCHEDULES[f"sd15-{sampler}"], sampler, steps), strength)
+    key = f"img2img.{sampler}.{steps}.{strength}"
+    assert np.array_equal(p.timesteps, np.array(ref[key + ".timesteps"]))
+    start = ddpm.noise_to_start(p, ref["img2img.x0"], ref["img2img.noise"])
+    assert_close(f"img2img start {sampler} {steps} steps, strength {strength}", start, ref[key + ".start"], 2e-6, 1e-6)
+
+
 def test_sd15_timesteps_read_as_documented():
     assert list(ddpm.plan(ddpm.SCHEDULES["sd15-ddim"], "ddim", 20).timesteps[:3]) == [951, 901, 851]
     assert ddpm.plan(ddpm.SCHEDULES["sd15-ddim"], "ddim", 20).timesteps[-1] == 1
@@ -127,6 +137,8 @@ def test_bad_steps_are_named():
         ddpm.plan(ddpm.SCHEDULES["sd15-ddim"], "ddim", 0)
     with pytest.raises(ValueError, match="unknown sampler"):
         ddpm.plan(ddpm.SCHEDULES["sd15-ddim"], "pndm", 10)
+    with pytest.raises(ValueError, match="runs no step"):
+        ddpm.img2img_plan(ddpm.plan(ddpm.SCHEDULES["sd15-ddim"], "ddim", 4), 0.2)
     with pytest.raises(ValueError, match="eta > 0 needs noise"):
         p = ddpm.plan(ddpm.SCHEDULES["sd15-ddim"], "ddim", 10)
         ddpm.ddim_step(p, 0, mx.zeros((1, 2, 2, 4)), mx.zeros((1, 2, 2, 4)), eta=1.0)

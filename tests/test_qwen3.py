@@ -12,10 +12,11 @@ import json
 import shutil
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
-from conftest import assert_bf16_parity, assert_close, fixture_path, load_fixture
+from conftest import assert_bf16_parity, assert_close, fixture_path, load_fixture, require_reference_stack
 from tiny_imagegen.checkpoints.convert import (
     load_component, quantize_component, read_manifest, save_converted, stored_tensors,
 )
@@ -240,10 +241,31 @@ def test_prompt_encoders_equal_diffusers(tmp_path):
         ours = embeds[i, : int(mask[i].sum())]
         assert_close(f"QwenPromptEncoder.zimage [{i}] vs diffusers", ours, ref[f"zimage_{i}"], atol=tolerance(ref[f"zimage_{i}"]))
 
+    assert zimage.tokens_cut("a red cat") == 0
+    long = " ".join(["cat"] * 40)  # the template's 5 tokens + 40 + 4 > 32
+    templated = lambda thinking: f"<|im_start|>user\n{long}<|im_end|>\n<|im_start|>assistant\n" + thinking
+    assert zimage.tokens_cut(long) == len(zimage.tokenizer.encode(templated(""))) - length > 0
+
     flux2 = QwenPromptEncoder.flux2_klein(tmp_path, dtype=mx.bfloat16, max_length=length)
+    assert flux2.tokens_cut(long) == len(flux2.tokenizer.encode(templated("<think>\n\n</think>\n\n"))) - length
     assert len(flux2.model.layers) == 27
     embeds, mask = flux2(setup["prompts"])
     assert embeds.shape == (3, length, 3 * 16) and embeds.dtype == mx.bfloat16
     err = float(mx.abs(embeds.astype(mx.float32) - ref["flux2"]).max())
     print(f"QwenPromptEncoder.flux2_klein in bf16 vs diffusers fp32: max abs error {err:.2e}")
     assert err < 0.1 * float(mx.abs(ref["flux2"]).max())
+
+
+def test_silu_rounds_once_as_torch():
+    """layers.activations.silu in bf16 is bitwise torch's F.silu (fp32 inside, one rounding)."""
+    require_reference_stack()
+    import torch
+
+    from tiny_imagegen.layers.activations import silu
+
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0)).mul(4).to(torch.bfloat16)
+    ours = np.array(silu(mx.array(x.float().numpy()).astype(mx.bfloat16)).astype(mx.float32))
+    theirs = torch.nn.functional.silu(x).float().numpy()
+    composed = np.array(nn.silu(mx.array(x.float().numpy()).astype(mx.bfloat16)).astype(mx.float32))
+    print(f"silu bf16: ours equal to torch on {np.mean(ours == theirs):.1%}, MLX's nn.silu on {np.mean(composed == theirs):.1%}")
+    assert np.array_equal(ours, theirs)

@@ -35,7 +35,7 @@ tables are computed in float32 as torch computes them (the steps themselves in f
 Classifier-free guidance is `sampling.classifier_free_guidance`: uncond + g (cond - uncond).
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -214,6 +214,27 @@ def plan(schedule: DDPMSchedule, sampler: str, steps: int) -> Plan:
     if sampler not in ("ddim", "euler"):
         raise ValueError(f"unknown sampler {sampler!r}: choose 'ddim' or 'euler'")
     return ddim_plan(schedule, steps) if sampler == "ddim" else euler_plan(schedule, steps)
+
+
+def img2img_plan(p: Plan, strength: float) -> Plan:
+    """Image-to-image runs the last int(n strength) of the n steps (as diffusers'
+    StableDiffusionImg2ImgPipeline counts them), from a noised image instead of pure noise."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    n = len(p.timesteps)
+    start = n - min(int(n * strength), n)
+    if start == n:
+        raise ValueError(f"strength {strength} runs no step of {n}: raise it or the number of steps")
+    cut = lambda a: None if a is None else a[start:]  # noqa: E731
+    return replace(p, timesteps=p.timesteps[start:], abar=cut(p.abar), abar_prev=cut(p.abar_prev), sigmas=cut(p.sigmas))
+
+
+def noise_to_start(p: Plan, x0: mx.array, noise: mx.array) -> mx.array:
+    """Clean latents -> the plan's first point: sqrt(abar) x0 + sqrt(1 - abar) eps (DDIM), or
+    x0 + sigma eps (Euler's x = x0 + sigma eps)."""
+    if p.sampler == "ddim":
+        return add_noise(x0, noise, mx.array(p.abar[0]))
+    return x0 + mx.array(p.sigmas[0]) * noise
 
 
 # ---- one step -------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ DEFAULT_FAMILY = FAMILIES["flux1"]  # a diffusers folder without model_index.jso
 ALL_FOLDERS = DEFAULT_FAMILY.hub_folders()
 
 CONVERTED_MARKER = "model.json"  # written by checkpoints/convert.py
+# diffusers' weight variants beside the weights (SD 1.5: unet/*.fp16.safetensors, *.non_ema.*):
+# never read (checkpoints/safetensors_io.py skips them), so never downloaded
+VARIANT_PATTERNS = ["*.fp16.*", "*.bf16.*", "*.non_ema.*", "*.ema.*"]
 
 
 class ModelNotAvailable(RuntimeError):
@@ -52,7 +55,8 @@ def allow_patterns(folders=ALL_FOLDERS, family: Family = DEFAULT_FAMILY) -> list
 def download_command(repo_id: str, folders=None, revision: str | None = None, family: Family | None = None) -> str:
     """The `hf` command that fetches exactly what `resolve_model` would, into ./<repo name>."""
     family = family or _family_of_repo(repo_id)
-    words = ["hf", "download", repo_id, "--include", *allow_patterns(folders or family.hub_folders(), family)]
+    words = ["hf", "download", repo_id, "--include", *allow_patterns(folders or family.hub_folders(), family),
+             "--exclude", *VARIANT_PATTERNS]
     if revision:
         words += ["--revision", revision]
     words += ["--local-dir", repo_id.split("/")[-1]]
@@ -160,10 +164,13 @@ def _download(name, repo_id, patterns, revision, cache_dir, token, local_files_o
             token=token,
             local_files_only=local_files_only,
             allow_patterns=patterns,
+            ignore_patterns=VARIANT_PATTERNS,
         )
     except GatedRepoError:  # a subclass of RepositoryNotFoundError: first
+        spec = registry.find(name) or registry.by_repo(repo_id)
+        terms = f" ({spec.licence})" if spec else ""
         raise ModelNotAvailable(
-            f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} while logged in, "
+            f"{repo_id} is gated{terms}: accept its licence at https://huggingface.co/{repo_id} while logged in, "
             "then log in here with `hf auth login` (or set HF_TOKEN to a read token) and run again"
         ) from None
     except RepositoryNotFoundError:
@@ -232,3 +239,25 @@ def hub_source(path: str | Path) -> dict:
     if m:
         return {"repo_id": f"{m[1]}/{m[2]}", "revision": m[3]}
     return {"path": str(path)}
+
+
+def resolve_file(spec: str) -> Path:
+    """A local file, or one file of a hub repo named `org/name/path/in/repo` (hf_hub_download:
+    the cache, HF_HUB_OFFLINE=1, login). Used for LoRA files (--lora)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    parts = spec.split("/")
+    if len(parts) < 3 or path.exists() or spec.startswith(("/", ".", "~")):
+        raise ModelNotAvailable(f"no such file {spec!r} (a local file, or a hub file org/name/file.safetensors)")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except LocalEntryNotFoundError:
+        raise ModelNotAvailable(f"{filename} of {repo_id} is not in the Hugging Face cache and the hub cannot be "
+                                f"reached: on a machine with network run `hf download {repo_id} {filename}`") from None
+    except HfHubHTTPError as e:
+        raise ModelNotAvailable(f"cannot download {filename} from {repo_id}: {e}") from None

@@ -21,6 +21,7 @@ memory goes (FLUX.1-schnell, bf16):
 
 import gc
 import importlib
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -82,11 +83,12 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, model: str, dtype: mx.Dtype | None = None, quantize: int | None = None,
-                        keep_text_encoders: bool = False, progress: bool = True, verify: bool = False) -> "Pipeline":
+                        keep_text_encoders: bool = False, progress: bool = True, verify: bool = False,
+                        loras: list[tuple[str, float]] | None = None) -> "Pipeline":
         """`model`: a registered name or alias, a hub repo id, a hub-layout or converted folder.
         `quantize`: 4 or 8 bits for the transformer and the text encoders on load (an error for a
         folder that is already quantized). `verify`: check the SHA-256 of a converted folder's files
-        (their sizes are always checked)."""
+        (their sizes are always checked). `loras`: [(file, weight)], see `apply_loras`."""
         from .hub import family_of_folder
         from .loading import locate
 
@@ -94,9 +96,34 @@ class Pipeline:
         family = FAMILIES[spec.family] if spec else family_of_folder(folder)
         module, name = family.pipeline.split(":")
         pipeline_cls = getattr(importlib.import_module(module), name)
-        return pipeline_cls.load(folder, spec=spec, name=spec.name if spec else str(model),
-                                 dtype=dtype or default_dtype(), quantize=quantize,
-                                 keep_text_encoders=keep_text_encoders, verify=verify)
+        kw = dict(spec=spec, name=spec.name if spec else str(model), dtype=dtype or default_dtype(),
+                  quantize=quantize, keep_text_encoders=keep_text_encoders, verify=verify)
+        if loras and "loras" in inspect.signature(pipeline_cls.load).parameters:
+            return pipeline_cls.load(folder, loras=loras, **kw)  # merged before quantizing on load
+        pipe = pipeline_cls.load(folder, **kw)
+        if loras:
+            pipe.apply_loras(loras)
+        return pipe
+
+    def apply_loras(self, loras: list[tuple[str, float]]) -> list[dict]:
+        """LoRA files (local or `org/name/file.safetensors`) with their weights, on the transformer and
+        (where the file has them) on CLIP: merged into full-precision weights, a branch beside
+        quantized ones (checkpoints/lora.py). A re-loaded text encoder gets its CLIP parts again.
+        The records (name, weight, format, sha256, ...) accumulate in `self.loras`."""
+        from .checkpoints.lora import apply_loras
+
+        clip = getattr(getattr(self.text_encoder, "encoders", None), "clip", None)
+        records = apply_loras({"transformer": self.transformer, "clip": clip}, loras, skip_clip=clip is None)
+        self.loras = getattr(self, "loras", []) + records
+        load = self._load_text_encoder
+        if clip is not None and load is not None:
+            def reload():
+                encoder = load()
+                apply_loras({"transformer": self.transformer, "clip": encoder.encoders.clip}, loras, only=("clip",))
+                return encoder
+
+            self._load_text_encoder = reload
+        return records
 
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify) -> "Pipeline":
@@ -182,15 +209,19 @@ class Pipeline:
             gc.collect()
             mx.clear_cache()
 
-    def condition(self, prompts: str | list[str], negative_prompt: str = "", guidance: float | None = None,
+    def condition(self, prompts: str | list[str], negative_prompt: str | list[str] = "", guidance: float | None = None,
                   **options) -> Conditioning:
-        """Encode once, generate many times: `generate(conditioning=pipe.condition([...]))`."""
+        """Encode once, generate many times: `generate(conditioning=pipe.condition([...]))`.
+        `negative_prompt`: one for every prompt, or a list with one per prompt."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one, or one per prompt")
         guidance = self.defaults.guidance if guidance is None else guidance
         start = self._phase()
         cond = Conditioning(prompts, self.encode(prompts))
         if self.uses_negative(guidance, options):
-            cond.negative = self.encode([negative_prompt] * len(prompts))
+            cond.negative = self.encode(negatives)
         self.release_text_encoder()
         self._phase("text", start)
         return cond
@@ -225,7 +256,7 @@ class Pipeline:
         guidance: float | None = None,
         seed: int | list[int] = 0,
         n_images: int = 1,
-        negative_prompt: str = "",
+        negative_prompt: str | list[str] = "",
         image=None,
         strength: float = 0.75,
         progress: Progress | None = None,

@@ -27,6 +27,7 @@ import mlx.core as mx
 from .checkpoints.qwen3 import load_qwen3
 from .models.qwen3 import Qwen3Config, Qwen3Model, hidden_state_indices
 from .text import QwenTokenizer
+from .text.qwen_bpe import chat_prompt
 
 ZIMAGE_HIDDEN_STATES = (-2,)
 FLUX2_HIDDEN_STATES = (9, 18, 27)
@@ -75,3 +76,8 @@ class QwenPromptEncoder:
         states = self.model.hidden_states(ids, mask, indices=self.hidden_states)
         embeds = states[0] if len(states) == 1 else mx.concatenate(states, axis=-1)
         return embeds, mask
+
+    def tokens_cut(self, prompt: str) -> int:
+        """How many tokens of the templated prompt the truncation drops (the template's tail goes
+        first: past ~500 prompt tokens the model no longer sees `<|im_end|>...assistant`)."""
+        return max(0, len(self.tokenizer.encode(chat_prompt(prompt, self.enable_thinking))) - self.max_length)

@@ -88,6 +88,20 @@ FAMILIES = {
             components=("zimage_transformer", "vae", "qwen3"),
             tokenizers={"tokenizer": ("tokenizer_config.json",)},  # + tokenizer.json or vocab.json/merges.txt
         ),
+        Family(
+            "sd15",
+            pipeline="tiny_imagegen.pipelines.sd15:SD15Pipeline",
+            pipeline_classes=("StableDiffusionPipeline",),
+            components=("unet", "vae", "clip"),
+            tokenizers={"tokenizer": ("vocab.json", "merges.txt")},
+        ),
+        Family(
+            "flux2",
+            pipeline="tiny_imagegen.pipelines.flux2:Flux2KleinPipeline",
+            pipeline_classes=("Flux2KleinPipeline",),
+            components=("flux2_transformer", "flux2_vae", "qwen3"),
+            tokenizers={"tokenizer": ("tokenizer_config.json",)},  # + tokenizer.json or vocab.json/merges.txt
+        ),
         Family(  # class-conditioned: the "prompt" is an ImageNet class id or name (model_index.json id2label)
             "dit",
             pipeline="tiny_imagegen.pipelines.dit:DiTPipeline",
@@ -124,6 +138,31 @@ def _zimage_configs() -> dict:
     from .models.zimage import PRESETS
 
     return {"zimage_transformer": PRESETS["z-image-turbo"], "vae": VAE_PRESETS["flux"], "qwen3": QWEN3_4B}
+
+
+def _sd15_configs() -> dict:
+    # stable-diffusion-v1-5/stable-diffusion-v1-5: unet/config.json (320/640/1280/1280 channels, 2
+    # resnets per level, 8 heads, cross-attention to 768-wide CLIP states; 859.5 M parameters),
+    # vae/config.json (4 latent channels, quant convs, scale 0.18215), text_encoder/ (CLIP ViT-L/14).
+    from .models.clip import CLIP_VIT_L14_TEXT
+    from .models.unet import UNET_PRESETS
+    from .models.vae import VAE_PRESETS
+
+    return {"unet": UNET_PRESETS["sd15"], "vae": VAE_PRESETS["sd"], "clip": CLIP_VIT_L14_TEXT}
+
+
+def _flux2_configs(size: str) -> dict:
+    # Black Forest Labs, FLUX.2 [klein] 4B / 9B: transformer 5 + 20 blocks, 24 heads (4B) and
+    # 8 + 24 blocks, 32 heads (9B), as reported for the releases (unverified offline; the repos'
+    # transformer/config.json is what loading reads); text from Qwen3-4B / Qwen3-8B (their hub
+    # config.json), of which klein reads hidden states 9, 18 and 27; AutoencoderKLFlux2's
+    # defaults (32 latent channels, 128/256/512/512).
+    from .models.flux2 import PRESETS
+    from .models.qwen3 import QWEN3_4B, QWEN3_8B
+    from .models.vae_flux2 import Flux2VAEConfig
+
+    return {"flux2_transformer": PRESETS[f"flux2-klein-{size}"], "flux2_vae": Flux2VAEConfig(),
+            "qwen3": {"4b": QWEN3_4B, "9b": QWEN3_8B}[size]}
 
 
 def _dit_configs(sample_size: int) -> dict:
@@ -173,6 +212,31 @@ MODELS: tuple[ModelSpec, ...] = (
         defaults=SamplingDefaults(steps=8, guidance=0.0, shift=3.0, text_length=512),
         repo_id="Tongyi-MAI/Z-Image-Turbo", aliases=("zimage-turbo", "z-image"),
         configs=_zimage_configs(),
+    ),
+    ModelSpec(
+        "sd15", "sd15",
+        description="Stable Diffusion 1.5, 0.86 B U-Net on CLIP ViT-L/14 text, 512x512, DDIM or Euler",
+        licence="CreativeML OpenRAIL-M",
+        # StableDiffusionPipeline's defaults: guidance 7.5, 512x512 (unet sample_size 64 x 8), 50 steps
+        defaults=SamplingDefaults(steps=50, guidance=7.5, text_length=77, width=512, height=512),
+        repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5", aliases=("sd1.5", "stable-diffusion-1.5"),
+        configs=_sd15_configs(),
+    ),
+    ModelSpec(
+        "flux2-klein-4b", "flux2",
+        description="FLUX.2 [klein] 4B, step-distilled (4 steps), Qwen3-4B text, 32-channel VAE",
+        licence="Apache-2.0",
+        defaults=SamplingDefaults(steps=4, guidance=1.0, shift=True, text_length=512),
+        repo_id="black-forest-labs/FLUX.2-klein-4B", aliases=("klein-4b", "klein"),
+        configs=_flux2_configs("4b"),
+    ),
+    ModelSpec(
+        "flux2-klein-9b", "flux2",
+        description="FLUX.2 [klein] 9B, step-distilled (4 steps), Qwen3-8B text, 32-channel VAE",
+        licence="FLUX Non-Commercial License, non-commercial use only",
+        defaults=SamplingDefaults(steps=4, guidance=1.0, shift=True, text_length=512),
+        repo_id="black-forest-labs/FLUX.2-klein-9B", gated=True, aliases=("klein-9b",),
+        configs=_flux2_configs("9b"),
     ),
     ModelSpec(
         "dit-xl-2-256", "dit",

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from functools import lru_cache
 from pathlib import Path
 
 QUICKTOK_WHEEL = "quicktok-v1==0.4.0"
@@ -59,6 +60,7 @@ def cache_dir() -> Path:
     return Path(root) / "qwen3-vocab"
 
 
+@lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (as in GPT-2's encoder.py)."""
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]

@@ -70,5 +70,19 @@ def make(out: Path) -> None:
                         f"ddim_eta1.step.{i}.noise": noise})
         tensors[f"ddim_eta1.step.{i}.next"] = scheduler.step(
             model_out, scheduler.timesteps[i], x, eta=1.0, variance_noise=noise, return_dict=False)[0]
+    # image-to-image: the tail of the schedule and the noised start, as StableDiffusionImg2ImgPipeline
+    x0, noise = torch.randn(1, 4, 3, 5, generator=g), torch.randn(1, 4, 3, 5, generator=g)
+    tensors.update({"img2img.x0": x0, "img2img.noise": noise})
+    for name, cls in (("ddim", DDIMScheduler), ("euler", EulerDiscreteScheduler)):
+        for steps, strength in ((10, 0.6), (7, 0.75), (4, 1.0)):
+            scheduler = cls.from_config(SD15)
+            scheduler.set_timesteps(steps)
+            t_start = max(steps - min(int(steps * strength), steps), 0)
+            timesteps = scheduler.timesteps[t_start:]
+            if hasattr(scheduler, "set_begin_index"):  # Euler finds its sigma by this index
+                scheduler.set_begin_index(t_start)
+            key = f"img2img.{name}.{steps}.{strength}"
+            tensors[key + ".timesteps"] = timesteps.to(torch.float64)
+            tensors[key + ".start"] = scheduler.add_noise(x0, noise, timesteps[:1])
     save(out / "ddpm" / "schedules.safetensors", tensors)
     save_json(out / "ddpm" / "configs.json", {"sd15": SD15, "dit": DIT})

@@ -1,4 +1,4 @@
-"""The command line: `tiny-imagegen generate | convert | train | evaluate | info | models`.
+"""The command line: `tiny-imagegen generate | convert | train | evaluate | ablate | info | models`.
 
 Each subcommand is one module here with a `main(argv)`; examples/*.py are thin entry points that
 call the same functions, so `python examples/generate.py ...` and `tiny-imagegen generate ...`
@@ -15,6 +15,7 @@ COMMANDS = {
     "convert": ("convert", "convert a model to our format, optionally 4/8-bit"),
     "train": ("train", "train the tiny-shapes model from scratch"),
     "evaluate": ("evaluate", "score tiny-shapes with the scene parser"),
+    "ablate": ("ablate", "the tiny-shapes ablation table (README: Ablations on tiny-shapes)"),
     "info": ("metadata:info_main", "print the parameters stored in generated PNGs"),
     "models": ("models", "list the registered models, their licences, sizes and whether they are here"),
 }

@@ -37,14 +37,29 @@ def main(argv=None):
     p.add_argument("--prompt", default=None, help="score this one prompt over --n seeds instead of the split")
     p.add_argument("--reconstruct", action="store_true",
                    help="score the VAE's reconstructions of the dataset's own images instead (the ceiling)")
+    p.add_argument("--concept", default=None, metavar="'COLOUR SHAPE'",
+                   help="score held-out captions that hold this pair and no other held-out one (a LoRA's subject)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="apply a LoRA file (repeatable), e.g. one written by examples/train_lora.py")
     args = p.parse_args(argv)
 
     pipe = load_pipeline(args.weights)
+    if args.lora:
+        from ..checkpoints.lora import apply_loras, parse_lora_spec
+
+        for r in apply_loras(pipe.transformer, [parse_lora_spec(s) for s in args.lora]):
+            print(f"LoRA {r['name']} x {r['weight']} ({r['format']}, {r['layers']} layers {r['applied']}, "
+                  f"sha256 {r['sha256'][:12]})")
     if args.reconstruct:
         captions, images = reconstructions(pipe.vae, args)
     else:
         if args.prompt:
             captions, args.split = [args.prompt] * args.n, repr(args.prompt)
+        elif args.concept:
+            from ..train.lora import concept_scenes
+
+            captions = [s.caption for s in concept_scenes(args.caption_seed, args.n, *args.concept.split())]
+            args.split = f"held-out {args.concept!r}"
         else:
             captions = [sample_scene(args.caption_seed, i, args.split).caption for i in range(args.n)]
         t0, images = time.perf_counter(), []

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the same seed gives the same image (default: random); repeat for several images")
     p.add_argument("--n-images", type=int, default=1, help="images per prompt; image i uses seed + i")
     p.add_argument("--batch-size", type=int, help="images per denoising pass (default: all; the same images)")
+    p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
+                   help="a LoRA file (local, or a hub file org/name/file.safetensors) and its weight (default 1); "
+                        "repeatable; merged into full-precision weights, beside quantized ones")
     p.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the transformer and text encoder on load")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="compute dtype; auto: bfloat16 on GPUs, float32 on the CPU")
@@ -268,6 +271,7 @@ def stepwise_writer(pipe, folder: Path, first_index: int):
 
 
 def run(args: argparse.Namespace) -> list[Path]:
+    from ..checkpoints.lora import lora_metadata, parse_lora_spec
     from ..checkpoints.mapping import CheckpointError
     from ..hub import ModelNotAvailable
     from ..pipeline import MAX_SIDE, Pipeline
@@ -298,7 +302,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     start = time.perf_counter()
     try:
         pipe = Pipeline.from_pretrained(args.model, dtype=dtype, quantize=args.quantize,
-                                        keep_text_encoders=args.keep_text_encoders or len(jobs) > 1)
+                                        keep_text_encoders=args.keep_text_encoders or len(jobs) > 1,
+                                        loras=[parse_lora_spec(x) for x in args.lora or []])
     except (CheckpointError, FileNotFoundError, ModelNotAvailable, ValueError) as e:
         raise UsageError(str(e)) from None
     load_time = time.perf_counter() - start
@@ -342,6 +347,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             "width": width, "height": height, "model": pipe.name,
             "quantization": f"{args.quantize}-bit" if args.quantize else "none",
             "dtype": str(pipe.dtype).split(".")[-1], "software": f"tiny_imagegen {__version__}", **options,
+            **(lora_metadata(pipe.loras) if getattr(pipe, "loras", None) else {}),
         }
         if init_image is not None:
             metadata.update(image=args.image, strength=args.strength)

@@ -101,6 +101,20 @@ class LearnedPositionEmbedding(nn.Module):
         return self.weight[positions]
 
 
+def flux2_image_ids(height: int, width: int, t: int = 0) -> np.ndarray:
+    """(H*W, 4) ids (t, row, col, 0) of FLUX.2's packed latent grid; reference images of an edit
+    get t = 10, 20, ... (FP:303-367)."""
+    rows, cols = image_grid(height, width)
+    return np.stack([np.full_like(rows, t), rows, cols, np.zeros_like(rows)], axis=-1).astype(np.float32)
+
+
+def flux2_text_ids(length: int) -> np.ndarray:
+    """(L, 4) ids (0, 0, 0, l): FLUX.2 gives text tokens their order on a fourth RoPE axis."""
+    ids = np.zeros((length, 4), np.float32)
+    ids[:, 3] = np.arange(length)
+    return ids
+
+
 def sincos_2d_interpolated(dim: int, height: int, width: int, base_size: int, interpolation_scale: float = 1.0) -> mx.array:
     """2-D sin-cos table (H*W, dim) for a grid other than the one a model was trained on, as
     diffusers' `get_2d_sincos_pos_embed(dim, (H, W), base_size, interpolation_scale)` makes it:

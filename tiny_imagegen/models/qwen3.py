@@ -19,7 +19,10 @@ The architecture, as transformers 5.24's `Qwen3Model` computes it:
 - a final RMSNorm.
 
 RMSNorm takes the mean square in float32, casts back, then multiplies by the weight in the model
-dtype (two roundings in bf16): that is `mx.fast.rms_norm` (bitwise on MLX's CPU backend).
+dtype (two roundings in bf16): that is `mx.fast.rms_norm` (bitwise on MLX's CPU backend). RoPE's
+angles are fp32 position x ω_j with ω_j rounded as torch rounds it; on bf16 inputs
+`mx.fast.rope` is bitwise transformers' recipe too (cos/sin cast to bf16, each product rounded;
+checked on the CPU backend).
 
 The mask is "causal AND the key is not padding": position ids are arange(L) for pads too, and a
 pad row attends to every real token before it (FLUX.2 keeps the pad rows, so this matters).
@@ -37,6 +40,8 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from ..layers.activations import silu
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ class Qwen3MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu(self.gate_proj(x)) * self.up_proj(x))  # silu rounded once, as torch
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -220,7 +225,8 @@ class Qwen3Model(nn.Module):
         found = {0: x}
         for i, layer in enumerate(self.layers[: max(wanted, default=0)], start=1):
             x = layer(x, mask, self._rope_periods)
-            found[i] = x
+            if i in wanted:  # keep only the entries asked for
+                found[i] = x
         if self.config.num_hidden_layers in wanted:
             found[self.config.num_hidden_layers] = self.norm(x)
         return [found[i] for i in wanted]

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..layers.attention import RMSNorm, masked_attention, split_heads
 from ..layers.embeddings import pack_latents, timestep_embedding, unpack_latents
-from ..layers.mlp import SwiGLU
+from ..layers.mlp import SwiGLUMLP
 from ..layers.modulation import layer_norm
 from ..layers.positions import zimage_caption_ids, zimage_image_ids
 from ..layers.rope import axial_rope_fp32_angles
@@ -229,7 +229,7 @@ class ZImageBlock(nn.Module):
         super().__init__()
         D, eps = config.dim, config.norm_eps
         self.attention = Attention(D, config.n_heads, eps)
-        self.feed_forward = SwiGLU(D, config.ffn_hidden)
+        self.feed_forward = SwiGLUMLP(D, config.ffn_hidden)
         self.attention_norm1, self.attention_norm2 = RMSNorm(D, eps), RMSNorm(D, eps)
         self.ffn_norm1, self.ffn_norm2 = RMSNorm(D, eps), RMSNorm(D, eps)
         self.modulated = modulated

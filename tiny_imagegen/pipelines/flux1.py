@@ -66,12 +66,14 @@ class Flux1Pipeline(Pipeline):
     batch_cfg = True  # positive and negative in one forward
 
     @classmethod
-    def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
+    def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify, loras=None):
+        """`loras` are merged into the full-precision transformer before it is quantized on load."""
         from ..hub import is_converted
 
         folder = Path(folder)
+        on_load = ("t5",) if loras else QUANTIZED_ON_LOAD  # the transformer after the LoRAs are merged
         if is_converted(folder):
-            parts, manifest = load_converted_parts(folder, dtype, quantize, verify, QUANTIZED_ON_LOAD)
+            parts, manifest = load_converted_parts(folder, dtype, quantize, verify, on_load)
             transformer, vae = parts["transformer"], parts["vae"]
             recipe = manifest.get("pipeline", {})
             if "defaults" in recipe:
@@ -101,7 +103,7 @@ class Flux1Pipeline(Pipeline):
                 folder / "transformer" if (folder / "transformer").is_dir() else single[0], dtype=dtype)
             vae = load_vae(folder / "vae" if (folder / "vae").is_dir() else folder / "ae.safetensors", dtype=dtype)
             defaults = spec.defaults if spec else defaults_for_folder(folder, transformer.config.guidance_embed)
-            if quantize:
+            if quantize and not loras:
                 quantize_component("transformer", transformer, quantize)
 
             def text():
@@ -114,6 +116,10 @@ class Flux1Pipeline(Pipeline):
         pipe = cls(name, transformer, vae, text(), defaults, dtype, keep_text_encoders, load_text_encoder=text,
                    spec=spec)
         pipe.prompt_tokenizer = T5Tokenizer.from_folder(folder / "tokenizer_2")  # to count what is cut off
+        if loras:
+            pipe.apply_loras(loras)  # merged: nothing is quantized yet (a quantized folder gets branches)
+            if quantize:
+                quantize_component("transformer", pipe.transformer, quantize)
         return pipe
 
     # ---- FLUX's own steps -------------------------------------------------------------------------

@@ -73,6 +73,9 @@ class QwenTokenizer:
         absent = [c for c in table.values() if c not in vocab]
         if absent:
             raise ValueError(f"Qwen tokenizer: {len(absent)} of the 256 byte symbols are not in the vocabulary, e.g. {absent[:3]}")
+        bad = [m for m in merges if len(m) != 2 or m[0] + m[1] not in vocab]
+        if bad:
+            raise ValueError(f"Qwen tokenizer: {len(bad)} merges are malformed or make a symbol the vocabulary lacks, e.g. {bad[:2]}")
         if pad_token not in added_tokens and pad_token not in vocab:
             raise ValueError(f"Qwen tokenizer: pad token {pad_token!r} is neither an added token nor in the vocabulary")
         self.vocab, self.added_tokens = vocab, dict(added_tokens)
@@ -147,9 +150,10 @@ def _read_json(path: Path):
 
 
 def _added_tokens(entries: list[dict]) -> dict[str, int]:
-    """content -> id; only the plain kind Qwen ships (matched in the raw text as written)."""
+    """content -> id, matched in the raw text (a `normalized` token would be matched after NFC
+    by `tokenizers`: the same for ASCII tokens like Qwen's); the stripping kinds are refused."""
     for t in entries:
-        flags = [f for f in ("lstrip", "rstrip", "single_word", "normalized") if t.get(f)]
+        flags = [f for f in ("lstrip", "rstrip", "single_word") if t.get(f)]
         if flags:
             raise ValueError(f"Qwen tokenizer: added token {t['content']!r} sets {flags}, which this tokenizer does not support")
     return {t["content"]: t["id"] for t in entries}
