@@ -224,3 +224,30 @@ def test_unregistered_folder_defaults(tmp_path):
     config.write_text(json.dumps({**json.loads(config.read_text()), "shift": 6.0}))
     d = Pipeline.from_pretrained(str(folder), dtype=mx.float32).defaults
     assert (d.steps, d.guidance, d.shift, d.text_length) == (8, 0.0, 6.0, 512)  # Turbo's, the folder's shift
+
+
+def test_command_line_family_flags(tmp_path):
+    """--shift / --cfg-normalization / --cfg-truncation reach the sampler; FLUX's --true-cfg and an init
+    image are refused in one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = hub_folder(tmp_path)
+    script = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
+    base = [sys.executable, str(script), "--model", str(folder), "--prompt", "a red circle", "--width", "48",
+            "--height", "32", "--seed", "3", "--steps", "2", "--dtype", "float32"]
+    run = lambda *extra: subprocess.run([*base, *map(str, extra)], capture_output=True, text=True, timeout=300)  # noqa: E731
+    r = run("--shift", 5.0, "--guidance", 1.5, "--cfg-normalization", 1.05, "--cfg-truncation", 0.5,
+            "--output", tmp_path / "a.png")
+    assert r.returncode == 0, r.stderr
+    expected = Pipeline.from_pretrained(str(folder), dtype=mx.float32).generate(
+        "a red circle", width=48, height=32, seed=3, steps=2, guidance=1.5, shift=5.0, cfg_normalization=1.05,
+        cfg_truncation=0.5)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png").convert("RGB")), np.asarray(expected[0]))
+    for extra, message in ((["--true-cfg", 2.0], "--true-cfg is not an option of"),
+                           (["--image", tmp_path / "a.png"], "no image-to-image")):
+        r = run(*extra, "--output", tmp_path / "b.png")
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

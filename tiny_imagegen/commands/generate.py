@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "like the hub repo, or a folder written by convert (default: %(default)s)")
     p.add_argument("--steps", type=int, help="denoising steps (default per model)")
     p.add_argument("--guidance", type=float,
-                   help="FLUX.1-dev: the distilled guidance input (default 3.5); other models: the "
-                        "classifier-free guidance scale, > 1 runs a second pass with --negative-prompt")
+                   help="FLUX.1-dev: the distilled guidance input (default 3.5); Z-Image: the CFG scale g of "
+                        "pos + g(pos - neg), any g > 0 runs a second pass; other models: the classifier-free "
+                        "guidance scale, > 1 runs a second pass with --negative-prompt")
     p.add_argument("--true-cfg", type=float, default=1.0,
                    help="guidance-distilled models: real classifier-free guidance on top (default off)")
     p.add_argument("--sampler", choices=("ddim", "euler"),
@@ -54,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--karras", action="store_true", help="Euler sampler: Karras-spaced sigmas (SD 1.5)")
     p.add_argument("--cfg-channels", type=int,
                    help="DiT: guide only the first N latent channels (3: the original DiT sample.py; default all, as diffusers)")
+    p.add_argument("--shift", type=float, help="Z-Image: the static schedule shift (default 3)")
+    p.add_argument("--cfg-normalization", type=float, default=0.0,
+                   help="Z-Image: cap the guided prediction's norm at this multiple of the positive one (0 = off)")
+    p.add_argument("--cfg-truncation", type=float, default=1.0,
+                   help="Z-Image: no guidance past this model time in [0, 1] (1 = guide every step)")
     p.add_argument("--width", type=int, help="pixels, a multiple of 16 (default per model)")
     p.add_argument("--height", type=int, help="pixels, a multiple of 16 (default per model)")
     p.add_argument("--seed", type=int, action="append",
@@ -312,7 +318,9 @@ def run(args: argparse.Namespace) -> list[Path]:
               f"loaded in {load_time:.1f} s", file=sys.stderr)
 
     options = family_options(pipe, {"true_cfg": (args.true_cfg, 1.0), "sampler": (args.sampler, None),
-                                    "karras": (args.karras, False), "cfg_channels": (args.cfg_channels, None)})
+                                    "karras": (args.karras, False), "cfg_channels": (args.cfg_channels, None),
+                                    "shift": (args.shift, None), "cfg_normalization": (args.cfg_normalization, 0.0),
+                                    "cfg_truncation": (args.cfg_truncation, 1.0)})
     if init_image is not None and not pipe.img2img:
         raise UsageError(f"--image: {pipe.name} ({pipe.family} models) has no image-to-image here")
     written = []

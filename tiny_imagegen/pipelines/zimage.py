@@ -78,6 +78,7 @@ def defaults_for_folder(folder: Path) -> SamplingDefaults:
 
 class ZImagePipeline(Pipeline):
     family = "zimage"
+    img2img = False  # ZImagePipeline has none
     batch_cfg = True  # positive and negative in one forward
 
     @classmethod
