@@ -84,7 +84,8 @@ class MixedRoPE(nn.Module):
         ids = mx.array(ids).astype(mx.float32)
         if ids.ndim != 2 or ids.shape[1] != 2:
             raise ValueError(f"mixed RoPE takes 2-D position ids (L, 2), got {tuple(ids.shape)}")
-        f_x, f_y = self.freqs[0], self.freqs[1]  # (H, d/2)
+        # angles in float32 whatever the weights' dtype: in bf16 x * f_x would be off by ~0.1 rad at x = 32
+        f_x, f_y = self.freqs[0].astype(mx.float32), self.freqs[1].astype(mx.float32)  # (H, d/2)
         y, x = ids[:, 0], ids[:, 1]
         angles = x[None, :, None] * f_x[:, None, :] + y[None, :, None] * f_y[:, None, :]
         return mx.cos(angles), mx.sin(angles)

@@ -204,14 +204,25 @@ class MMDiT(nn.Module):
         start = text_start_after(grid_h, grid_w)
         return diagonal_text_ids(n_txt, 2, start), centred_image_ids(grid_h, grid_w)
 
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The compute dtype: that of the weights (of a quantized layer's scales)."""
+        return getattr(self.txt_in, "scales", self.txt_in.weight).dtype
+
     def conditioning(self, timesteps: mx.array, y: mx.array, guidance: mx.array | None) -> mx.array:
-        """c = time_in(t) [+ guidance_in(g)] + vector_in(y): (B, D)."""
-        c = self.time_in(timestep_embedding(timesteps))
+        """c = time_in(t) [+ guidance_in(g)] + vector_in(y): (B, D), in the model's dtype.
+
+        The sinusoids are computed in float32 (their arguments reach 1000 rad) and cast to the
+        weights' dtype before time_in / guidance_in, as BFL (`.to(t)`) and diffusers
+        (`.to(pooled_projection.dtype)`) do; without the cast a bf16 model's c, and through the
+        modulation the whole residual stream, would be float32."""
+        dtype = self.dtype
+        c = self.time_in(timestep_embedding(timesteps).astype(dtype))
         if self.config.guidance_embed:
             if guidance is None:
                 raise ValueError("this model was distilled with guidance (FLUX.1-dev style): pass guidance=")
-            c = c + self.guidance_in(timestep_embedding(guidance))
-        return c + self.vector_in(y)
+            c = c + self.guidance_in(timestep_embedding(guidance).astype(dtype))
+        return c + self.vector_in(y.astype(dtype))
 
     def __call__(
         self,
@@ -230,7 +241,8 @@ class MMDiT(nn.Module):
             raise ValueError(f"txt must be (B, L, {cfg.context_dim}), got {tuple(txt.shape)}")
         c = self.conditioning(timesteps, y, guidance)
         rope = self.pe_embedder(_concat_ids(txt_ids, img_ids))
-        img, txt = self.img_in(img), self.txt_in(txt)
+        # inputs in the weights' dtype (a torch model would refuse others; MLX would promote)
+        img, txt = self.img_in(img.astype(self.dtype)), self.txt_in(txt.astype(self.dtype))
         for block in self.double_blocks:
             img, txt = block(img, txt, c, rope)
         x = mx.concatenate([txt, img], axis=1)

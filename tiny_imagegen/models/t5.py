@@ -81,7 +81,7 @@ class T5Attention(nn.Module):
         # x: (B, L, D); bias: (B or 1, H, L, L), relative positions plus any padding mask
         B, L, _ = x.shape
         q, k, v = (proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for proj in (self.q, self.k, self.v))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=bias.astype(q.dtype))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=bias)
         return self.o(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -137,6 +137,7 @@ class T5Encoder(nn.Module):
         bias = self.position_bias(input_ids.shape[1])
         if attention_mask is not None:
             bias = bias + mx.where(attention_mask[:, None, None, :].astype(mx.bool_), 0.0, -mx.inf)
+        bias = bias.astype(x.dtype)  # once, not per layer (the logits and softmax: inside the fused attention)
         for block in self.blocks:
             x = block(x, bias)
         return self.final_norm(x)
