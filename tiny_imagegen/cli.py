@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     try:
         pipe = Pipeline.from_pretrained(args.model, dtype=dtype, quantize=args.quantize,
                                         keep_text_encoders=args.keep_text_encoders)
-    except (CheckpointError, FileNotFoundError, ModelNotAvailable) as e:
+    except (ValueError, FileNotFoundError, ModelNotAvailable) as e:  # CheckpointError is a ValueError
         raise UsageError(str(e)) from None
     width, height = args.width or pipe.defaults.width, args.height or pipe.defaults.height
     steps = args.steps or pipe.defaults.steps

@@ -45,7 +45,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .mapping import CheckpointError
+from .mapping import CheckpointError, check_dtype
 
 FORMAT, FORMAT_VERSION, MODEL_JSON = "tiny_imagegen", 1, "model.json"
 BITS, GROUP_SIZES = (4, 8), (32, 64, 128)
@@ -217,6 +217,7 @@ def stored_tensors(name: str, model: nn.Module, bits, group_size, dtype) -> tupl
     nn.QuantizedLinear.from_linear computes them. The model itself is not modified."""
     if any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
         raise ValueError(f"{name}: the model is already quantized; save it from unquantized weights")
+    check_dtype(model, dtype)
     layers = quantizable_layers(name, model, group_size) if bits else []
     tensors = dict(tree_flatten(model.parameters()))
     if dtype is not None:
@@ -390,6 +391,7 @@ def load_component(folder: str | Path, name: str, *, dtype: mx.Dtype | None = No
 
     config_cls = _import(spec.config)
     model = _import(spec.model)(_config_from_dict(config_cls, entry["config"]))
+    check_dtype(model, dtype or DTYPES.get(manifest.get("dtype") or ""))
     quant = manifest["quantization"]
     if entry["quantized_layers"]:
         layers = set(entry["quantized_layers"])

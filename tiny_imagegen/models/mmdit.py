@@ -177,6 +177,10 @@ class LastLayer(nn.Module):
 
 
 class MMDiT(nn.Module):
+    # The residual stream of FLUX's blocks grows beyond float16's 65504 (diffusers clips it to
+    # that range after every block, which turns an overflow into a wrong value, not a right one).
+    unsupported_dtypes = {mx.float16: "its residual stream overflows float16 (max 65504); use bfloat16 or float32"}
+
     def __init__(self, config: MMDiTConfig):
         super().__init__()
         self.config = cfg = config

@@ -110,6 +110,10 @@ class T5Block(nn.Module):
 
 
 class T5Encoder(nn.Module):
+    # T5 v1.1 was trained in bfloat16 and its feed-forward outputs overflow float16: transformers
+    # keeps the `wo` layers in float32 (`_keep_in_fp32_modules`) and clamps every block's output.
+    unsupported_dtypes = {mx.float16: "T5 v1.1's feed-forward outputs overflow float16 (max 65504); use bfloat16 or float32"}
+
     def __init__(self, config: T5Config = T5_V1_1_XXL):
         super().__init__()
         self.config = config
