@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "or an unquantized converted folder")
     p.add_argument("--output", required=True, type=Path, help="the folder to write, e.g. weights/schnell-q4")
     p.add_argument("--quantize", type=int, choices=(4, 8), help="bits per weight of the quantized layers")
+    p.add_argument("--modulation-bits", type=int, choices=(4, 8),
+                   help="bits of the transformer's adaLN modulation layers (e.g. 8 with --quantize 4)")
     p.add_argument("--group-size", type=int, default=64, choices=GROUP_SIZES,
                    help="weights sharing one scale and bias (default %(default)s)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
         provenance = {"model": args.model} if args.model in KNOWN_MODELS else {}
         start = time.perf_counter()
         out = convert(source, args.output, bits=args.quantize, group_size=args.group_size, dtype=args.dtype,
-                      force=args.force, provenance=provenance)
+                      force=args.force, provenance=provenance, modulation_bits=args.modulation_bits)
     except (ModelNotAvailable, CheckpointError, OSError, ValueError) as e:  # one line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
