@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..layers.activations import GELUTanh, gelu_tanh
 from ..layers.attention import QKNorm, attention, split_heads
 from ..layers.embeddings import MLPEmbedder, timestep_embedding
 from ..layers.modulation import Modulation, layer_norm, modulate
@@ -95,7 +96,7 @@ def preset(name: str, **overrides) -> MMDiTConfig:
 
 def mlp(dim: int, ratio: float) -> nn.Sequential:
     hidden = int(dim * ratio)
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approx="tanh"), nn.Linear(hidden, dim))
+    return nn.Sequential(nn.Linear(dim, hidden), GELUTanh(), nn.Linear(hidden, dim))
 
 
 class SelfAttention(nn.Module):
@@ -159,7 +160,7 @@ class SingleStreamBlock(nn.Module):
         qkv, mlp_in = h[..., : 3 * x.shape[-1]], h[..., 3 * x.shape[-1] :]
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k)
-        out = mx.concatenate([attention(q, k, v, rope), nn.gelu_approx(mlp_in)], axis=-1)
+        out = mx.concatenate([attention(q, k, v, rope), gelu_tanh(mlp_in)], axis=-1)
         return x + gate[:, None] * self.linear2(out)
 
 

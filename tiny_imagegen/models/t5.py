@@ -23,6 +23,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..layers.activations import gelu_tanh
+
 
 @dataclass(frozen=True)
 class T5Config:
@@ -93,7 +95,7 @@ class T5FeedForward(nn.Module):
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.wo(nn.gelu_approx(self.wi_0(x)) * self.wi_1(x))
+        return self.wo(gelu_tanh(self.wi_0(x)) * self.wi_1(x))
 
 
 class T5Block(nn.Module):
