@@ -166,3 +166,12 @@ def test_bf16_timestep_from_float32_t():
     rounded = relative_l2(io["bf16_t_rounded.out"], io["out"])
     print(f"[bf16] dev_tiny: ours {ours:.3e}, diffusers bf16 with t * 1000 rounded in bf16 {rounded:.3e}")
     assert ours < rounded / 10
+
+
+def test_precomputed_rope_table_gives_the_same_output():
+    """model.rope_table(img_ids, txt_ids), built once per generation and passed as rope=."""
+    model = load_flux_transformer(fixture_path("flux_transformer", "dev_tiny", "diffusers"))
+    io = load_fixture("flux_transformer", "dev_tiny", "io.safetensors")
+    table = model.rope_table(np.array(io["img_ids"]), np.array(io["txt_ids"]))
+    once = model(io["img"], None, io["txt"], None, io["timesteps"], io["y"], io["guidance"], rope=table)
+    assert_close("mmdit dev_tiny with a precomputed RoPE table", once, run(model, io), atol=0)

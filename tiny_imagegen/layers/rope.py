@@ -51,8 +51,13 @@ def axial_rope(ids, axes_dim: tuple[int, ...], theta: float = 10_000.0) -> tuple
 
 def apply_rope(x: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
     """Rotate interleaved channel pairs (x[2j], x[2j+1]) of x (B, H, L, d) by a (cos, sin) table
-    of shape (L, d/2) or (H, L, d/2), in float32; the result has x's dtype."""
-    cos, sin = rope
+    of shape (L, d/2) or (H, L, d/2), in float32 as the references do (diffusers and BFL rotate
+    `x.float()`); the result has x's dtype. Compiled: one pass instead of ~10 kernels."""
+    return _rotate_pairs(x, *rope)
+
+
+@mx.compile
+def _rotate_pairs(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     pairs = x.astype(mx.float32).reshape(*x.shape[:-1], -1, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)

@@ -209,6 +209,12 @@ class MMDiT(nn.Module):
         start = text_start_after(grid_h, grid_w)
         return diagonal_text_ids(n_txt, 2, start), centred_image_ids(grid_h, grid_w)
 
+    def rope_table(self, img_ids, txt_ids) -> tuple[mx.array, mx.array]:
+        """The RoPE (cos, sin) table of the joint sequence [text; image], in float32. It depends
+        on the positions only (and, for mixed RoPE, the learned frequencies): build it once per
+        generation and pass it to every step as `rope=`, instead of once per step."""
+        return self.pe_embedder(_concat_ids(txt_ids, img_ids))
+
     @property
     def dtype(self) -> mx.Dtype:
         """The compute dtype: that of the weights (of a quantized layer's scales)."""
@@ -238,6 +244,7 @@ class MMDiT(nn.Module):
         timesteps: mx.array,  # (B,) in [0, 1]; 1 is pure noise
         y: mx.array,  # (B, vec_dim) pooled CLIP
         guidance: mx.array | None = None,  # (B,) distilled guidance scale
+        rope: tuple[mx.array, mx.array] | None = None,  # rope_table(img_ids, txt_ids), else built here
     ) -> mx.array:  # (B, L_img, out_channels) predicted velocity
         cfg = self.config
         if img.ndim != 3 or img.shape[-1] != cfg.in_channels:
@@ -245,7 +252,8 @@ class MMDiT(nn.Module):
         if txt.ndim != 3 or txt.shape[-1] != cfg.context_dim:
             raise ValueError(f"txt must be (B, L, {cfg.context_dim}), got {tuple(txt.shape)}")
         c = self.conditioning(timesteps, y, guidance)
-        rope = self.pe_embedder(_concat_ids(txt_ids, img_ids))
+        if rope is None:
+            rope = self.rope_table(img_ids, txt_ids)
         # inputs in the weights' dtype (a torch model would refuse others; MLX would promote)
         img, txt = self.img_in(img.astype(self.dtype)), self.txt_in(txt.astype(self.dtype))
         for block in self.double_blocks:
