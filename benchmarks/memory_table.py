@@ -16,6 +16,7 @@ runs, so the peak above the weights is that of the full 57-block model.
 """
 
 import argparse
+from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,8 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 from tiny_imagegen.checkpoints.convert import file_metadata, safetensors_header, stored_tensors  # noqa: E402
 from tiny_imagegen.models.clip import CLIPTextModel  # noqa: E402
-from tiny_imagegen.models.mmdit import MMDiT, preset  # noqa: E402
+from tiny_imagegen import registry  # noqa: E402
+from tiny_imagegen.models.mmdit import MMDiT  # noqa: E402
 from tiny_imagegen.models.t5 import T5Encoder  # noqa: E402
 from tiny_imagegen.models.vae import AutoencoderKL  # noqa: E402
 
@@ -39,7 +41,7 @@ MODES = (("bf16", None, None), ("8-bit", 8, None), ("4-bit", 4, None), ("4-bit, 
 
 def full_size_models():
     return {
-        "transformer": MMDiT(preset("flux1-schnell")),
+        "transformer": MMDiT(registry.find("flux1-schnell").configs["transformer"]),
         "t5": T5Encoder(),
         "clip": CLIPTextModel(),
         "vae": AutoencoderKL(),
@@ -48,7 +50,7 @@ def full_size_models():
 
 def measure_activations(dtype_name: str, side: int = 1024, text_tokens: int = 256):
     dtype = getattr(mx, dtype_name)
-    model = MMDiT(preset("flux1-schnell", depth_double=1, depth_single=1))
+    model = MMDiT(replace(registry.find("flux1-schnell").configs["transformer"], depth_double=1, depth_single=1))
     model.set_dtype(dtype)
     n = side // 16  # packed latent grid: 8x VAE downsampling, 2x2 patches
     img_ids = np.stack([np.zeros((n, n)), *np.meshgrid(np.arange(n), np.arange(n), indexing="ij")], -1).reshape(-1, 3)

@@ -113,10 +113,10 @@ class MLXWorker:
 
         from tiny_imagegen.checkpoints.flux import DIFFUSERS
         from tiny_imagegen.checkpoints.mapping import load_checkpoint
-        from tiny_imagegen.models.mmdit import MMDiT, preset
+        from tiny_imagegen.models.mmdit import MMDiT, MMDiTConfig
 
         self.mx = mx
-        self.model = MMDiT(preset("flux1-dev", depth_double=DOUBLE, depth_single=SINGLE))
+        self.model = MMDiT(MMDiTConfig(guidance_embed=True, depth_double=DOUBLE, depth_single=SINGLE))  # FLUX.1-dev width
         source = {k: mx.array(v) for k, v in seeded_weights()}
         load_checkpoint(self.model, DIFFUSERS, source)
         mx.eval(self.model.parameters())

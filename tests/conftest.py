@@ -39,6 +39,17 @@ def require_reference_stack():
         pytest.skip(f"PyTorch reference stack not installed: {e}")
 
 
+def require_modules(*names: str):
+    """Skip where an extra reference package (e.g. peft) is absent, but never in CI (CI=true)."""
+    import importlib.util
+
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    if missing:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true but {', '.join(missing)} missing (requirements-dev.txt)")
+        pytest.skip(f"not installed: {', '.join(missing)}")
+
+
 def assert_close(name: str, ours, ref, atol: float, rtol: float = 0.0):
     """Compare ours with the reference, print and record the max abs error, then assert."""
     ours = np.asarray(ours.astype(mx.float32) if isinstance(ours, mx.array) else ours, np.float64)

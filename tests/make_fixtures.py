@@ -46,6 +46,17 @@ def modules() -> list[str]:
     return sorted(p.stem for p in (TESTS / "reference").glob("*.py") if not p.stem.startswith("_"))
 
 
+def requirements(name: str) -> tuple[str, ...]:
+    """Packages a maker needs beyond torch/diffusers/transformers (its REQUIRES), read without importing it."""
+    import ast
+
+    tree = ast.parse((TESTS / "reference" / f"{name}.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "REQUIRES" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    return ()
+
+
 def make(name: str, out: Path) -> None:
     importlib.import_module(f"reference.{name}").make(out)
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import TESTS, require_reference_stack
+from conftest import TESTS, require_modules, require_reference_stack
 
 sys.path.insert(0, str(TESTS))
 import make_fixtures  # noqa: E402
@@ -17,6 +17,7 @@ import make_fixtures  # noqa: E402
 @pytest.mark.parametrize("name", make_fixtures.modules())
 def test_fixtures_reproduce(name):
     require_reference_stack()
+    require_modules(*make_fixtures.requirements(name))
     r = subprocess.run([sys.executable, str(TESTS / "make_fixtures.py"), "--check", name], capture_output=True,
                        text=True, env=make_fixtures.without_preload(), timeout=900)
     report = [line for line in r.stdout.splitlines() if line.startswith((name, "  "))]

@@ -11,7 +11,8 @@ from tiny_imagegen.checkpoints.mapping import (
     CheckpointError, load_checkpoint, map_checkpoint, parameter_shapes, shape_placeholders,
 )
 from tiny_imagegen.checkpoints.safetensors_io import read_checkpoint
-from tiny_imagegen.models.mmdit import MMDiT, preset
+from tiny_imagegen import registry
+from tiny_imagegen.models.mmdit import MMDiT
 
 TABLES = {"bfl": BFL, "diffusers": DIFFUSERS}
 
@@ -20,7 +21,7 @@ TABLES = {"bfl": BFL, "diffusers": DIFFUSERS}
 @pytest.mark.parametrize("layout", ["bfl", "diffusers"])
 def test_full_size_manifest_maps_completely(model, layout):
     manifest = json.loads(fixture_path("flux_transformer", f"manifest_{model}_{layout}.json").read_text())
-    ours = parameter_shapes(MMDiT(preset(model)))  # lazy: nothing allocated
+    ours = parameter_shapes(MMDiT(registry.find(model).configs["transformer"]))  # lazy: nothing allocated
     mapped = map_checkpoint(TABLES[layout], ours, shape_placeholders(manifest))  # raises on any gap
     assert set(mapped) == set(ours)
     assert all(tuple(mapped[k].shape) == ours[k] for k in ours)

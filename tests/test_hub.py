@@ -21,8 +21,8 @@ from huggingface_hub import constants, set_client_factory
 from huggingface_hub.utils import filter_repo_objects
 
 from conftest import fixture_path
+from tiny_imagegen import registry
 from tiny_imagegen.hub import (
-    KNOWN_MODELS,
     ModelNotAvailable,
     allow_patterns,
     download_command,
@@ -32,7 +32,7 @@ from tiny_imagegen.hub import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-REPO = KNOWN_MODELS["flux1-schnell"].repo_id
+REPO = registry.find("flux1-schnell").repo_id
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 # The files of black-forest-labs/FLUX.1-schnell (main, as of 2024-08; the test needs their shape).
@@ -272,7 +272,7 @@ def test_download_fetches_only_the_needed_files_then_works_offline(tmp_path, ser
 
 
 def test_gated_repo_says_accept_the_licence_and_log_in(tmp_path, serve):
-    serve(FakeHub(KNOWN_MODELS["flux1-dev"].repo_id, {"model_index.json": b"{}"}, gated=True))
+    serve(FakeHub(registry.find("flux1-dev").repo_id, {"model_index.json": b"{}"}, gated=True))
     with pytest.raises(ModelNotAvailable) as e:
         resolve_model("flux1-dev", cache_dir=tmp_path / "cache")
     message = str(e.value)

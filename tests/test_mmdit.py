@@ -109,12 +109,11 @@ def test_chunk_order_matters():
     assert err > 100 * MODEL_ATOL
 
 
-def test_presets_and_config():
-    from tiny_imagegen.models.mmdit import preset
+def test_published_configs_and_config_checks():
+    from tiny_imagegen import registry
 
-    assert preset("flux1-dev").guidance_embed and not preset("flux1-schnell").guidance_embed
-    with pytest.raises(ValueError, match="unknown MM-DiT preset"):
-        preset("flux2")
+    dev, schnell = (registry.find(n).configs["transformer"] for n in ("flux1-dev", "flux1-schnell"))
+    assert dev.guidance_embed and not schnell.guidance_embed and schnell.hidden_size == 3072
     with pytest.raises(ValueError, match="sum to head_dim"):
         MMDiTConfig(head_dim=64)
     assert DIFFUSERS.name != BFL.name

@@ -21,9 +21,9 @@ from mlx.utils import tree_flatten
 from conftest import relative_l2
 from tiny_imagegen.checkpoints.convert import load_component, read_manifest, save_converted
 from tiny_imagegen.layers.positions import flux_image_ids, flux_text_ids
-from tiny_imagegen.models.mmdit import MMDiT, preset
+from tiny_imagegen.models.mmdit import MMDiT, MMDiTConfig
 
-CONFIG = preset("flux1-dev", num_heads=6, head_dim=64, axes_dim=(8, 28, 28), context_dim=512, vec_dim=96,
+CONFIG = MMDiTConfig(guidance_embed=True, num_heads=6, head_dim=64, axes_dim=(8, 28, 28), context_dim=512, vec_dim=96,
                 depth_double=2, depth_single=4)
 MODULATION = (".img_mod.lin.", ".txt_mod.lin.", ".modulation.lin.")
 # measured relative L2 against fp32 on this model (x 1.5 = the bound)

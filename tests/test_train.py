@@ -131,7 +131,7 @@ def test_pipeline_seeds_are_per_image(shipped):
     batch = ts.generate_images(shipped, ["a red circle", "a blue square above a yellow circle"], seeds=[5, 9], steps=4)
     alone = ts.generate_images(shipped, ["a blue square above a yellow circle"], seeds=[9], steps=4)
     assert np.abs(batch[1].astype(int) - alone[0]).max() <= 1  # batched matmuls may round differently
-    with pytest.raises(ValueError, match="3 seeds for 2 images"):
+    with pytest.raises(ValueError, match="3 seeds for 2 prompts"):
         shipped.generate(["a", "b"], seed=[1, 2, 3])
 
 

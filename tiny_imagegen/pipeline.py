@@ -1,177 +1,163 @@
-"""Text to image: encode the prompt, free the text encoders, denoise, decode.
+"""Text to image, for every family: encode the prompts, free the text encoders, denoise, decode.
 
-    pipe = Pipeline.from_pretrained("flux1-schnell")          # hub id, local folder or weights/<name>
+    pipe = Pipeline.from_pretrained("flux1-schnell")          # registered name, hub id or folder
     images = pipe.generate("a lighthouse at dusk", width=1024, height=1024, seed=0)
 
-The steps and where memory goes (FLUX.1-schnell, bf16):
-1. text: T5-XXL (9.5 GB) and CLIP-L turn the prompt into a sequence (B, 256, 4096) and a pooled
-   vector (B, 768). Then both are released (unless `keep_text_encoders`), before the 24 GB
-   transformer runs, so they never sit in memory together with its activations.
-2. noise: seeded Gaussian latents (B, H/8, W/8, 16), packed into 2x2 patches -> (B, HW/256, 64).
-3. denoise: Euler steps of the flow (sampling.py); each step's graph is evaluated on its own
-   (`mx.eval` per step) so memory does not grow with the number of steps.
-4. decode: latents -> VAE decoder (in overlapping tiles above 768x768 pixels, which bounds the
-   decoder's activations: 13.2 GiB -> 4.6 GiB at 1024x1024 in fp32) -> uint8 images.
+`Pipeline` holds what every family shares; a family's subclass (pipelines/<family>.py, named by
+its registry entry) adds what is its own: how a folder is loaded, how prompts become
+conditioning, the noise shape, the sampler and its guidance, the decoding. The steps and where
+memory goes (FLUX.1-schnell, bf16):
+
+1. text: T5-XXL (9.5 GB) and CLIP-L turn each *distinct* prompt into a sequence (256, 4096) and a
+   pooled vector (768), once, however many images use it. Then the encoders are released (the
+   default; `keep_text_encoders=True` keeps them), before the 24 GB transformer runs, so they never
+   sit in memory together with its activations; the next `generate` re-loads them lazily.
+2. noise: seeded Gaussian latents, one seed per image, so any image can be remade alone.
+3. denoise: the family's sampler, one step at a time (`mx.eval` per step, so memory does not grow
+   with the number of steps); `batch_size` splits the images into micro-batches that give the
+   same images as one batch.
+4. decode: latents -> VAE decoder (in overlapping tiles above 768x768 pixels) -> PIL images.
 """
 
 import gc
+import importlib
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
 
-from .layers.embeddings import pack_latents, unpack_latents
+from .memory import auto_tiling, wired_weights
+from .registry import FAMILIES, ModelSpec, SamplingDefaults
+from .sampling import sample_noise
 from .text_conditioning import default_dtype
-from .sampling import (
-    classifier_free_guidance, denoise, flux_schedule, img2img_schedule, noise_image, sample_noise,
-)
 
 MAX_SIDE = 4096  # pixels; FLUX.1 was trained up to ~2 MP, beyond this only memory is gained
 
-
-@dataclass(frozen=True)
-class SamplingDefaults:
-    """How a model is meant to be sampled (as its reference pipeline does)."""
-
-    steps: int
-    guidance: float  # distilled guidance input (guidance models) or classifier-free scale (1 = off)
-    shift: bool  # resolution-dependent time shift of the schedule
-    text_length: int  # T5 tokens
-    width: int = 1024
-    height: int = 1024
+Progress = Callable[[int, int, float], None]  # (step, steps, seconds so far)
 
 
-DEFAULTS = {
-    "flux1-schnell": SamplingDefaults(steps=4, guidance=1.0, shift=False, text_length=256),
-    "flux1-dev": SamplingDefaults(steps=28, guidance=3.5, shift=True, text_length=512),
-}
+@dataclass
+class Conditioning:
+    """What the denoiser reads of the prompts, one row per image: `positive` and, when guidance
+    needs it, `negative` (each a dict of arrays with the batch first). Made by `Pipeline.condition`,
+    reusable across `generate` calls."""
+
+    prompts: list[str]
+    positive: dict
+    negative: dict | None = None
+
+    def rows(self, index: list[int]) -> "Conditioning":
+        idx = mx.array(index)
+        take = lambda tree: None if tree is None else tree_map(lambda a: a[idx], tree)  # noqa: E731
+        return Conditioning([self.prompts[i] for i in index], take(self.positive), take(self.negative))
+
+
+def expand_seeds(n_prompts: int, n_images: int, seed: int | list[int]) -> list[int]:
+    """One seed per output image: image i of a prompt uses seed + i; a list gives each its own."""
+    if isinstance(seed, int):
+        return [seed + i for _ in range(n_prompts) for i in range(n_images)]
+    if len(seed) != n_prompts * n_images:
+        raise ValueError(f"{len(seed)} seeds for {n_prompts * n_images} images: give one seed per image, or one int")
+    return [int(s) for s in seed]
 
 
 class Pipeline:
-    def __init__(self, name: str, text_encoder, transformer, vae, defaults: SamplingDefaults,
-                 dtype: mx.Dtype = mx.float32, keep_text_encoders: bool = False):
-        """text_encoder: prompts -> (txt (B, L, D_txt), pooled (B, D_vec)); transformer: an MMDiT;
-        vae: an AutoencoderKL."""
-        self.name, self.text_encoder, self.transformer, self.vae = name, text_encoder, transformer, vae
-        self.defaults, self.dtype, self.keep_text_encoders = defaults, dtype, keep_text_encoders
+    family = ""  # the registry's family name, set by each subclass
+    img2img = True  # whether `generate(image=...)` is supported
+
+    def __init__(self, name: str, transformer, vae, text_encoder, defaults: SamplingDefaults,
+                 dtype: mx.Dtype = mx.float32, keep_text_encoders: bool = False,
+                 load_text_encoder: Callable[[], object] | None = None, spec: ModelSpec | None = None):
+        """text_encoder: the family's prompts -> conditioning callable; load_text_encoder re-creates
+        it after a release (None: it cannot be re-loaded)."""
+        self.name, self.transformer, self.vae, self.text_encoder = name, transformer, vae, text_encoder
+        self.defaults, self.dtype, self.keep_text_encoders, self.spec = defaults, dtype, keep_text_encoders, spec
+        self._load_text_encoder = load_text_encoder
+        self.timings: dict[str, float] = {}  # phase -> seconds of the last generate
+        self.peak_memory: dict[str, int] = {}  # phase -> peak bytes (mx.get_peak_memory)
+
+    # ---- loading ----------------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, model: str, dtype: mx.Dtype | None = None, quantize: int | None = None,
-                        keep_text_encoders: bool = False, progress: bool = True, verify: bool = False) -> "Pipeline":
-        """`verify`: check the SHA-256 of a converted model's files (sizes are always checked)."""
-        from .loading import load_components
+                        keep_text_encoders: bool = False, progress: bool = True, verify: bool = False,
+                        loras: list[tuple[str, float]] | None = None) -> "Pipeline":
+        """`model`: a registered name or alias, a hub repo id, a hub-layout or converted folder.
+        `quantize`: 4 or 8 bits for the transformer and the text encoders on load (an error for a
+        folder that is already quantized). `verify`: check the SHA-256 of a converted folder's files
+        (their sizes are always checked). `loras`: [(file, weight)], see `apply_loras`."""
+        from .hub import family_of_folder
+        from .loading import locate
 
-        dtype = dtype or default_dtype()  # bf16 on GPUs, fp32 on the CPU
-        name, text, transformer, vae, defaults = load_components(model, dtype, quantize, progress, verify)
-        return cls(name, text, transformer, vae, defaults, dtype, keep_text_encoders)
+        folder, spec = locate(model)
+        family = FAMILIES[spec.family] if spec else family_of_folder(folder)
+        module, name = family.pipeline.split(":")
+        pipeline_cls = getattr(importlib.import_module(module), name)
+        kw = dict(spec=spec, name=spec.name if spec else str(model), dtype=dtype or default_dtype(),
+                  quantize=quantize, keep_text_encoders=keep_text_encoders, verify=verify)
+        if loras and "loras" in inspect.signature(pipeline_cls.load).parameters:
+            return pipeline_cls.load(folder, loras=loras, **kw)  # merged before quantizing on load
+        pipe = pipeline_cls.load(folder, **kw)
+        if loras:
+            pipe.apply_loras(loras)
+        return pipe
 
-    # -- the steps --
+    def apply_loras(self, loras: list[tuple[str, float]]) -> list[dict]:
+        """LoRA files (local or `org/name/file.safetensors`) with their weights, on the transformer and
+        (where the file has them) on CLIP: merged into full-precision weights, a branch beside
+        quantized ones (checkpoints/lora.py). A re-loaded text encoder gets its CLIP parts again.
+        The records (name, weight, format, sha256, ...) accumulate in `self.loras`."""
+        from .checkpoints.lora import apply_loras
 
-    def encode(self, prompts: list[str]) -> tuple[mx.array, mx.array]:
-        if self.text_encoder is None:
-            raise RuntimeError("the text encoders were released after the last prompt: "
-                               "build the pipeline with keep_text_encoders=True to reuse it")
-        txt, pooled = self.text_encoder(prompts)
-        mx.eval(txt, pooled)
-        return txt.astype(self.dtype), pooled.astype(self.dtype)
+        clip = getattr(getattr(self.text_encoder, "encoders", None), "clip", None)
+        records = apply_loras({"transformer": self.transformer, "clip": clip}, loras, skip_clip=clip is None)
+        self.loras = getattr(self, "loras", []) + records
+        load = self._load_text_encoder
+        if clip is not None and load is not None:
+            def reload():
+                encoder = load()
+                apply_loras({"transformer": self.transformer, "clip": encoder.encoders.clip}, loras, only=("clip",))
+                return encoder
 
-    def release_text_encoder(self) -> None:
-        if not self.keep_text_encoders:
-            self.text_encoder = None
-            gc.collect()
-            mx.clear_cache()
+            self._load_text_encoder = reload
+        return records
 
-    def check_size(self, width: int, height: int) -> None:
-        multiple = 2 * self.vae.config.downscale  # VAE downscale x the 2x2 patch
-        for side, value in (("width", width), ("height", height)):
-            if value % multiple:
-                raise ValueError(f"{side} {value} is not a multiple of {multiple} (VAE x{self.vae.config.downscale}, "
-                                 f"2x2 patches): try {max(multiple, round(value / multiple) * multiple)}")
-            if not multiple <= value <= MAX_SIDE:
-                raise ValueError(f"{side} {value} is outside {multiple}..{MAX_SIDE} pixels")
+    @classmethod
+    def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify) -> "Pipeline":
+        raise NotImplementedError(f"{cls.__name__} does not load folders")
 
-    def generate(
-        self,
-        prompt: str | list[str],
-        width: int | None = None,
-        height: int | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int | list[int] = 0,
-        n_images: int = 1,
-        negative_prompt: str = "",
-        true_cfg: float = 1.0,
-        image=None,
-        strength: float = 0.75,
-        progress: Callable[[int, int, float], None] | None = None,
-        latents: mx.array | None = None,
-        vae_tiling: bool | None = None,
-    ):
-        """Images (PIL) for each prompt x n_images; image i of a prompt uses seed + i, so any image
-        can be remade alone; a list of seeds gives every output image its own instead.
-        `guidance` is the distilled-guidance input of guidance models (FLUX.1-dev) and the
-        classifier-free scale of the others (> 1 runs a second pass with `negative_prompt`);
-        `true_cfg` > 1 adds classifier-free guidance to guidance models. `image`/`strength`:
-        image-to-image. `latents` (B, h, w, C) replaces the seeded noise.
-        `vae_tiling`: None decodes in tiles above 768x768 pixels, True / False force it."""
-        d = self.defaults
-        width, height = width or d.width, height or d.height
-        steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance
-        self.check_size(width, height)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prompts = [p for p in prompts for _ in range(n_images)]
-        B = len(prompts)
-        if isinstance(seed, int):
-            seeds = [seed + i for _ in range(B // n_images) for i in range(n_images)]
-        elif len(seed) == B:
-            seeds = list(seed)
-        else:
-            raise ValueError(f"{len(seed)} seeds for {B} images: give one seed per image, or one int")
+    # ---- what a family supplies -------------------------------------------------------------------
 
-        distilled = self.transformer.config.guidance_embed
-        cfg_scale = true_cfg if distilled else guidance
-        txt, pooled = self.encode(prompts)
-        if cfg_scale != 1.0:
-            neg_txt, neg_pooled = self.encode([negative_prompt] * B)
-        self.release_text_encoder()
+    def uses_negative(self, guidance: float, options: dict) -> bool:
+        """Whether this guidance needs the negative prompt's conditioning (a second pass)."""
+        raise NotImplementedError
 
-        f = self.vae.config.downscale
-        h, w, C = height // f, width // f, self.vae.config.latent_channels
-        if latents is None:
-            latents = mx.concatenate([sample_noise(s, (1, h, w, C)) for s in seeds])
-        noise = pack_latents(latents.astype(mx.float32))
-        schedule = flux_schedule(steps, noise.shape[1], shift=d.shift)
-        if image is None:
-            x = noise
-        else:
-            schedule = img2img_schedule(schedule, strength)
-            x0 = pack_latents(self.vae.encode_latents(self._image_batch(image, width, height, B), sample=False))
-            x = noise_image(x0.astype(mx.float32), noise, schedule[0])
+    def latent_shape(self, width: int, height: int) -> tuple[int, ...]:
+        """The shape of one image's initial noise."""
+        raise NotImplementedError
 
-        txt_ids, img_ids = self.transformer.position_ids(h // 2, w // 2, txt.shape[1])
-        g = mx.full((B,), guidance, dtype=self.dtype) if distilled else None
+    def sample(self, noise: mx.array, cond: Conditioning, *, steps: int, guidance: float, width: int, height: int,
+               init: mx.array | None, strength: float, run: Callable, **options) -> mx.array:
+        """Denoise a micro-batch: noise -> final latents; `run(step_fn, x, n)` drives the steps."""
+        raise NotImplementedError
 
-        def velocity(x, t):
-            ts = mx.full((B,), t, dtype=self.dtype)
-            v = self.transformer(x.astype(self.dtype), img_ids, txt, txt_ids, ts, pooled, g)
-            if cfg_scale != 1.0:
-                v_neg = self.transformer(x.astype(self.dtype), img_ids, neg_txt, txt_ids, ts, neg_pooled, g)
-                v = classifier_free_guidance(v, v_neg, cfg_scale)
-            return v
+    def decode(self, latents: mx.array, tiled: bool | None = None) -> mx.array:
+        """Final latents -> images (B, H, W, 3) in [-1, 1]."""
+        return self.vae.decode_latents(latents.astype(self.dtype), tiled=tiled)
 
-        start = time.perf_counter()
-        for i, x in enumerate(denoise(velocity, x, schedule)):
-            if progress:
-                progress(i + 1, len(schedule) - 1, time.perf_counter() - start)
-        self.last_latents = unpack_latents(x, h, w)
-        pixels = self.vae.decode_latents(self.last_latents.astype(self.dtype), tiled=vae_tiling)
-        mx.eval(pixels)
-        from .models.vae import to_pil
+    def preview_latents(self, x: mx.array) -> mx.array:
+        """The sampler's state after a step -> latents `decode` takes (for per-step previews)."""
+        return x
 
-        return to_pil(pixels)
+    def tokens_cut(self, prompt: str) -> int:
+        """How many tokens of `prompt` the text encoder's length cuts off (0: none)."""
+        return 0
 
-    def _image_batch(self, image, width: int, height: int, batch: int) -> mx.array:
+    def encode_image(self, image, width: int, height: int) -> mx.array:
+        """An init image -> the diffusion model's latents (1, h, w, C), for image-to-image."""
         from PIL import Image
 
         from .models.vae import from_pil
@@ -179,4 +165,164 @@ class Pipeline:
         if not isinstance(image, Image.Image):
             image = Image.open(image)
         image = image.convert("RGB").resize((width, height), Image.LANCZOS)
-        return mx.repeat(from_pil(image), batch, axis=0).astype(self.dtype)
+        return self.vae.encode_latents(from_pil(image).astype(self.dtype), sample=False).astype(mx.float32)
+
+    # ---- shared steps -----------------------------------------------------------------------------
+
+    def check_size(self, width: int, height: int) -> None:
+        multiple = self.size_multiple
+        for side, value in (("width", width), ("height", height)):
+            if value % multiple:
+                raise ValueError(f"{side} {value} is not a multiple of {multiple} (VAE x{self.vae.config.downscale}, "
+                                 f"2x2 patches): try {max(multiple, round(value / multiple) * multiple)}")
+            if not multiple <= value <= MAX_SIDE:
+                raise ValueError(f"{side} {value} is outside {multiple}..{MAX_SIDE} pixels")
+
+    @property
+    def weight_bytes(self) -> int:
+        """The denoiser's weights in memory (known from shapes, also before they are read)."""
+        return sum(v.nbytes for _, v in tree_flatten(self.transformer.parameters()))
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 * self.vae.config.downscale  # VAE downscale x the 2x2 patch
+
+    def encode(self, prompts: list[str]) -> dict:
+        """Distinct prompts are encoded once; the rows are then gathered for every image."""
+        if self.text_encoder is None:
+            if self._load_text_encoder is None:
+                raise RuntimeError("the text encoders were released and cannot be re-loaded: "
+                                   "build the pipeline with keep_text_encoders=True to reuse it")
+            self.text_encoder = self._load_text_encoder()
+        distinct = list(dict.fromkeys(prompts))
+        cond = self.text_encoder(distinct)
+        cond = tree_map(lambda a: a.astype(self.dtype) if mx.issubdtype(a.dtype, mx.floating) else a, cond)
+        mx.eval(cond)
+        if len(distinct) == len(prompts):
+            return cond
+        index = mx.array([distinct.index(p) for p in prompts])
+        return tree_map(lambda a: a[index], cond)
+
+    def release_text_encoder(self) -> None:
+        if not self.keep_text_encoders:
+            self.text_encoder = None
+            gc.collect()
+            mx.clear_cache()
+
+    def condition(self, prompts: str | list[str], negative_prompt: str | list[str] = "", guidance: float | None = None,
+                  **options) -> Conditioning:
+        """Encode once, generate many times: `generate(conditioning=pipe.condition([...]))`.
+        `negative_prompt`: one for every prompt, or a list with one per prompt."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one, or one per prompt")
+        guidance = self.defaults.guidance if guidance is None else guidance
+        start = self._phase()
+        cond = Conditioning(prompts, self.encode(prompts))
+        if self.uses_negative(guidance, options):
+            cond.negative = self.encode(negatives)
+        self.release_text_encoder()
+        self._phase("text", start)
+        return cond
+
+    def _phase(self, name: str | None = None, start: float | None = None) -> float:
+        """Start a phase (no arguments: -> its start time) or close one: add its time and peak memory."""
+        if name is not None:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+            self.peak_memory[name] = max(self.peak_memory.get(name, 0), mx.get_peak_memory())
+        mx.reset_peak_memory()
+        return time.perf_counter()
+
+    def run_steps(self, step: Callable[[int, mx.array], mx.array], x: mx.array, n: int,
+                  progress: Progress | None = None, preview: Callable[[int, mx.array], None] | None = None):
+        """x -> step(0, x) -> ... n steps, each evaluated on its own, reported and previewed."""
+        start = time.perf_counter()
+        for i in range(n):
+            x = step(i, x)
+            mx.eval(x)
+            if progress:
+                progress(i + 1, n, time.perf_counter() - start)
+            if preview:
+                preview(i + 1, x)
+        return x
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seed: int | list[int] = 0,
+        n_images: int = 1,
+        negative_prompt: str | list[str] = "",
+        image=None,
+        strength: float = 0.75,
+        progress: Progress | None = None,
+        latents: mx.array | None = None,
+        vae_tiling: bool | None = None,
+        conditioning: Conditioning | None = None,
+        batch_size: int | None = None,
+        preview: Callable[[int, mx.array], None] | None = None,
+        **options,
+    ):
+        """Images (PIL) for each prompt x n_images; image i of a prompt uses seed + i, so any image
+        can be remade alone; a list of seeds gives every output image its own (and implies the
+        number of images per prompt). `conditioning` (from `condition`) replaces the prompts.
+        `guidance`: the family's guidance knob (see its class). `image`/`strength`: image-to-image.
+        `latents` replaces the seeded noise. `batch_size`: images per denoising pass (default all).
+        `vae_tiling`: None decodes in tiles above 768x768 pixels or where the untiled decode would
+        not fit the device's memory (memory.py); True / False force it.
+        `preview(step, latents)` is called after every step; `self.decode` turns them into images.
+        Family options (e.g. FLUX's `true_cfg`) pass through `options`."""
+        self.timings, self.peak_memory = {}, {}
+        d = self.defaults
+        width, height = width or d.width, height or d.height
+        steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance
+        self.check_size(width, height)
+        if conditioning is None:
+            if prompt is None:
+                raise ValueError("give a prompt (or conditioning from Pipeline.condition)")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            conditioning = self.condition(prompts, negative_prompt, guidance, **options)
+        if not isinstance(seed, int):  # a seed per image: n_images follows from it
+            n_images, rem = divmod(len(seed), len(conditioning.prompts))
+            if rem or not n_images:
+                raise ValueError(f"{len(seed)} seeds for {len(conditioning.prompts)} prompts: "
+                                 "give one seed per image (a multiple of the prompt count), or one int")
+        seeds = expand_seeds(len(conditioning.prompts), n_images, seed)
+        if n_images > 1:  # one row per image
+            conditioning = conditioning.rows([r for r in range(len(conditioning.prompts)) for _ in range(n_images)])
+        B = len(seeds)
+        init = self.encode_image(image, width, height) if image is not None else None  # once, not per image
+        if vae_tiling is None:
+            vae_tiling = auto_tiling(width, height, self.vae.config.block_out_channels[0], self.dtype)
+
+        out, finals = [], []
+        for phase in ("denoise", "decode"):
+            self.timings[phase], self.peak_memory[phase] = 0.0, 0
+        batch_size = batch_size or B
+        for s in range(0, B, batch_size):
+            rows = list(range(s, min(s + batch_size, B)))
+            noise = (latents[s:rows[-1] + 1] if latents is not None
+                     else mx.concatenate([self.noise(seeds[i], width, height) for i in rows]))
+            start = self._phase()
+            with wired_weights(self.weight_bytes):
+                x = self.sample(noise, conditioning.rows(rows), steps=steps, guidance=guidance, width=width,
+                                height=height, init=init, strength=strength,
+                                run=lambda step, x, n: self.run_steps(step, x, n, progress, preview), **options)
+            finals.append(x)
+            start = self._phase("denoise", start)
+            pixels = self.decode(x, tiled=vae_tiling)
+            mx.eval(pixels)
+            self._phase("decode", start)
+            out.append(pixels)
+        self.last_latents = mx.concatenate(finals) if len(finals) > 1 else finals[0]
+        from .models.vae import to_pil
+
+        return to_pil(mx.concatenate(out) if len(out) > 1 else out[0])
+
+    def noise(self, seed: int, width: int, height: int) -> mx.array:
+        """One image's noise (1, ...), from its seed alone."""
+        return sample_noise(seed, (1, *self.latent_shape(width, height)))

@@ -23,6 +23,7 @@ import math
 from typing import Callable, Iterator
 
 import mlx.core as mx
+import numpy as np
 
 
 def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -45,6 +46,43 @@ def flux_schedule(steps: int, image_seq_len: int, shift: bool) -> list[float]:
         mu = flux_mu(image_seq_len)
         ts = [time_shift(mu, t) for t in ts]
     return ts
+
+
+def flux2_mu(image_seq_len: int, steps: int) -> float:
+    """FLUX.2's shift mu (diffusers' `compute_empirical_mu`, FP:63-78): fitted to the token count
+    at 10 and at 200 steps, and linear in the step count between; above 4300 tokens the 200-step
+    line alone."""
+    a1, b1 = 8.73809524e-05, 1.89833333  # the 10-step fit
+    a2, b2 = 0.00016927, 0.45666666  # the 200-step fit
+    if image_seq_len > 4300:
+        return float(a2 * image_seq_len + b2)
+    m_200, m_10 = a2 * image_seq_len + b2, a1 * image_seq_len + b1
+    slope = (m_200 - m_10) / 190.0
+    return float(slope * steps + (m_200 - 200.0 * slope))
+
+
+def flux2_schedule(steps: int, image_seq_len: int, dynamic_shift: bool = True, shift: float = 1.0) -> list[float]:
+    """The steps + 1 sigmas of a FLUX.2 run, as Flux2KleinPipeline sets the scheduler: linspace(1,
+    1/steps) in float64, then float32, shifted by t' = e^mu / (e^mu + 1/t - 1) in float32 with
+    mu = flux2_mu (`use_dynamic_shifting`), else by the static shift s t / (1 + (s - 1) t); then 0."""
+    if steps < 1:
+        raise ValueError(f"need at least one sampling step, got {steps}")
+    sigmas = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
+    if dynamic_shift:
+        e_mu = math.exp(flux2_mu(image_seq_len, steps))
+        sigmas = e_mu / (e_mu + (1 / sigmas - 1))  # numpy float32 throughout, as the scheduler (SCH:655)
+    else:
+        sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return [float(s) for s in sigmas.astype(np.float32)] + [0.0]
+
+
+def euler_step_in_model_dtype(x: mx.array, v: mx.array, t: float, t_next: float) -> mx.array:
+    """diffusers' FlowMatchEulerDiscreteScheduler.step as it runs on a low-precision model output
+    (SCH:493-526): the sample is upcast to float32, but dt (a 0-dim float32 tensor) times v is
+    computed in v's dtype (dt and the product rounded to bf16), then added in float32 and cast
+    back. In float32 this is `euler_step`."""
+    dt = mx.array(np.float32(t_next) - np.float32(t))
+    return (x.astype(mx.float32) + dt.astype(v.dtype) * v).astype(v.dtype)
 
 
 def img2img_schedule(schedule: list[float], strength: float) -> list[float]:

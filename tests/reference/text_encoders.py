@@ -178,10 +178,11 @@ def write_clip_tokenizer_files(folder: Path, merges: list[tuple[str, str]]) -> N
     })
 
 
-def learn_bpe(words: Counter, num_merges: int) -> list[tuple[str, str]]:
-    """Sennrich et al.'s BPE learner on byte-level words (</w> on the last symbol): repeatedly
-    merge the most frequent adjacent pair, ties broken by the pair itself (deterministic)."""
-    spelled = {tuple([*w[:-1], w[-1] + "</w>"]): c for w, c in words.items()}
+def learn_bpe(words: Counter, num_merges: int, end_of_word: str = "</w>") -> list[tuple[str, str]]:
+    """Sennrich et al.'s BPE learner on byte-level words (`end_of_word` on the last symbol: CLIP's
+    </w>, nothing for Qwen's): repeatedly merge the most frequent adjacent pair, ties broken by the
+    pair itself (deterministic)."""
+    spelled = {tuple([*w[:-1], w[-1] + end_of_word]): c for w, c in words.items()}
     merges = []
     for _ in range(num_merges):
         pairs = Counter()

@@ -4,7 +4,7 @@
       model.json               configs, quantization, provenance, size + sha256 of every file
       transformer.safetensors  one file per component, in our parameter names
       t5.safetensors  clip.safetensors  vae.safetensors
-      tokenizer/  tokenizer_2/  scheduler/     copied from the source as they are
+      tokenizer/  tokenizer_2/  scheduler/     copied from the source as they are (and model_index.json)
 
 A component is built from its config alone (MLX initialises lazily, so that costs nothing),
 quantized with the recorded layer list when the folder is quantized, then filled with
@@ -21,7 +21,10 @@ model dtype, w ~ s * q + b. The rule for which layers (the predicate `quantizabl
   - never the MM-DiT's boundary layers, the patch projections `img_in` and `final_layer` (whose
     errors land directly on the predicted velocity), nor the small conditioning embedders
     `time_in`, `vector_in`, `guidance_in` (their output modulates every block): together
-    0.4% of FLUX's parameters.
+    0.4% of FLUX's parameters. FLUX.2 keeps the same, and its shared modulation Linears
+    (computed once per forward, they modulate every block): 3.65% of klein 4B, 4.4% kept in all;
+  - the SD U-Net's convolutions are no Linears and stay in the model dtype, and so does its
+    timestep MLP `time_embedding` (as FLUX's `time_in`).
 
 Optionally (`modulation_bits=8` with `bits=4`) the MM-DiT's adaLN modulation Linears
 (`*.img_mod.lin`, `*.txt_mod.lin`, `*.modulation.lin`: 27% of FLUX's parameters) keep 8 bits while
@@ -57,6 +60,7 @@ FORMAT, FORMAT_VERSION, MODEL_JSON = "tiny_imagegen", 1, "model.json"
 BITS, GROUP_SIZES = (4, 8), (32, 64, 128)
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 COPIED_FOLDERS = ("tokenizer", "tokenizer_2", "scheduler")
+COPIED_FILES = ("model_index.json",)  # the pipeline's own config (DiT: the class names, id2label)
 
 
 class ConvertedModelError(CheckpointError):
@@ -84,11 +88,39 @@ COMPONENTS = {
         keep=("img_in", "final_layer", "final_layer.*", "time_in.*", "vector_in.*", "guidance_in.*"),
         modulation=("*.img_mod.lin", "*.txt_mod.lin", "*.modulation.lin"),
     ),
+    # FLUX.2: as FLUX.1, and the shared modulation (3 Linears, 3.65% of klein 4B, whose output
+    # modulates every block) stays in full precision too
+    "flux2_transformer": Component(
+        f"{_M}.flux2:Flux2Transformer", f"{_M}.flux2:Flux2Config", "transformer", f"{_C}.flux2:load_flux2_transformer",
+        keep=("img_in", "final_layer", "final_layer.*", "time_in.*", "guidance_in.*",
+              "double_stream_modulation_img.*", "double_stream_modulation_txt.*", "single_stream_modulation.*"),
+    ),
+    "flux2_vae": Component(
+        f"{_M}.vae_flux2:AutoencoderKLFlux2", f"{_M}.vae_flux2:Flux2VAEConfig", "vae", f"{_C}.flux2:load_flux2_vae",
+        quantize=False,
+    ),
     "t5": Component(f"{_M}.t5:T5Encoder", f"{_M}.t5:T5Config", "text_encoder_2", f"{_C}.text_encoders:load_t5_encoder"),
     "clip": Component(
         f"{_M}.clip:CLIPTextModel", f"{_M}.clip:CLIPTextConfig", "text_encoder", f"{_C}.text_encoders:load_clip_text_model"
     ),
+    # Qwen3 (Z-Image, FLUX.2 klein): every Linear of the decoder layers; the token embedding (an
+    # nn.Embedding, 10% of Qwen3-4B) and the RMSNorm scales stay as they are
+    "qwen3": Component(
+        f"{_M}.qwen3:Qwen3Model", f"{_M}.qwen3:Qwen3Config", "text_encoder", f"{_C}.qwen3:load_qwen3"
+    ),
     "vae": Component(f"{_M}.vae:AutoencoderKL", f"{_M}.vae:VAEConfig", "vae", f"{_C}.vae:load_vae", quantize=False),
+    # SD 1.5's U-Net: its Linears (attention, GEGLU, projections, per-resnet time projections) are
+    # quantized; its convolutions are no Linears and stay, and so does the timestep MLP.
+    "unet": Component(
+        f"{_M}.unet:UNet2DConditionModel", f"{_M}.unet:UNetConfig", "unet", f"{_C}.unet:load_unet",
+        keep=("time_embedding.*",),
+    ),
+    # DiT (facebook/DiT-XL-2-*): the patch embedding, the timestep/class embedders and the final
+    # layer stay in full precision, as the MM-DiT's boundary layers do (0.9% of DiT-XL/2, biases included)
+    "dit": Component(
+        f"{_M}.dit:DiT", f"{_M}.dit:DiTConfig", "transformer", f"{_C}.dit:load_dit",
+        keep=("x_embedder", "t_embedder.*", "y_embedder", "y_embedder.*", "txt_in", "final_layer.*"),
+    ),
 }
 
 
@@ -166,7 +198,7 @@ def save_converted(
     """Write `components` (name -> model, or a function returning one: called one at a time, so a
     full-size model is released before the next is read) into the folder `output`.
 
-    copy: folder name -> source folder copied in as it is (tokenizers, scheduler).
+    copy: folder (or file) name -> source folder (or file) copied in as it is (tokenizers, scheduler).
     source: provenance written to model.json. bits/group_size: quantize by the rule, or None;
     modulation_bits: the adaLN modulation layers at these bits instead (see the module docstring).
     dtype: cast floating-point weights before quantizing (None keeps them). The models passed in
@@ -208,8 +240,9 @@ def save_converted(
             manifest["components"][name] = entry
             manifest["files"].update(files)
         for folder, src in (copy or {}).items():
-            for f in sorted(p for p in Path(src).rglob("*") if p.is_file()):
-                rel = Path(folder) / f.relative_to(src)
+            src = Path(src)
+            for f in [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file()):
+                rel = Path(folder) / f.relative_to(src) if f != src else Path(folder)
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(f, tmp / rel)
                 manifest["files"][rel.as_posix()] = _file_record(tmp / rel)
@@ -349,9 +382,9 @@ def convert(
     provenance: dict | None = None,
     modulation_bits: int | None = None,
 ) -> Path:
-    """Convert a folder laid out like a FLUX hub repo (every known component found in it), or
-    re-save an unquantized converted folder (e.g. to quantize it), into our format at `output`."""
-    from ..hub import hub_source
+    """Convert a folder laid out like a hub repo (the components its family reads, registry.py),
+    or re-save an unquantized converted folder (e.g. to quantize it), into our format at `output`."""
+    from ..hub import family_of_folder, hub_source
 
     source = Path(source)
     provenance = {**hub_source(source), **(provenance or {})}
@@ -361,20 +394,32 @@ def convert(
             raise ValueError(f"{source} is already quantized: convert from the original weights instead")
         models = {name: (lambda n=name: load_component(source, n)) for name in manifest["components"]}
         provenance = {**manifest["source"], "converted_from": str(source.resolve())}
+        pipeline = manifest.get("pipeline")
     else:
+        family = family_of_folder(source)
+        specs = {name: COMPONENTS[name] for name in family.components + family.optional_components}
         models = {
             name: (lambda spec=spec: _import(spec.loader)(source / spec.source_folder))
-            for name, spec in COMPONENTS.items()
+            for name, spec in specs.items()
             if (source / spec.source_folder).is_dir()
         }
-    if not models:
-        folders = ", ".join(c.source_folder for c in COMPONENTS.values())
-        raise CheckpointError(f"{source}: no component folders ({folders}) and no {MODEL_JSON}: nothing to convert")
+        pipeline = {"family": family.name, **_pipeline_options(source)}
+        if not models:
+            folders = ", ".join(c.source_folder for c in specs.values())
+            raise CheckpointError(f"{source}: no component folders ({folders}) and no {MODEL_JSON}: nothing to convert")
     copy = {f: source / f for f in COPIED_FOLDERS if (source / f).is_dir()}
-    return save_converted(
-        output, models, copy=copy, source=provenance, bits=bits, group_size=group_size, dtype=dtype, force=force,
-        modulation_bits=modulation_bits,
-    )
+    copy.update({f: source / f for f in COPIED_FILES if (source / f).is_file()})
+    return save_converted(output, models, copy=copy, source=provenance, bits=bits, group_size=group_size,
+                          dtype=dtype, force=force, pipeline=pipeline,
+                          modulation_bits=modulation_bits)
+
+
+def _pipeline_options(source: Path) -> dict:
+    """What model_index.json says about sampling beyond the components (FLUX.2 klein's
+    `is_distilled`: one pass per step, or classifier-free guidance), kept in model.json."""
+    index = source / "model_index.json"
+    config = json.loads(index.read_text()) if index.is_file() else {}
+    return {k: config[k] for k in ("is_distilled",) if k in config}
 
 
 # ---- loading --------------------------------------------------------------------------------------

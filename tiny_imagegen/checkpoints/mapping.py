@@ -117,6 +117,13 @@ def _fill(pattern: str, values: dict[str, str]) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m[1]], pattern)
 
 
+def source_keys(table: KeyTable, key: str) -> tuple[list[str], Callable[[list[mx.array]], mx.array]]:
+    """The checkpoint keys our parameter `key` is made of, and how they combine (the table read
+    forwards: e.g. a LoRA file names the pieces of our fused projections by these keys)."""
+    rule, values = table.rule_for(key)
+    return [_fill(p, values) for p in rule.sources], rule.transform
+
+
 # ---- applying a table -----------------------------------------------------------------------------
 
 

@@ -22,6 +22,15 @@ def read_file(path: str | Path) -> dict[str, mx.array]:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
+VARIANTS = ("fp16", "bf16", "fp32", "non_ema", "ema")
+
+
+def is_variant(filename: str) -> bool:
+    """`model.fp16.safetensors`, `diffusion_pytorch_model.non_ema.safetensors`: diffusers' variants."""
+    parts = filename.split(".")
+    return len(parts) > 2 and parts[-2] in VARIANTS
+
+
 def read_checkpoint(path: str | Path, prefix: str = "") -> dict[str, mx.array]:
     """All tensors of a checkpoint: a file, or a folder holding shards (listed by a
     `*.safetensors.index.json` when there is one). With `prefix`, only the files whose
@@ -36,7 +45,9 @@ def read_checkpoint(path: str | Path, prefix: str = "") -> dict[str, mx.array]:
         weight_map = json.loads(indexes[0].read_text())["weight_map"]
         files = sorted({path / f for f in weight_map.values()})
     else:
-        files = sorted(path.glob(f"{prefix}*.safetensors"))
+        # not the precision / EMA variants a repo may hold beside the weights (SD 1.5's
+        # unet/diffusion_pytorch_model.fp16.safetensors, .non_ema.safetensors): same keys
+        files = sorted(f for f in path.glob(f"{prefix}*.safetensors") if not is_variant(f.name))
     if not files:
         raise CheckpointError(f"no .safetensors files in {path}")
     tensors = {}

@@ -52,3 +52,31 @@ def unpack_latents(tokens: mx.array, h: int, w: int, patch: int = 2) -> mx.array
     z = tokens.reshape(B, h // patch, w // patch, C, patch, patch)
     z = z.transpose(0, 1, 4, 2, 5, 3)  # (B, h/p, ph, w/p, pw, C)
     return z.reshape(B, h, w, C)
+
+
+def ddpm_timestep_embedding(t: mx.array, dim: int = 256, downscale_freq_shift: float = 1.0, max_period: float = 10_000.0):
+    """Sinusoidal embedding of DDPM timesteps t in [0, 1000) (B,) -> (B, dim), cos half first:
+    [cos(t ω_j), sin(t ω_j)], ω_j = exp(-ln(max_period) j / (dim/2 - downscale_freq_shift)).
+
+    diffusers' `get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift)`, as its
+    DiT (`CombinedTimestepLabelEmbeddings`) uses it with a shift of 1; the original DiT code and
+    `timestep_embedding` above divide by dim/2 (a shift of 0) and take t in [0, 1]. Computed in
+    float32 (the caller casts to its weights' dtype, as diffusers does); the frequencies are
+    rounded from float64, as in `timestep_embedding`."""
+    half = dim // 2
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half - downscale_freq_shift)
+    freqs = mx.array(np.exp(exponent.astype(np.float64)).astype(np.float32))
+    args = t.astype(mx.float32)[:, None] * freqs[None]
+    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+
+
+def unpatchify(tokens: mx.array, h: int, w: int, patch: int = 2) -> mx.array:
+    """Tokens (B, h/p * w/p, p p C) with channel order ph·p·C + pw·C + c, as DiT (and MAE) lay out
+    their output patches -> (B, h, w, C). (`unpack_latents` reads FLUX's c·p² + ph·p + pw.)"""
+    B, L, D = tokens.shape
+    C = D // (patch * patch)
+    if L != (h // patch) * (w // patch) or D != C * patch * patch:
+        raise ValueError(f"{L} tokens of width {D} are not a {h}x{w} latent in {patch}x{patch} patches")
+    z = tokens.reshape(B, h // patch, w // patch, patch, patch, C)
+    z = z.transpose(0, 1, 3, 2, 4, 5)  # (B, h/p, ph, w/p, pw, C)
+    return z.reshape(B, h, w, C)

@@ -78,3 +78,32 @@ class LearnedPositionEmbedding(nn.Module):
     def __call__(self, positions: mx.array) -> mx.array:
         """positions (L,) integer -> (L, dim)."""
         return self.weight[positions]
+
+
+def flux2_image_ids(height: int, width: int, t: int = 0) -> np.ndarray:
+    """(H*W, 4) ids (t, row, col, 0) of FLUX.2's packed latent grid; reference images of an edit
+    get t = 10, 20, ... (FP:303-367)."""
+    rows, cols = image_grid(height, width)
+    return np.stack([np.full_like(rows, t), rows, cols, np.zeros_like(rows)], axis=-1).astype(np.float32)
+
+
+def flux2_text_ids(length: int) -> np.ndarray:
+    """(L, 4) ids (0, 0, 0, l): FLUX.2 gives text tokens their order on a fourth RoPE axis."""
+    ids = np.zeros((length, 4), np.float32)
+    ids[:, 3] = np.arange(length)
+    return ids
+
+
+def sincos_2d_interpolated(dim: int, height: int, width: int, base_size: int, interpolation_scale: float = 1.0) -> mx.array:
+    """2-D sin-cos table (H*W, dim) for a grid other than the one a model was trained on, as
+    diffusers' `get_2d_sincos_pos_embed(dim, (H, W), base_size, interpolation_scale)` makes it:
+    each axis is stretched to span `base_size` positions, p_j = j / (n / base_size) / scale, in
+    float32 as there. With height = width = base_size and scale 1 this is `sincos_2d` exactly."""
+    assert dim % 4 == 0, f"2-D sin-cos embedding needs dim divisible by 4, got {dim}"
+
+    def axis(n):
+        return np.arange(n, dtype=np.float32) / np.float32(n / base_size) / np.float32(interpolation_scale)
+
+    rows, cols = np.meshgrid(axis(height), axis(width), indexing="ij")
+    table = np.concatenate([sincos_1d(dim // 2, cols.reshape(-1)), sincos_1d(dim // 2, rows.reshape(-1))], axis=1)
+    return mx.array(table.astype(np.float32))

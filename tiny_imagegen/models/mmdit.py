@@ -14,7 +14,7 @@ every block (adaLN-Zero, see layers/modulation.py). Parameter names follow the o
 (`double_blocks.0.img_attn.qkv.weight`), so its checkpoints map almost one to one.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -79,19 +79,6 @@ class MMDiTConfig:
             guidance_embed=cfg.get("guidance_embeds", False),
             axes_dim=tuple(cfg.get("axes_dims_rope", (16, 56, 56))),
         )
-
-
-PRESETS = {
-    # Black Forest Labs, FLUX.1 [schnell] and [dev]: 12 B parameters, hidden 3072 = 24 x 128.
-    "flux1-schnell": MMDiTConfig(),
-    "flux1-dev": MMDiTConfig(guidance_embed=True),
-}
-
-
-def preset(name: str, **overrides) -> MMDiTConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown MM-DiT preset {name!r}; known: {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
 
 
 def mlp(dim: int, ratio: float) -> nn.Sequential:

@@ -12,7 +12,7 @@ A prompt becomes token ids in five steps, the same steps as transformers' `CLIPT
 3. Split into words: runs of letters, single digits, runs of other symbols, and the English
    contractions 's 't 're 've 'm 'll 'd; whitespace separates and is dropped.
 4. Each word's UTF-8 bytes are written as 256 printable stand-in characters (GPT-2's
-   `bytes_to_unicode`), so every string has a spelling in a 512-symbol base alphabet (each byte,
+   `bytes_to_unicode`, text/bpe.py, shared with Qwen's tokenizer), so every string has a spelling in a 512-symbol base alphabet (each byte,
    and each byte followed by the end-of-word marker `</w>`).
 5. Byte-pair encoding: starting from single symbols, with `</w>` glued to the last one, the
    adjacent pair that comes earliest in `merges.txt` is merged, everywhere in the word, until no
@@ -27,24 +27,16 @@ and `tokenizer_config.json` / `special_tokens_map.json` for the special tokens.
 import json
 import re
 import unicodedata
-from functools import lru_cache
 from pathlib import Path
 
 import mlx.core as mx
+
+from .bpe import byte_pair_encode, bytes_to_unicode, split_special
 
 SPECIAL_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
 SPECIAL_SPELLINGS = ("<|startoftext|>", "<|endoftext|>")
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 END_OF_WORD = "</w>"
-
-
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters: printable
-    Latin-1 bytes stand for themselves, the others are shifted to U+0100 onwards."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
 def normalize(text: str) -> str:
@@ -86,26 +78,6 @@ def split_words(text: str) -> list[str]:
         words.append(text[i:j])
         i = j
     return words
-
-
-def byte_pair_encode(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Merge adjacent symbols, the lowest-ranked listed pair first, until none is listed."""
-    symbols = [*word[:-1], word[-1] + END_OF_WORD]
-    while len(symbols) > 1:
-        pairs = set(zip(symbols, symbols[1:]))
-        best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
-        if best not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(symbols):
-            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                merged.append(symbols[i] + symbols[i + 1])
-                i += 2
-            else:
-                merged.append(symbols[i])
-                i += 1
-        symbols = merged
-    return symbols
 
 
 class CLIPTokenizer:
@@ -153,11 +125,11 @@ class CLIPTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` between start and end tokens, neither truncated nor padded."""
         ids = []
-        for raw, raw_id in _split_special(text, self.raw_special):
+        for raw, raw_id in split_special(text, self.raw_special):
             if raw_id is not None:
                 ids.append(raw_id)
                 continue
-            for piece, special_id in _split_special(normalize(raw), self.normalized_special):
+            for piece, special_id in split_special(normalize(raw), self.normalized_special):
                 if special_id is not None:
                     ids.append(special_id)
                     continue
@@ -182,20 +154,9 @@ class CLIPTokenizer:
     def _encode_word(self, word: str) -> list[int]:
         if word not in self._cache:
             spelled = "".join(self._byte_char[b] for b in word.encode("utf-8"))
-            symbols = byte_pair_encode(spelled, self.ranks)
+            symbols = byte_pair_encode([*spelled[:-1], spelled[-1] + END_OF_WORD], self.ranks)
             self._cache[word] = [self.vocab.get(s, self.unk_id) for s in symbols]
         return self._cache[word]
-
-
-def _split_special(text: str, special: dict[str, int]) -> list[tuple[str, int | None]]:
-    """Cut special tokens out of `text`: a list of (piece, None) and (token, id)."""
-    if not special:
-        return [(text, None)]
-    pieces, start = [], 0
-    for m in re.finditer("|".join(map(re.escape, sorted(special, key=len, reverse=True))), text):
-        pieces += [(text[start : m.start()], None), (m[0], special[m[0]])]
-        start = m.end()
-    return [*pieces, (text[start:], None)]
 
 
 def _read_config(folder: Path, overrides: dict) -> dict:

@@ -150,7 +150,7 @@ def save_tiny_shapes(folder: str | Path, vae: AutoencoderKL, denoiser: TinyDenoi
     file and the sampling recipe in model.json. Replaces `folder` if it exists."""
     from ..checkpoints.convert import save_converted
 
-    recipe = {"name": "tiny-shapes", "text": "t5-mean", "defaults": {**SAMPLING_DEFAULTS, **(sampling or {})}}
+    recipe = {"family": "flux1", "name": "tiny-shapes", "text": "t5-mean", "defaults": {**SAMPLING_DEFAULTS, **(sampling or {})}}
     return save_converted(
         folder, {"transformer": denoiser.transformer, "t5": denoiser.text_encoder, "vae": vae},
         copy={"tokenizer_2": Path(tokenizer_folder)}, source={"trained_with": "examples/train_tiny.py", **(training or {})},

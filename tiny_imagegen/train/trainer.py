@@ -7,6 +7,13 @@ epoch permutation and a key `mx.random.key` of (seed, step)). The loop itself dr
 checkpoint needs no RNG state: model + EMA + optimizer (Adam moments and its step counter) + the
 step number are the whole state, and a resumed run repeats the uninterrupted run bit for bit.
 
+Data parallel (`group`, an `mx.distributed` group of N processes started by `mlx.launch`): every
+process builds the same global batch from the step number, computes the loss and gradients of its
+own 1/N of it (the caller's batch_fn slices), and the gradients are averaged with
+`nn.average_gradients` (an all-reduce sum / N) before clipping and the AdamW update, so every
+process takes the same step as one process on the whole batch would. Only rank 0 writes the
+log and the checkpoints.
+
 A checkpoint is a folder `step_000500/` with `model.safetensors`, `ema.safetensors`,
 `optimizer.safetensors` and `state.json`; the loss log `loss.tsv` (step, loss, lr, grad norm,
 seconds) lives beside them and is cut back to the checkpoint's step on resume.
@@ -21,6 +28,7 @@ for its moments (Kingma & Ba 2015, §3): the weights that are shipped.
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -80,8 +88,10 @@ class Trainer:
     latest checkpoint there (or a given one), then `train()`."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, batch_fn: Callable[[int], tuple], config: TrainConfig,
-                 folder: str | Path, name: str = "train"):
+                 folder: str | Path, name: str = "train", group=None):
         self.model, self.loss_fn, self.batch_fn, self.config = model, loss_fn, batch_fn, config
+        self.group = group if group is not None and group.size() > 1 else None
+        self.is_main = self.group is None or self.group.rank() == 0
         self.folder, self.name = Path(folder), name
         self.optimizer = optim.AdamW(learning_rate_schedule(config), weight_decay=config.weight_decay)
         self.optimizer.init(model.trainable_parameters())
@@ -93,13 +103,16 @@ class Trainer:
     # -- the step --
 
     def _build_step(self):
-        model, optimizer, clip = self.model, self.optimizer, self.config.grad_clip
+        model, optimizer, clip, group = self.model, self.optimizer, self.config.grad_clip, self.group
         loss_and_grad = nn.value_and_grad(model, self.loss_fn)
         state = [model.state, optimizer.state]
 
         @partial(mx.compile, inputs=state, outputs=state)
         def step(*batch):
             loss, grads = loss_and_grad(model, *batch)
+            if group is not None:  # the mean over the global batch: average the processes' shares
+                grads = nn.average_gradients(grads, group=group)
+                loss = mx.distributed.all_sum(loss, group=group) / group.size()
             if clip is not None:
                 grads, norm = optim.clip_grad_norm(grads, clip)
             else:
@@ -136,6 +149,9 @@ class Trainer:
     # -- checkpoints --
 
     def save(self) -> Path:
+        out = self.folder / f"step_{self.step:06d}"
+        if not self.is_main:
+            return out
         out = self.folder / f"step_{self.step:06d}"
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -187,7 +203,7 @@ class Trainer:
         until = self.config.steps if until is None else until
         self.folder.mkdir(parents=True, exist_ok=True)
         new_log = not self.log_path.is_file()
-        log = self.log_path.open("a")
+        log = self.log_path.open("a") if self.is_main else open(os.devnull, "w")
         if new_log:
             log.write("step\tloss\tlr\tgrad_norm\tseconds\n")
         window, t_window, t_start, start_step = [], time.perf_counter(), time.perf_counter(), self.step
@@ -206,7 +222,8 @@ class Trainer:
                 eta = per_step * (until - self.step)
                 line = (f"{self.name} {self.step:6d}/{until} |{_bar(self.step / until)}| loss {sum(window) / len(window):.4f} "
                         f"lr {lr:.2e} {per_step:.2f} s/step eta {eta / 60:.1f} min")
-                print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+                if self.is_main:
+                    print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
                 last_window, window, t_window = window, [], now
             if self.step % self.config.checkpoint_every == 0 or self.step == until:
                 self.save()
@@ -214,7 +231,7 @@ class Trainer:
         if tty:
             print(file=sys.stderr)
         done = self.step - start_step
-        if done:
+        if done and self.is_main:
             print(f"{self.name}: {done} steps in {(time.perf_counter() - t_start) / 60:.1f} min", file=sys.stderr)
         return sum(last_window) / len(last_window) if done else float("nan")
 

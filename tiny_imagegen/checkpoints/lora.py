@@ -1,0 +1,337 @@
+"""LoRA files as they are shared for FLUX.1, mapped onto our transformer (and its CLIP encoder).
+
+| format | a key of it | scale s |
+|---|---|---|
+| diffusers / PEFT | `transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight` | lora_alpha / r (file metadata or `.alpha`), else 1 |
+| kohya (sd-scripts) | `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`, `.lora_up`, `.alpha` | alpha / rank |
+| ComfyUI | `diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight` (kohya on dotted names) | alpha / rank |
+| BFL names | `double_blocks.0.img_attn.qkv.lora_A.weight` | alpha / rank, else 1 |
+| XLabs | `double_blocks.0.processor.qkv_lora1.down.weight` | 1 |
+
+Every format names the layers of one base checkpoint layout, so its key table is that layout's
+table (checkpoints/flux.py, text_encoders.py) read forwards: diffusers/PEFT in the DIFFUSERS names,
+kohya/ComfyUI/BFL in the original BFL names (kohya with dots as underscores), XLabs in the names of
+its attention processors (XLABS below). A LoRA on one piece of our fused projections (diffusers'
+to_q, to_k, to_v, proj_mlp) updates only those rows of the fused weight: a block-structured LoRA.
+A LoRA on diffusers' norm_out.linear has its B rows swapped as the base weight's (scale, shift)
+halves are. The update of one layer is W' = W + s · w · B A, with w the user's weight.
+
+T5 parts (`lora_te2_`, `text_encoders.t5xxl.`, `text_encoder_2.`) are skipped with a warning, as
+diffusers does; anything else that is not a LoRA tensor of a layer we have is named in one error.
+"""
+
+import json
+import math
+import re
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..layers.lora import LoRALinear, Update, apply_updates, get_layer, linear_shape
+from .flux import BFL, DIFFUSERS
+from .mapping import CheckpointError, source_keys, swap_halves
+from .text_encoders import CLIP_HUB, CLIP_TRANSFORMERS5
+
+FORMATS = ("diffusers", "kohya", "bfl", "xlabs")
+# the tensor names of one layer's adapter in each format: (A, B, alpha)
+SUFFIXES = {
+    "diffusers": ("lora_A.weight", "lora_B.weight", "alpha"),
+    "kohya": ("lora_down.weight", "lora_up.weight", "alpha"),
+    "bfl": ("lora_A.weight", "lora_B.weight", "alpha"),
+    "xlabs": ("down.weight", "up.weight", None),
+}
+# XLabs' LoRA attention processors (x-flux) on our modules, as diffusers' converter reads them
+XLABS = {
+    "double_blocks.{i}.processor.qkv_lora1": "double_blocks.{i}.img_attn.qkv",
+    "double_blocks.{i}.processor.qkv_lora2": "double_blocks.{i}.txt_attn.qkv",
+    "double_blocks.{i}.processor.proj_lora1": "double_blocks.{i}.img_attn.proj",
+    "double_blocks.{i}.processor.proj_lora2": "double_blocks.{i}.txt_attn.proj",
+    "single_blocks.{i}.processor.qkv_lora": "single_blocks.{i}.linear1",  # q, k, v rows only
+    "single_blocks.{i}.processor.proj_lora": "single_blocks.{i}.linear2",
+}
+T5_PREFIXES = ("lora_te2_", "text_encoders.t5xxl.", "text_encoder_2.")
+CLIP_PREFIXES = ("lora_te1_", "lora_te_", "text_encoders.clip_l.", "text_encoder.")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one adapter of the file goes: rows [start, stop) of our layer `module` of `component`."""
+
+    component: str  # "transformer" or "clip"
+    module: str
+    start: int
+    stop: int
+    swap: bool = False  # B's row halves swapped (diffusers' norm_out: (scale, shift))
+
+
+# ---- reading a file ------------------------------------------------------------------------------
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, mx.array], dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no such LoRA file: {path}")
+    try:
+        tensors, metadata = mx.load(str(path), return_metadata=True)
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"cannot read the LoRA file {path}: {e}") from None
+    return tensors, metadata or {}
+
+
+def detect_format(keys) -> str:
+    keys = list(keys)
+    if any(".processor." in k for k in keys):
+        return "xlabs"
+    if any(k.endswith(".lora_down.weight") for k in keys):
+        return "kohya"
+    if any(k.endswith(".lora_A.weight") for k in keys):
+        bfl = ("double_blocks.", "single_blocks.", "diffusion_model.", "final_layer.", "img_in.", "txt_in.")
+        return "bfl" if any(k.startswith(bfl) for k in keys) else "diffusers"
+    raise CheckpointError(f"not a LoRA file of a known format ({', '.join(FORMATS)}): keys such as {keys[:3]}")
+
+
+def _normalise(fmt: str, key: str) -> str:
+    """ComfyUI's dotted kohya names -> kohya's; its `diffusion_model.` prefix off BFL names."""
+    if fmt == "kohya":
+        for prefix, kohya in (("diffusion_model.", "lora_unet_"), ("text_encoders.clip_l.transformer.", "lora_te1_")):
+            if key.startswith(prefix):
+                module, suffix = _split_suffix(key, SUFFIXES["kohya"])
+                return kohya + module[len(prefix):].replace(".", "_") + "." + suffix if module else key
+        return key.replace("lora_te_", "lora_te1_", 1) if key.startswith("lora_te_") else key
+    if fmt in ("bfl", "xlabs"):
+        return key.removeprefix("diffusion_model.")
+    return key
+
+
+def _split_suffix(key: str, suffixes) -> tuple[str | None, str | None]:
+    for suffix in suffixes:
+        if suffix and key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    return None, None
+
+
+# ---- the key tables: their layer name -> Target ----------------------------------------------------
+
+
+def _linears(model: nn.Module):
+    for path, layer in model.named_modules():
+        if isinstance(layer, LoRALinear):
+            yield path, layer.base
+        elif isinstance(layer, (nn.Linear, nn.QuantizedLinear)) and not path.endswith(".base"):
+            yield path, layer
+
+
+def _slot_rows(j: int, n: int, out_features: int, in_features: int) -> tuple[int, int]:
+    """Rows of piece j of a fused projection of n pieces. In FLUX's fused layers (qkv; linear1 =
+    [q; k; v; mlp_in]) every piece but the last is q, k or v: `hidden` = in_features rows each."""
+    start = j * in_features
+    return start, (out_features if j == n - 1 else start + in_features)
+
+
+def layer_names(fmt: str, components: dict[str, nn.Module]) -> dict[str, Target]:
+    """The layer names a file of format `fmt` uses, for the layers of our `components`."""
+    names = {}
+    transformer, clip = components.get("transformer"), components.get("clip")
+    for path, layer in _linears(transformer) if transformer is not None else ():
+        out_features, in_features = linear_shape(layer)
+        if fmt == "xlabs":
+            continue
+        keys, transform = source_keys(DIFFUSERS if fmt == "diffusers" else BFL, path + ".weight")
+        for j, key in enumerate(keys):
+            their = key.removesuffix(".weight")
+            their = {"diffusers": "transformer." + their, "kohya": "lora_unet_" + their.replace(".", "_")}.get(fmt, their)
+            names[their] = Target("transformer", path, *_slot_rows(j, len(keys), out_features, in_features),
+                                  swap=transform is swap_halves)
+    if fmt == "xlabs" and transformer is not None:
+        D = transformer.config.hidden_size
+        for n, blocks in (("double", transformer.double_blocks), ("single", transformer.single_blocks)):
+            for i in range(len(blocks)):
+                for their, ours in XLABS.items():
+                    if their.startswith(n):
+                        module = ours.format(i=i)
+                        out_features = linear_shape(get_layer(transformer, module))[0]
+                        stop = 3 * D if module.endswith("linear1") else out_features
+                        names[their.format(i=i)] = Target("transformer", module, 0, stop)
+    for path, layer in _linears(clip) if clip is not None and fmt in ("diffusers", "kohya") else ():
+        out_features, _ = linear_shape(layer)
+        for table in (CLIP_HUB, CLIP_TRANSFORMERS5):  # with or without transformers' text_model. level
+            (key,), _ = source_keys(table, path + ".weight")
+            their = key.removesuffix(".weight")
+            their = "text_encoder." + their if fmt == "diffusers" else "lora_te1_" + their.replace(".", "_")
+            names[their] = Target("clip", path, 0, out_features)
+    return names
+
+
+# ---- a file -> updates per layer -------------------------------------------------------------------
+
+
+def lora_updates(tensors: dict[str, mx.array], metadata: dict[str, str], components: dict[str, nn.Module],
+                 weight: float = 1.0, name: str = "LoRA", skip_clip: bool = False):
+    """-> (format, {(component, our layer): [Update]}, {our parameter: tensor it is replaced by}).
+    Checks every key first; one error names every unknown, incomplete or mis-shaped one.
+
+    Replaced parameters: BFL's control LoRAs also carry the QK-norm scales, which replace ours
+    (diffusers does the same); the user's weight does not apply to them. `skip_clip`: leave out
+    the CLIP parts (e.g. to adapt a transformer alone); otherwise they need a "clip" component."""
+    fmt = detect_format(tensors)
+    a_suffix, b_suffix, alpha_suffix = SUFFIXES[fmt]
+    groups, unknown, skipped, replaced, orphans = defaultdict(dict), [], [], {}, 0
+    ours = dict(tree_flatten(components["transformer"].parameters())) if "transformer" in components else {}
+    for key, value in tensors.items():
+        if key.startswith(T5_PREFIXES) or (skip_clip and key.startswith(CLIP_PREFIXES)):
+            skipped.append(key)
+            continue
+        if "clip" not in components and key.startswith(CLIP_PREFIXES):
+            orphans += 1
+            continue
+        key = _normalise(fmt, key)
+        if fmt == "bfl" and key.endswith(("query_norm.scale", "key_norm.scale")) and key in ours:
+            if value.shape != ours[key].shape:
+                unknown.append(f"{key} {tuple(value.shape)} (ours {tuple(ours[key].shape)})")
+            replaced[key] = value
+            continue
+        module, suffix = _split_suffix(key, SUFFIXES[fmt])
+        if module is None:
+            unknown.append(f"{key} {tuple(value.shape)}")
+        else:
+            groups[module][suffix] = value
+    if skipped:
+        print(f"{name}: skipping {len(skipped)} text-encoder tensors ({', '.join(sorted({k.split('.')[0][:16] for k in skipped}))}; "
+              "T5 parts are not supported, as in diffusers)", file=sys.stderr)
+    names = layer_names(fmt, components)
+    scales = _metadata_scales(metadata) if fmt == "diffusers" else None
+    updates, problems = defaultdict(list), []
+    for module, parts in groups.items():
+        target = names.get(module)
+        if target is None:
+            unknown += [f"{module}.{s}" for s in parts]
+            continue
+        if a_suffix not in parts or b_suffix not in parts:
+            problems.append(f"{module}: needs both {a_suffix} and {b_suffix}, has {sorted(parts)}")
+            continue
+        a, b = parts[a_suffix], parts[b_suffix]
+        layer = get_layer(components[target.component], target.module)
+        in_features = linear_shape(layer)[1]
+        rank = a.shape[0]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_features or b.shape != (target.stop - target.start, rank):
+            problems.append(f"{module}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit rows {target.start}:"
+                            f"{target.stop} of our {target.module} ({in_features} inputs)")
+            continue
+        if alpha_suffix in parts:
+            scale = parts[alpha_suffix].item() / rank
+        elif scales is not None:
+            scale = scales(target.component, module.split(".", 1)[1], rank)
+        else:
+            scale = 1.0
+        if target.swap:
+            b = swap_halves([b])
+        updates[(target.component, target.module)].append(Update(a, b, target.start, scale * weight))
+    if orphans:
+        problems.append(f"{orphans} CLIP text-encoder tensors, but no CLIP model was given "
+                        "(pass skip_clip=True to adapt the transformer alone)")
+    if unknown or problems:
+        lines = [f"{name} ({fmt} format) does not fit this model:"]
+        if unknown:
+            lines += [f"  {len(unknown)} unknown key(s):"] + [f"    {k}" for k in unknown[:12]]
+            lines += [f"    ... and {len(unknown) - 12} more"] if len(unknown) > 12 else []
+        lines += [f"  {p}" for p in problems[:12]]
+        raise CheckpointError("\n".join(lines))
+    return fmt, dict(updates), replaced
+
+
+def _metadata_scales(metadata: dict[str, str]):
+    """diffusers' `lora_adapter_metadata` (the PEFT LoraConfig per component): lora_alpha / r, with
+    PEFT's per-module rank_pattern / alpha_pattern (a pattern matches a name's dotted tail) and
+    rsLoRA's alpha / sqrt(r). None when the file has none (PEFT's convention then: s = 1)."""
+    if "lora_adapter_metadata" not in metadata:
+        return None
+    meta = json.loads(metadata["lora_adapter_metadata"])
+
+    def scale(component: str, module: str, rank: int) -> float:
+        prefix = {"transformer": "transformer.", "clip": "text_encoder."}[component]
+        cfg = {k.removeprefix(prefix): v for k, v in meta.items() if k.startswith(prefix)}
+        if "lora_alpha" not in cfg:
+            return 1.0
+        r = _pattern(cfg.get("rank_pattern") or {}, module, cfg.get("r", rank))
+        alpha = _pattern(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
+        return alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+    return scale
+
+
+def _pattern(patterns: dict, module: str, default):
+    for key, value in patterns.items():
+        if re.fullmatch(rf"(.*\.)?({key})", module):
+            return value
+    return default
+
+
+# ---- the entry point ---------------------------------------------------------------------------------
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """'PATH[:WEIGHT]' -> (PATH, WEIGHT); the weight defaults to 1."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and not Path(spec).expanduser().is_file():
+        try:
+            return path, float(tail)
+        except ValueError:
+            raise ValueError(f"--lora {spec!r}: the weight {tail!r} after ':' is not a number") from None
+    return spec, 1.0
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def apply_loras(components: dict[str, nn.Module] | nn.Module, loras, merge: bool | None = None,
+                skip_clip: bool = False, only: tuple[str, ...] | None = None) -> list[dict]:
+    """Apply LoRA files to a transformer (or {"transformer": ..., "clip": ...}) in place.
+
+    loras: [(path, weight), ...]; a path may be a local file or a hub file `org/name/file.safetensors`
+    (hub.resolve_file). All files are read and checked before any layer changes. Returns one record
+    per file (name, weight, format, sha256, how many layers merged / branched) for the metadata.
+    `only`: change these components alone (e.g. ("clip",) for a re-loaded text encoder)."""
+    from ..hub import resolve_file
+
+    if isinstance(components, nn.Module):
+        components = {"transformer": components}
+    components = {k: v for k, v in components.items() if v is not None}
+    records, all_updates, all_replaced = [], defaultdict(list), {}
+    for source, weight in loras:
+        path = resolve_file(str(source))
+        tensors, metadata = read_lora(path)
+        fmt, updates, replaced = lora_updates(tensors, metadata, components, weight, str(source), skip_clip)
+        for layer, ups in updates.items():
+            all_updates[layer] += ups
+        all_replaced.update(replaced)
+        records.append({"name": str(source), "weight": weight, "format": fmt, "sha256": sha256_file(path),
+                        "layers": len(updates)})
+    if only is not None:
+        all_updates = {k: v for k, v in all_updates.items() if k[0] in only}
+        all_replaced = all_replaced if "transformer" in only else {}
+    counts = apply_updates(components, dict(all_updates), merge)
+    if all_replaced:
+        dtype = {k: v.dtype for k, v in tree_flatten(components["transformer"].parameters())}
+        components["transformer"].update(tree_unflatten([(k, v.astype(dtype[k])) for k, v in all_replaced.items()]))
+    for record in records:
+        record["applied"] = "merged" if not counts["branch"] else ("branch" if not counts["merged"] else "mixed")
+    return records
+
+
+def lora_metadata(records: list[dict]) -> dict[str, list[str]]:
+    """PNG text for the LoRAs an image was made with: `loras` as the --lora values that remake it,
+    `lora_sha256` the first 12 hex digits of each file."""
+    return {"loras": [f"{r['name']}:{r['weight']:g}" for r in records],
+            "lora_sha256": [r["sha256"][:12] for r in records]}

@@ -1,0 +1,162 @@
+"""FLUX.2 [klein]: what is its own of the pipeline (diffusers' Flux2KleinPipeline, FP:616-930).
+The shared loop is pipeline.py's.
+
+- text: each prompt in Qwen3's chat template with thinking disabled, right-padded to 512 tokens;
+  Qwen3 runs to layer 27 with the exact padding mask, and the hidden states after layers 9, 18 and
+  27 are concatenated per token: (B, 512, 3 x hidden). Every position, pads included, reaches the
+  transformer, which masks nothing.
+- noise: drawn in the packed space, (1, H/16, W/16, 128) (a 2x2 patch of the 32-channel VAE
+  latent per token); the tokens are that grid row-major.
+- sampler: Euler on the flow, `sampling.flux2_schedule` (np.linspace(1, 1/n, n), the empirical
+  exponential shift). The model sees t·1000 rounded to the latents' dtype, then / 1000 (bf16:
+  968 for 967.38); latents stay in the model dtype between steps (`euler_step_in_model_dtype`).
+- guidance: distilled klein runs one pass per step and ignores `guidance`; the base variants run
+  classifier-free guidance against the negative prompt ("" by default, as diffusers fixes it),
+  batched with the positive pass into one forward.
+- decode: BatchNorm de-normalisation in the packed space, unpatchify, VAE (models/vae_flux2.py).
+"""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..checkpoints.convert import load_component, quantize_component
+from ..checkpoints.flux2 import load_flux2_transformer, load_flux2_vae
+from ..loading import load_converted_parts
+from ..pipeline import Conditioning, Pipeline
+from ..registry import SamplingDefaults
+from ..sampling import classifier_free_guidance, euler_step_in_model_dtype, flux2_schedule
+
+HIDDEN_LAYERS = (9, 18, 27)  # FP:222, text_encoder_out_layers
+QUANTIZED_ON_LOAD = ("flux2_transformer", "qwen3")  # the VAE stays as it is
+DISTILLED = SamplingDefaults(steps=4, guidance=1.0, shift=True, text_length=512)
+BASE = SamplingDefaults(steps=50, guidance=4.0, shift=True, text_length=512)  # FP:622-624
+
+
+class KleinText:
+    """prompts -> {"txt": (B, L, 3 x hidden)}: Qwen3 hidden states 9, 18, 27 of the chat prompt."""
+
+    def __init__(self, tokenizer, encoder, max_length: int = 512, layers=HIDDEN_LAYERS):
+        self.tokenizer, self.encoder, self.max_length, self.layers = tokenizer, encoder, max_length, tuple(layers)
+
+    def __call__(self, prompts: list[str]) -> dict:
+        ids, mask = self.tokenizer(prompts, self.max_length, enable_thinking=False)
+        states = self.encoder.hidden_states(ids, mask, self.layers)
+        return {"txt": mx.concatenate(states, axis=-1)}  # per token concat(h9, h18, h27), FP:249-261
+
+
+def scheduler_shift(folder: Path) -> bool | float:
+    """The scheduler config's shift: True for the dynamic (empirical mu) exponential shift, else
+    the static shift value (1.0 = none)."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {"use_dynamic_shifting": True}
+    if cfg.get("use_dynamic_shifting", False):
+        if cfg.get("time_shift_type", "exponential") != "exponential":
+            raise ValueError(f"{path}: time_shift_type {cfg['time_shift_type']!r} is not implemented (exponential is)")
+        return True
+    return float(cfg.get("shift", 1.0))
+
+
+def is_distilled(folder: Path) -> bool:
+    index = folder / "model_index.json"
+    return bool(json.loads(index.read_text()).get("is_distilled", False)) if index.is_file() else True
+
+
+class Flux2KleinPipeline(Pipeline):
+    family = "flux2"
+    batch_cfg = True  # positive and negative in one forward
+    img2img = False  # klein takes reference images for editing instead (not implemented)
+
+    def __init__(self, *args, distilled: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distilled = distilled
+
+    @classmethod
+    def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
+        from ..checkpoints.qwen3 import load_qwen3
+        from ..hub import is_converted
+        from ..text import QwenTokenizer
+
+        folder = Path(folder)
+        if is_converted(folder):
+            parts, manifest = load_converted_parts(folder, dtype, quantize, verify, QUANTIZED_ON_LOAD)
+            transformer, vae = parts["flux2_transformer"], parts["flux2_vae"]
+            recipe = manifest.get("pipeline", {})
+            distilled = recipe.get("is_distilled", True)
+
+            def encoder():  # as loaded first, re-read from the folder after a release
+                if "qwen3" in parts:
+                    return parts.pop("qwen3")
+                model = load_component(folder, "qwen3", dtype=dtype)
+                if quantize:
+                    quantize_component("qwen3", model, quantize)
+                return model
+        else:
+            transformer = load_flux2_transformer(folder / "transformer", dtype=dtype)
+            vae = load_flux2_vae(folder / "vae", dtype=dtype)
+            distilled = is_distilled(folder)
+            if quantize:
+                quantize_component("flux2_transformer", transformer, quantize)
+
+            def encoder():
+                model = load_qwen3(folder / "text_encoder", dtype=dtype, num_layers=max(HIDDEN_LAYERS))
+                if quantize:
+                    quantize_component("qwen3", model, quantize)
+                return model
+        defaults = spec.defaults if spec else (DISTILLED if distilled else BASE)
+        shift = scheduler_shift(folder)
+        defaults = SamplingDefaults(defaults.steps, defaults.guidance, shift, defaults.text_length,
+                                    defaults.width, defaults.height)
+
+        def text():
+            return KleinText(QwenTokenizer.from_folder(folder / "tokenizer"), encoder(), defaults.text_length)
+
+        return cls(name, transformer, vae, text(), defaults, dtype, keep_text_encoders, load_text_encoder=text,
+                   spec=spec, distilled=distilled)
+
+    # ---- FLUX.2's own steps -----------------------------------------------------------------------
+
+    def uses_negative(self, guidance, options) -> bool:
+        return not self.distilled and guidance > 1.0  # FP:594-596
+
+    def latent_shape(self, width, height):
+        f = self.size_multiple
+        return (height // f, width // f, self.vae.config.packed_channels)  # (h, w, 128), packed
+
+    def encode_image(self, image, width, height):
+        raise NotImplementedError("FLUX.2 klein takes reference images for editing, not image-to-image: "
+                                  "not implemented here")
+
+    def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
+               batch_cfg: bool | None = None):
+        if init is not None:
+            raise NotImplementedError("FLUX.2 klein: image-to-image is not implemented")
+        B, h, w, C = noise.shape
+        dtype = self.dtype  # the latents take the text encoder's dtype, FP:796
+        x = noise.astype(dtype).reshape(B, h * w, C)  # tokens: the packed grid row-major, FP:388-397
+        shift = self.defaults.shift
+        schedule = flux2_schedule(steps, h * w, dynamic_shift=shift is True, shift=1.0 if shift is True else shift)
+        cfg = self.uses_negative(guidance, {})
+        batched = cfg and (self.batch_cfg if batch_cfg is None else batch_cfg)
+        txt = mx.concatenate([cond.positive["txt"], cond.negative["txt"]]) if batched else cond.positive["txt"]
+        txt_ids, img_ids = self.transformer.position_ids(h, w, txt.shape[1])
+
+        def velocity(x, t):
+            xs = mx.concatenate([x, x]) if batched else x
+            # the pipeline's timestep: t·1000 in float32, cast to the latents' dtype, / 1000 (FP:841, 851)
+            ts = mx.full((xs.shape[0],), np.float32(np.float32(t) * np.float32(1000.0))).astype(dtype) / 1000
+            v = self.transformer(xs, img_ids, txt, txt_ids, ts)
+            if batched:
+                return classifier_free_guidance(v[:B], v[B:], guidance)
+            if cfg:  # unbatched guidance: a second forward
+                v_neg = self.transformer(xs, img_ids, cond.negative["txt"], txt_ids, ts)
+                v = classifier_free_guidance(v, v_neg, guidance)
+            return v
+
+        def step(i, x):
+            return euler_step_in_model_dtype(x, velocity(x, schedule[i]), schedule[i], schedule[i + 1])
+
+        x = run(step, x, len(schedule) - 1)
+        return x.reshape(B, h, w, C)

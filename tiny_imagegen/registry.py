@@ -1,0 +1,250 @@
+"""Every published model once: where its files are, its licence, its architecture, how to sample it.
+
+Two tables, each listed once:
+
+  FAMILIES  an architecture family: the pipeline class that runs it, the components of its
+            diffusers-layout repo (keys of checkpoints/convert.py's COMPONENTS, each read from its
+            folder), the tokenizer files, and the `_class_name` of model_index.json that marks a
+            folder as this family.
+  MODELS    a published model: name and aliases, hub repo, gated or not, licence, its family,
+            the published configs of its components, and the sampling defaults of its
+            reference pipeline.
+
+The hub (what to download), the loader (what a folder is), the pipeline (how to sample) and the
+command line (`--model list`) all read these. Adding a family is one Family entry plus its
+modules; adding a published model of a known family is one ModelSpec.
+
+    from tiny_imagegen import registry
+    spec = registry.find("schnell")                 # aliases work; None for a folder or repo id
+    registry.FAMILIES[spec.family].hub_folders()    # what to fetch from spec.repo_id
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """How a model is meant to be sampled, as its reference pipeline does it."""
+
+    steps: int
+    guidance: float  # the family's guidance knob (see its pipeline); 1 = off for classifier-free scales
+    shift: bool | float = False  # flow schedules: True = resolution-dependent shift (FLUX.1-dev), a number = static
+    text_length: int = 512  # text tokens
+    width: int = 1024
+    height: int = 1024
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    pipeline: str  # "module:Class", imported when used
+    pipeline_classes: tuple[str, ...]  # model_index.json `_class_name` values of this family
+    components: tuple[str, ...]  # checkpoints.convert.COMPONENTS keys, read from their source folders
+    tokenizers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # folder -> files it needs
+    optional_components: tuple[str, ...] = ()  # read when present (e.g. a text encoder a variant lacks)
+
+    def hub_folders(self) -> tuple[str, ...]:
+        """The repo folders the family reads: component folders, then tokenizer folders."""
+        from .checkpoints.convert import COMPONENTS
+
+        weights = [COMPONENTS[c].source_folder for c in self.components]
+        return tuple(dict.fromkeys(weights + list(self.tokenizers)))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    description: str
+    licence: str
+    defaults: SamplingDefaults
+    repo_id: str | None = None  # None: shipped with the package (weights/<name>)
+    gated: bool = False  # the licence must be accepted on the model page before the hub serves files
+    aliases: tuple[str, ...] = ()
+    configs: dict = field(default_factory=dict, compare=False)  # component -> published config
+    recipe: str = ""  # family-specific variant of the pipeline (e.g. text "t5-mean")
+
+    @property
+    def shipped(self) -> bool:
+        return self.repo_id is None
+
+
+# ---- the families ---------------------------------------------------------------------------------
+
+FAMILIES = {
+    f.name: f
+    for f in (
+        Family(
+            "flux1",
+            pipeline="tiny_imagegen.pipelines.flux1:Flux1Pipeline",
+            pipeline_classes=("FluxPipeline",),
+            components=("transformer", "vae", "clip", "t5"),
+            tokenizers={"tokenizer": ("vocab.json", "merges.txt"), "tokenizer_2": ("spiece.model",)},
+        ),
+        Family(
+            "sd15",
+            pipeline="tiny_imagegen.pipelines.sd15:SD15Pipeline",
+            pipeline_classes=("StableDiffusionPipeline",),
+            components=("unet", "vae", "clip"),
+            tokenizers={"tokenizer": ("vocab.json", "merges.txt")},
+        ),
+        Family(
+            "flux2",
+            pipeline="tiny_imagegen.pipelines.flux2:Flux2KleinPipeline",
+            pipeline_classes=("Flux2KleinPipeline",),
+            components=("flux2_transformer", "flux2_vae", "qwen3"),
+            tokenizers={"tokenizer": ("tokenizer_config.json",)},  # + tokenizer.json or vocab.json/merges.txt
+        ),
+        Family(  # class-conditioned: the "prompt" is an ImageNet class id or name (model_index.json id2label)
+            "dit",
+            pipeline="tiny_imagegen.pipelines.dit:DiTPipeline",
+            pipeline_classes=("DiTPipeline",),
+            components=("dit", "vae"),
+        ),
+    )
+}
+
+
+# ---- the published models -------------------------------------------------------------------------
+
+
+def _flux1_configs(guidance_embed: bool) -> dict:
+    # Black Forest Labs, FLUX.1 [schnell] / [dev]: MM-DiT of 19 double + 38 single blocks, hidden
+    # 3072 = 24 heads x 128 (11.89 B / 11.90 B parameters); T5-v1.1-XXL encoder; CLIP ViT-L/14 text;
+    # the 16-channel FLUX VAE. Numbers from the repos' config.json files (transformer/, vae/, ...).
+    from .models.clip import CLIP_VIT_L14_TEXT
+    from .models.mmdit import MMDiTConfig
+    from .models.t5 import T5_V1_1_XXL
+    from .models.vae import VAE_PRESETS
+
+    return {"transformer": MMDiTConfig(guidance_embed=guidance_embed), "t5": T5_V1_1_XXL,
+            "clip": CLIP_VIT_L14_TEXT, "vae": VAE_PRESETS["flux"]}
+
+
+def _sd15_configs() -> dict:
+    # stable-diffusion-v1-5/stable-diffusion-v1-5: unet/config.json (320/640/1280/1280 channels, 2
+    # resnets per level, 8 heads, cross-attention to 768-wide CLIP states; 859.5 M parameters),
+    # vae/config.json (4 latent channels, quant convs, scale 0.18215), text_encoder/ (CLIP ViT-L/14).
+    from .models.clip import CLIP_VIT_L14_TEXT
+    from .models.unet import UNET_PRESETS
+    from .models.vae import VAE_PRESETS
+
+    return {"unet": UNET_PRESETS["sd15"], "vae": VAE_PRESETS["sd"], "clip": CLIP_VIT_L14_TEXT}
+
+
+def _flux2_configs(size: str) -> dict:
+    # Black Forest Labs, FLUX.2 [klein] 4B / 9B: transformer 5 + 20 blocks, 24 heads (4B) and
+    # 8 + 24 blocks, 32 heads (9B), as reported for the releases (unverified offline; the repos'
+    # transformer/config.json is what loading reads); text from Qwen3-4B / Qwen3-8B (their hub
+    # config.json), of which klein reads hidden states 9, 18 and 27; AutoencoderKLFlux2's
+    # defaults (32 latent channels, 128/256/512/512).
+    from .models.flux2 import PRESETS
+    from .models.qwen3 import QWEN3_4B, QWEN3_8B
+    from .models.vae_flux2 import Flux2VAEConfig
+
+    return {"flux2_transformer": PRESETS[f"flux2-klein-{size}"], "flux2_vae": Flux2VAEConfig(),
+            "qwen3": {"4b": QWEN3_4B, "9b": QWEN3_8B}[size]}
+
+
+def _dit_configs(sample_size: int) -> dict:
+    # facebook/DiT-XL-2-256 / -512 (Peebles & Xie 2023): DiT-XL/2, 28 blocks, hidden 1152 = 16 x 72,
+    # 2x2 patches, learned sigma, 1000 classes, 674.8 M parameters (transformer/config.json); the VAE
+    # is stabilityai/sd-vae-ft-ema (vae/config.json), our SD preset.
+    from .models.dit import preset
+    from .models.vae import VAE_PRESETS
+
+    return {"dit": preset(f"dit-xl-2-{8 * sample_size}"), "vae": VAE_PRESETS["sd"]}
+
+
+# DiTPipeline's defaults: 50 steps (the hub's DDIMScheduler), guidance_scale 4.0 (the paper's
+# sample images; its FID numbers use 1.5)
+_DIT_LICENCE = "CC-BY-NC-4.0 (facebookresearch/DiT weights; non-commercial)"
+
+MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        "tiny-shapes", "flux1",
+        description="the 9.9 MB hybrid MM-DiT trained here on coloured shapes (64x64), shipped with the package",
+        licence="same as tiny_imagegen (trained here)",
+        defaults=SamplingDefaults(steps=20, guidance=4.0, shift=False, text_length=16, width=64, height=64),
+        recipe="t5-mean",
+    ),
+    ModelSpec(
+        "flux1-schnell", "flux1",
+        description="FLUX.1 [schnell], 12 B, distilled for 1-4 steps",
+        licence="Apache-2.0",
+        defaults=SamplingDefaults(steps=4, guidance=1.0, shift=False, text_length=256),
+        repo_id="black-forest-labs/FLUX.1-schnell", aliases=("schnell", "flux-schnell"),
+        configs=_flux1_configs(guidance_embed=False),
+    ),
+    ModelSpec(
+        "flux1-dev", "flux1",
+        description="FLUX.1 [dev], 12 B, guidance-distilled, 28-50 steps",
+        licence="FLUX.1 [dev] Non-Commercial License",
+        defaults=SamplingDefaults(steps=28, guidance=3.5, shift=True, text_length=512),
+        repo_id="black-forest-labs/FLUX.1-dev", gated=True, aliases=("dev", "flux-dev"),
+        configs=_flux1_configs(guidance_embed=True),
+    ),
+    ModelSpec(
+        "sd15", "sd15",
+        description="Stable Diffusion 1.5, 0.86 B U-Net on CLIP ViT-L/14 text, 512x512, DDIM or Euler",
+        licence="CreativeML OpenRAIL-M",
+        # StableDiffusionPipeline's defaults: guidance 7.5, 512x512 (unet sample_size 64 x 8), 50 steps
+        defaults=SamplingDefaults(steps=50, guidance=7.5, text_length=77, width=512, height=512),
+        repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5", aliases=("sd1.5", "stable-diffusion-1.5"),
+        configs=_sd15_configs(),
+    ),
+    ModelSpec(
+        "flux2-klein-4b", "flux2",
+        description="FLUX.2 [klein] 4B, step-distilled (4 steps), Qwen3-4B text, 32-channel VAE",
+        licence="Apache-2.0",
+        defaults=SamplingDefaults(steps=4, guidance=1.0, shift=True, text_length=512),
+        repo_id="black-forest-labs/FLUX.2-klein-4B", aliases=("klein-4b", "klein"),
+        configs=_flux2_configs("4b"),
+    ),
+    ModelSpec(
+        "flux2-klein-9b", "flux2",
+        description="FLUX.2 [klein] 9B, step-distilled (4 steps), Qwen3-8B text, 32-channel VAE",
+        licence="FLUX Non-Commercial License, non-commercial use only",
+        defaults=SamplingDefaults(steps=4, guidance=1.0, shift=True, text_length=512),
+        repo_id="black-forest-labs/FLUX.2-klein-9B", gated=True, aliases=("klein-9b",),
+        configs=_flux2_configs("9b"),
+    ),
+    ModelSpec(
+        "dit-xl-2-256", "dit",
+        description="DiT-XL/2, 675 M, class-conditional ImageNet 256x256 (prompt: a class id or name)",
+        licence=_DIT_LICENCE,
+        defaults=SamplingDefaults(steps=50, guidance=4.0, text_length=0, width=256, height=256),
+        repo_id="facebook/DiT-XL-2-256", aliases=("dit-256",),
+        configs=_dit_configs(32),
+    ),
+    ModelSpec(
+        "dit-xl-2-512", "dit",
+        description="DiT-XL/2, 675 M, class-conditional ImageNet 512x512 (prompt: a class id or name)",
+        licence=_DIT_LICENCE,
+        defaults=SamplingDefaults(steps=50, guidance=4.0, text_length=0, width=512, height=512),
+        repo_id="facebook/DiT-XL-2-512", aliases=("dit-512",),
+        configs=_dit_configs(64),
+    ),
+)
+
+_BY_NAME = {n: m for m in MODELS for n in (m.name, *m.aliases)}
+assert len(_BY_NAME) == sum(1 + len(m.aliases) for m in MODELS), "a model name or alias is listed twice"
+assert all(m.family in FAMILIES for m in MODELS), "a model names an unknown family"
+
+
+def find(name: str) -> ModelSpec | None:
+    """The registered model called `name` (or one of its aliases), else None."""
+    return _BY_NAME.get(name)
+
+
+def by_repo(repo_id: str | None) -> ModelSpec | None:
+    return next((m for m in MODELS if repo_id and m.repo_id == repo_id), None)
+
+
+def names() -> list[str]:
+    return [m.name for m in MODELS]
+
+
+def family_for_pipeline_class(class_name: str) -> Family | None:
+    """The family whose model_index.json says `_class_name: class_name`."""
+    return next((f for f in FAMILIES.values() if class_name in f.pipeline_classes), None)
