@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ..layers.activations import GELUTanh, gelu_tanh
 from ..layers.attention import QKNorm, attention, split_heads
@@ -204,8 +205,9 @@ class MMDiT(nn.Module):
 
     @property
     def dtype(self) -> mx.Dtype:
-        """The compute dtype: that of the weights (of a quantized layer's scales)."""
-        return getattr(self.txt_in, "scales", self.txt_in.weight).dtype
+        """The compute dtype: that of the weights (of a quantized layer's scales; a LoRA-wrapped
+        layer's base), read off txt_in's first floating-point parameter."""
+        return next(v.dtype for _, v in tree_flatten(self.txt_in.parameters()) if mx.issubdtype(v.dtype, mx.floating))
 
     def conditioning(self, timesteps: mx.array, y: mx.array, guidance: mx.array | None) -> mx.array:
         """c = time_in(t) [+ guidance_in(g)] + vector_in(y): (B, D), in the model's dtype.
