@@ -35,6 +35,8 @@ from tiny_imagegen.models.t5 import T5Encoder  # noqa: E402
 from tiny_imagegen.models.vae import AutoencoderKL  # noqa: E402
 
 GB = 1e9
+# (label, bits, bits of the adaLN modulation layers): the last is convert's mixed mode
+MODES = (("bf16", None, None), ("8-bit", 8, None), ("4-bit", 4, None), ("4-bit, adaLN 8-bit", 4, 8))
 
 
 def full_size_models():
@@ -79,9 +81,9 @@ def main():
     models = full_size_models()
     counts = {n: sum(v.size for _, v in tree_flatten(m.parameters())) for n, m in models.items()}
     rows = {}
-    for label, bits in (("bf16", None), ("8-bit", 8), ("4-bit", 4)):
+    for label, bits, mod_bits in MODES:
         for name, model in models.items():
-            tensors, layers = stored_tensors(name, model, bits, args.group_size, mx.bfloat16)
+            tensors, layers = stored_tensors(name, model, bits, args.group_size, mx.bfloat16, mod_bits)
             data = sum(v.nbytes for v in tensors.values())
             header = len(safetensors_header(tensors, file_metadata(name)))
             modules = dict(model.named_modules())
@@ -95,7 +97,7 @@ def main():
     names = list(models)
     print("| weights | " + " | ".join(names) + " | total on disk | denoising (transformer) | text encoding (T5 + CLIP) | all resident |")
     print("|---" * (len(names) + 5) + "|")
-    for label in ("bf16", "8-bit", "4-bit"):
+    for label, _, _ in MODES:
         size = {n: rows[label, n][0] for n in names}
         mem = {n: rows[label, n][1] for n in names}
         print(f"| {label} | " + " | ".join(f"{size[n] / GB:.2f} GB" for n in names)

@@ -81,6 +81,34 @@ def assert_bf16_parity(name: str, ours, ref_fp32, torch_bf16, factor: float = 2.
     assert ours_err <= bound, f"{name}: bf16 relative L2 {ours_err:.3e} > {factor} x torch's {torch_err:.3e}"
 
 
+class recording_outputs:
+    """Within `with recording_outputs({"name": (parent, index), ...}) as seen:` every listed
+    block's output is recorded in `seen[name]` (so a test can check each block's dtype and error).
+    parent[index] is the block: a list of blocks and a position, or a module and a child's name."""
+
+    def __init__(self, blocks: dict[str, tuple[list, int]]):
+        self.blocks, self.seen = blocks, {}
+
+    def __enter__(self) -> dict:
+        for name, (parent, i) in self.blocks.items():
+            parent[i] = _Recorder(parent[i], name, self.seen)
+        return self.seen
+
+    def __exit__(self, *exc):
+        for parent, i in self.blocks.values():
+            parent[i] = parent[i].block
+
+
+class _Recorder:
+    def __init__(self, block, name, seen):
+        self.block, self.name, self.seen = block, name, seen
+
+    def __call__(self, *args, **kwargs):
+        out = self.block(*args, **kwargs)
+        self.seen[self.name] = out
+        return out
+
+
 def pytest_terminal_summary(terminalreporter):
     if _PARITY:
         terminalreporter.section("parity against the PyTorch reference (max abs error)")

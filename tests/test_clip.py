@@ -6,7 +6,7 @@ from dataclasses import replace
 import mlx.core as mx
 import pytest
 
-from conftest import assert_close, fixture_path, load_fixture
+from conftest import assert_bf16_parity, assert_close, fixture_path, load_fixture, recording_outputs
 from tiny_imagegen.checkpoints.mapping import CheckpointError, load_checkpoint, map_checkpoint, parameter_shapes, shape_placeholders
 from tiny_imagegen.checkpoints.safetensors_io import read_checkpoint
 from tiny_imagegen.checkpoints.text_encoders import CLIP_HUB, CLIP_TRANSFORMERS5, clip_table, load_clip_text_model
@@ -117,3 +117,17 @@ def test_full_size_manifest_maps_completely(layout):
     print(f"CLIP ViT-L/14 text ({layout}): {len(manifest)} tensors -> {len(ours)} parameters, {n:,} values, "
           f"{2 * n / 1e6:.0f} MB in bf16, {4 * n / 1e6:.0f} MB in fp32")
     assert n == 123_060_480
+
+
+def test_bf16_model_stays_bf16_and_is_as_accurate_as_torch():
+    """Loaded in bf16, every layer, the hidden states and the pooled vector are bf16 and no
+    further from the fp32 reference than transformers' bf16 run is (relative L2, factor 2)."""
+    ref = load_fixture("text_encoders", "clip.safetensors")
+    clip = load_clip_text_model(folder(), dtype=mx.bfloat16)
+    with recording_outputs({f"layer.{i}": (clip.layers, i) for i in range(len(clip.layers))}) as seen:
+        hidden, pooled = clip(ref["input_ids"])
+    assert len(seen) == len(clip.layers)
+    for key, ours in seen.items():
+        assert_bf16_parity(f"CLIP {key}", ours, ref[key], ref[f"bf16.{key}"])
+    assert_bf16_parity("CLIP hidden states", hidden, ref["out"], ref["bf16.out"])
+    assert_bf16_parity("CLIP pooled", pooled, ref["pooled"], ref["bf16.pooled"])

@@ -52,6 +52,7 @@ BAD = {
     "bad strength": (["--strength", "1.5"], "--strength must be in (0, 1]"),
     "output folder missing": (["--output", "/nonexistent/dir/x.png"], "folder /nonexistent/dir does not exist"),
     "not png": (["--output", "x.jpg"], "use a .png name"),
+    "float16": (["--dtype", "float16"], "cannot run in float16: its residual stream overflows float16"),
 }
 
 

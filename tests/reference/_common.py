@@ -1,6 +1,8 @@
 """Helpers shared by the fixture makers."""
 
+import copy
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +63,21 @@ def manifest(state: dict[str, torch.Tensor]) -> dict[str, list[int]]:
 
 def np32(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).numpy()
+
+
+def bf16(module: torch.nn.Module) -> torch.nn.Module:
+    """A bfloat16 copy of a module (the same weights, rounded), as users run it."""
+    return copy.deepcopy(module).to(torch.bfloat16).eval()
+
+
+@contextmanager
+def recording(modules: dict[str, torch.nn.Module]):
+    """Record each named module's output (a tensor or a tuple of tensors) while inside."""
+    seen: dict[str, object] = {}
+    handles = [m.register_forward_hook(lambda _m, _in, out, name=name: seen.__setitem__(name, out))
+               for name, m in modules.items()]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()

@@ -3,7 +3,10 @@
 Writes under out/flux_transformer/:
   <name>/diffusers/   config.json + 2 shards + index json, as the hub's transformer/ folder
   <name>/bfl.safetensors   the same weights in the original single-file layout (dev_tiny)
-  <name>/io.safetensors    inputs and the reference output (batch 2, non-square latents)
+  <name>/io.safetensors    inputs and the reference output (batch 2, non-square latents), every
+                           block's output (double.<i>.img/txt, single.<i>), and the same run of
+                           a bfloat16 copy of the model on bf16-rounded inputs (keys bf16.*;
+                           see forward_with_blocks for the timestep)
   units.safetensors        timestep embedding, RoPE tables, latent packing, one double and one
                            single block (weights: the dev model's block 0)
   manifest_<model>_<layout>.json   key -> shape of the full-size FLUX.1 schnell/dev checkpoints
@@ -21,7 +24,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.loaders import single_file_utils
 from diffusers.models.embeddings import get_timestep_embedding
 
-from ._common import manifest, randomize, save, save_json, save_sharded, seeded
+from ._common import bf16, manifest, randomize, recording, save, save_json, save_sharded, seeded
 
 CONFIGS = {
     # head_dim 128 and FLUX's axes (16, 56, 56); no guidance input
@@ -143,13 +146,43 @@ def make_model(name: str, out: Path) -> FluxTransformer2DModel:
     }
     if cfg["guidance_embeds"]:
         io["guidance"] = torch.tensor([3.5, 1.0])
-    with torch.no_grad():
-        io["out"] = model(
-            hidden_states=io["img"], encoder_hidden_states=io["txt"], pooled_projections=io["y"],
-            timestep=io["timesteps"], img_ids=io["img_ids"], txt_ids=io["txt_ids"], guidance=io.get("guidance"),
-        ).sample
+    io.update(forward_with_blocks(model, io, torch.float32, ""))
+    io.update(forward_with_blocks(bf16(model), io, torch.bfloat16, "bf16."))
+    io["bf16_t_rounded.out"] = forward_with_blocks(bf16(model), io, torch.bfloat16, "", exact_t=False)["out"]
     save(folder / "io.safetensors", io)
     return model
+
+
+def forward_with_blocks(model: FluxTransformer2DModel, io: dict, dtype, prefix: str, exact_t: bool = True):
+    """The output and every block's output; inputs cast to `dtype`, position ids kept in float32.
+
+    In bf16, diffusers rounds t * 1000 in bf16 before the sinusoid (t = 0.3125: 312.5 -> 312;
+    guidance 3.5: 3500 -> 3504; BFL rounds t, then multiplies in float32), and at frequency 1 rad
+    per unit that half-unit shift dominates its error (relative L2 0.5 on dev_tiny). Ours takes
+    the sinusoid of float32 t (layers/embeddings.py), so with `exact_t` the bf16 run is given the
+    float32 t * 1000 too (a pre-hook on time_text_embed; the embedding is still cast to bf16 as
+    diffusers does) and everything else runs in bf16: the reference for the rest of the model."""
+    blocks = {f"double.{i}": b for i, b in enumerate(model.transformer_blocks)}
+    blocks.update({f"single.{i}": b for i, b in enumerate(model.single_transformer_blocks)})
+    scalars = [io["timesteps"] * 1000] + ([io["guidance"] * 1000] if "guidance" in io else [])
+    hook = model.time_text_embed.register_forward_pre_hook(
+        lambda _m, args: (*scalars, args[-1]) if exact_t else None)
+    with torch.no_grad(), recording(blocks) as seen:
+        out = model(
+            hidden_states=io["img"].to(dtype), encoder_hidden_states=io["txt"].to(dtype),
+            pooled_projections=io["y"].to(dtype), timestep=io["timesteps"].to(dtype),
+            img_ids=io["img_ids"], txt_ids=io["txt_ids"],
+            guidance=io["guidance"].to(dtype) if "guidance" in io else None,
+        ).sample
+    hook.remove()
+    result = {f"{prefix}out": out}
+    for name, (txt, img) in seen.items():  # both kinds return (text, image)
+        if name.startswith("double"):
+            result.update({f"{prefix}{name}.img": img, f"{prefix}{name}.txt": txt})
+        else:  # ours keeps the joint sequence [text; image]
+            result[f"{prefix}{name}"] = torch.cat([txt, img], dim=1)
+    assert all(v.dtype == dtype for v in result.values()), f"torch returned another dtype than {dtype}"
+    return result
 
 
 def hash_seed(name: str) -> int:

@@ -12,6 +12,8 @@ Writes under out/text_encoders/:
   tokenizers.json            text -> ids from transformers: a named battery and seeded random strings
   t5.safetensors             relative-position buckets; a padded batch of 2 through the tiny T5
   clip.safetensors           a padded batch of 2 through the tiny CLIP (and two config variants)
+                             (both: every layer's output, layer.<i>, and the same run of a
+                             bfloat16 copy of the model, keys bf16.*)
   flux_conditioning.safetensors  FluxPipeline.encode_prompt on three prompts, with the T5 mask
   manifest_*.json            key -> shape of the full-size T5-v1.1-XXL encoder and CLIP ViT-L/14 text model
 
@@ -36,7 +38,7 @@ from diffusers import FluxPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from ._common import manifest, randomize, save, save_json, save_sharded, seeded
+from ._common import bf16, manifest, randomize, recording, save, save_json, save_sharded, seeded
 
 T5_PIECES = 128  # sentencepiece vocabulary; the model adds 100 sentinels (<extra_id_i>)
 BPE_MERGES = 400
@@ -279,8 +281,21 @@ def make_t5(flux: Path, out: Path) -> T5EncoderModel:
         "input_ids": batch.input_ids.to(torch.int32), "attention_mask": batch.attention_mask.to(torch.int32),
         "hidden_states": plain, "hidden_states_masked": masked,
         "bucket_offsets": offsets.to(torch.int32), "buckets": buckets.to(torch.int32),
+        **with_layers(model, "", lambda m: m(batch.input_ids).last_hidden_state),
+        **with_layers(bf16(model), "bf16.", lambda m: m(batch.input_ids).last_hidden_state),
     })
     return model
+
+
+def with_layers(model, prefix: str, run) -> dict[str, torch.Tensor]:
+    """`run(model)` (key <prefix>out) and every encoder layer's output (<prefix>layer.<i>)."""
+    encoder = getattr(model, "text_model", model).encoder
+    layers = encoder.block if hasattr(encoder, "block") else encoder.layers  # T5 : CLIP
+    with torch.no_grad(), recording({f"layer.{i}": layer for i, layer in enumerate(layers)}) as seen:
+        out = run(model)
+    result = {f"{prefix}{k}": v[0] if isinstance(v, tuple) else v for k, v in seen.items()}
+    result.update(out if isinstance(out, dict) else {f"{prefix}out": out})
+    return result
 
 
 def make_clip(flux: Path, out: Path) -> CLIPTextModel:
@@ -304,6 +319,9 @@ def make_clip(flux: Path, out: Path) -> CLIPTextModel:
         masked = model(batch.input_ids, attention_mask=batch.attention_mask)
         tensors.update(hidden_states=plain.last_hidden_state, pooled=plain.pooler_output,
                        hidden_states_masked=masked.last_hidden_state, pooled_masked=masked.pooler_output)
+        for prefix, m in (("", model), ("bf16.", bf16(model))):
+            tensors.update(with_layers(m, prefix, lambda m, p=prefix: {
+                f"{p}{k}": v for k, v in zip(("out", "pooled"), m(batch.input_ids)[:2])}))
 
         # the same weights under two other configs: exact GELU, and the current pooling rule
         gelu = CLIPTextModel(CLIPTextConfig(**{**config.to_dict(), "hidden_act": "gelu"}))

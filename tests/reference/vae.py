@@ -5,7 +5,8 @@ Writes under out/vae/:
   <name>/bfl.safetensors   the same weights in the original ae.safetensors layout (flux_small)
   <name>/io.safetensors    inputs and reference outputs (batch 2, non-square): decode, encode
                            (mean, logvar, std), the FLUX pipeline's latent scaling both ways, and
-                           diffusers' tiled_decode
+                           diffusers' tiled_decode; flux_small also the small levels' outputs and
+                           the same decode / encode by a bfloat16 copy (keys bf16.*)
   processor.safetensors    VaeImageProcessor: decoder output -> uint8 images, and uint8 image -> input
   manifest_<model>_<layout>.json   key -> shape of the full-size FLUX / SD VAE checkpoints
 
@@ -24,7 +25,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from PIL import Image
 
-from ._common import manifest, randomize, save, save_json, seeded
+from ._common import bf16, manifest, randomize, recording, save, save_json, seeded
 
 
 def _config(block_out_channels, latent_channels, layers_per_block, norm_num_groups, sd_style):
@@ -50,6 +51,24 @@ SMALL = {
     "sd_small": _config((16, 16, 32, 32), 4, 1, 8, sd_style=True),
 }
 WITH_BFL = ("flux_small",)  # both layouts for one model keeps the fixtures small
+WITH_BF16 = ("flux_small",)
+
+
+def with_levels(vae: AutoencoderKL, images, z, dtype, prefix: str) -> dict[str, torch.Tensor]:
+    """Decode and encode in `dtype`, with the outputs of the levels below full resolution (the
+    larger ones would make the file 4x bigger), named as our modules are (the decoder's
+    up_blocks.i is our decoder.up.{n-1-i})."""
+    n = len(vae.decoder.up_blocks)
+    levels = {f"encoder.down.{i}": b for i, b in enumerate(vae.encoder.down_blocks) if i > 0}
+    levels.update({f"decoder.up.{n - 1 - i}": b for i, b in enumerate(vae.decoder.up_blocks) if i == 0})
+    levels.update({"encoder.mid": vae.encoder.mid_block, "decoder.mid": vae.decoder.mid_block})
+    with torch.no_grad(), recording(levels) as seen:
+        result = {"decode": vae.decode(z.to(dtype)).sample}
+        q = vae.encode(images.to(dtype)).latent_dist
+    result.update(mean=q.mean, logvar=q.logvar)
+    result.update(seen)
+    assert all(v.dtype == dtype for v in result.values())
+    return {prefix + k: v for k, v in result.items()}
 
 
 def to_bfl(sd: dict[str, torch.Tensor], levels: int = 4) -> dict[str, torch.Tensor]:
@@ -125,6 +144,10 @@ def make_small(out: Path, name: str, config: dict, seed: int) -> None:
         # diffusers' tiled decode with 4-position tiles overlapping by 1 (ours: tile=4, overlap=1)
         vae.tile_latent_min_size, vae.tile_sample_min_size, vae.tile_overlap_factor = 4, 4 * f, 0.25
         io["decode_tiled"] = vae.tiled_decode(z_tiled).sample
+    if name in WITH_BF16:
+        vae.tile_latent_min_size, vae.tile_sample_min_size = 1 << 20, 1 << 20  # no tiling from here on
+        io.update(with_levels(vae, images, z, torch.float32, ""))
+        io.update(with_levels(bf16(vae), images, z, torch.bfloat16, "bf16."))
     save(folder / "io.safetensors", {k: nhwc(v) if v.ndim == 4 else v for k, v in io.items()})
 
 

@@ -174,8 +174,17 @@ def parameter_shapes(model) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
+def check_dtype(model, dtype) -> None:
+    """Refuse a compute dtype the model cannot run in: a model class may name one, with the
+    reason, in `unsupported_dtypes` (the MM-DiT and T5 refuse float16, whose range they overflow)."""
+    reason = getattr(model, "unsupported_dtypes", {}).get(dtype)
+    if reason:
+        raise ValueError(f"{type(model).__name__} cannot run in {str(dtype).split('.')[-1]}: {reason}")
+
+
 def load_checkpoint(model, table: KeyTable, source: dict[str, mx.array], dtype=None):
     """Check `source` against `table` and load it into `model` (in `dtype` if given)."""
+    check_dtype(model, dtype)
     weights = map_checkpoint(table, parameter_shapes(model), source)
     if dtype is not None:
         weights = {k: v.astype(dtype) for k, v in weights.items()}

@@ -71,7 +71,7 @@ class CLIPAttention(nn.Module):
         # x: (B, L, D); mask: additive, (B or 1, 1, L, L)
         B, L, D = x.shape
         q, k, v = (p(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask.astype(q.dtype))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 
@@ -118,7 +118,7 @@ class CLIPTextModel(nn.Module):
         visible = mx.tril(mx.ones((L, L), dtype=mx.bool_))[None, None]
         if attention_mask is not None:
             visible = visible & attention_mask[:, None, None, :].astype(mx.bool_)
-        mask = mx.where(visible, 0.0, -mx.inf)
+        mask = mx.where(visible, 0.0, -mx.inf).astype(x.dtype)  # additive, in the weights' dtype
         for layer in self.layers:
             x = layer(x, mask)
         x = self.final_layer_norm(x)

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
+from ..layers.activations import GELUTanh, gelu_tanh
 from ..layers.attention import QKNorm, attention, split_heads
 from ..layers.embeddings import MLPEmbedder, timestep_embedding
 from ..layers.modulation import Modulation, layer_norm, modulate
@@ -82,7 +84,7 @@ class MMDiTConfig:
 
 def mlp(dim: int, ratio: float) -> nn.Sequential:
     hidden = int(dim * ratio)
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approx="tanh"), nn.Linear(hidden, dim))
+    return nn.Sequential(nn.Linear(dim, hidden), GELUTanh(), nn.Linear(hidden, dim))
 
 
 class SelfAttention(nn.Module):
@@ -146,7 +148,7 @@ class SingleStreamBlock(nn.Module):
         qkv, mlp_in = h[..., : 3 * x.shape[-1]], h[..., 3 * x.shape[-1] :]
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k)
-        out = mx.concatenate([attention(q, k, v, rope), nn.gelu_approx(mlp_in)], axis=-1)
+        out = mx.concatenate([attention(q, k, v, rope), gelu_tanh(mlp_in)], axis=-1)
         return x + gate[:, None] * self.linear2(out)
 
 
@@ -164,6 +166,10 @@ class LastLayer(nn.Module):
 
 
 class MMDiT(nn.Module):
+    # The residual stream of FLUX's blocks grows beyond float16's 65504 (diffusers clips it to
+    # that range after every block, which turns an overflow into a wrong value, not a right one).
+    unsupported_dtypes = {mx.float16: "its residual stream overflows float16 (max 65504); use bfloat16 or float32"}
+
     def __init__(self, config: MMDiTConfig):
         super().__init__()
         self.config = cfg = config
@@ -191,14 +197,32 @@ class MMDiT(nn.Module):
         start = text_start_after(grid_h, grid_w)
         return diagonal_text_ids(n_txt, 2, start), centred_image_ids(grid_h, grid_w)
 
+    def rope_table(self, img_ids, txt_ids) -> tuple[mx.array, mx.array]:
+        """The RoPE (cos, sin) table of the joint sequence [text; image], in float32. It depends
+        on the positions only (and, for mixed RoPE, the learned frequencies): build it once per
+        generation and pass it to every step as `rope=`, instead of once per step."""
+        return self.pe_embedder(_concat_ids(txt_ids, img_ids))
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The compute dtype: that of the weights (of a quantized layer's scales; a LoRA-wrapped
+        layer's base), read off txt_in's first floating-point parameter."""
+        return next(v.dtype for _, v in tree_flatten(self.txt_in.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+
     def conditioning(self, timesteps: mx.array, y: mx.array, guidance: mx.array | None) -> mx.array:
-        """c = time_in(t) [+ guidance_in(g)] + vector_in(y): (B, D)."""
-        c = self.time_in(timestep_embedding(timesteps))
+        """c = time_in(t) [+ guidance_in(g)] + vector_in(y): (B, D), in the model's dtype.
+
+        The sinusoids are computed in float32 (their arguments reach 1000 rad) and cast to the
+        weights' dtype before time_in / guidance_in, as BFL (`.to(t)`) and diffusers
+        (`.to(pooled_projection.dtype)`) do; without the cast a bf16 model's c, and through the
+        modulation the whole residual stream, would be float32."""
+        dtype = self.dtype
+        c = self.time_in(timestep_embedding(timesteps).astype(dtype))
         if self.config.guidance_embed:
             if guidance is None:
                 raise ValueError("this model was distilled with guidance (FLUX.1-dev style): pass guidance=")
-            c = c + self.guidance_in(timestep_embedding(guidance))
-        return c + self.vector_in(y)
+            c = c + self.guidance_in(timestep_embedding(guidance).astype(dtype))
+        return c + self.vector_in(y.astype(dtype))
 
     def __call__(
         self,
@@ -209,6 +233,7 @@ class MMDiT(nn.Module):
         timesteps: mx.array,  # (B,) in [0, 1]; 1 is pure noise
         y: mx.array,  # (B, vec_dim) pooled CLIP
         guidance: mx.array | None = None,  # (B,) distilled guidance scale
+        rope: tuple[mx.array, mx.array] | None = None,  # rope_table(img_ids, txt_ids), else built here
     ) -> mx.array:  # (B, L_img, out_channels) predicted velocity
         cfg = self.config
         if img.ndim != 3 or img.shape[-1] != cfg.in_channels:
@@ -216,8 +241,10 @@ class MMDiT(nn.Module):
         if txt.ndim != 3 or txt.shape[-1] != cfg.context_dim:
             raise ValueError(f"txt must be (B, L, {cfg.context_dim}), got {tuple(txt.shape)}")
         c = self.conditioning(timesteps, y, guidance)
-        rope = self.pe_embedder(_concat_ids(txt_ids, img_ids))
-        img, txt = self.img_in(img), self.txt_in(txt)
+        if rope is None:
+            rope = self.rope_table(img_ids, txt_ids)
+        # inputs in the weights' dtype (a torch model would refuse others; MLX would promote)
+        img, txt = self.img_in(img.astype(self.dtype)), self.txt_in(txt.astype(self.dtype))
         for block in self.double_blocks:
             img, txt = block(img, txt, c, rope)
         x = mx.concatenate([txt, img], axis=1)

@@ -23,6 +23,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..layers.activations import gelu_tanh
+
 
 @dataclass(frozen=True)
 class T5Config:
@@ -81,7 +83,7 @@ class T5Attention(nn.Module):
         # x: (B, L, D); bias: (B or 1, H, L, L), relative positions plus any padding mask
         B, L, _ = x.shape
         q, k, v = (proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for proj in (self.q, self.k, self.v))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=bias.astype(q.dtype))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=bias)
         return self.o(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -93,7 +95,7 @@ class T5FeedForward(nn.Module):
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.wo(nn.gelu_approx(self.wi_0(x)) * self.wi_1(x))
+        return self.wo(gelu_tanh(self.wi_0(x)) * self.wi_1(x))
 
 
 class T5Block(nn.Module):
@@ -110,6 +112,10 @@ class T5Block(nn.Module):
 
 
 class T5Encoder(nn.Module):
+    # T5 v1.1 was trained in bfloat16 and its feed-forward outputs overflow float16: transformers
+    # keeps the `wo` layers in float32 (`_keep_in_fp32_modules`) and clamps every block's output.
+    unsupported_dtypes = {mx.float16: "T5 v1.1's feed-forward outputs overflow float16 (max 65504); use bfloat16 or float32"}
+
     def __init__(self, config: T5Config = T5_V1_1_XXL):
         super().__init__()
         self.config = config
@@ -137,6 +143,7 @@ class T5Encoder(nn.Module):
         bias = self.position_bias(input_ids.shape[1])
         if attention_mask is not None:
             bias = bias + mx.where(attention_mask[:, None, None, :].astype(mx.bool_), 0.0, -mx.inf)
+        bias = bias.astype(x.dtype)  # once, not per layer (the logits and softmax: inside the fused attention)
         for block in self.blocks:
             x = block(x, bias)
         return self.final_norm(x)

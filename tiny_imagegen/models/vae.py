@@ -262,12 +262,17 @@ class AutoencoderKL(nn.Module):
         if config.use_post_quant_conv:
             self.post_quant_conv = nn.Conv2d(c, c, 1)
 
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The compute dtype, the weights'; inputs are cast to it and outputs come in it."""
+        return self.encoder.conv_in.weight.dtype
+
     # -- images <-> z (the VAE's own latent space) --
 
     def encode(self, images: mx.array) -> DiagonalGaussian:
         """images (B, H, W, 3) in [-1, 1], H and W multiples of 8 -> q(z | x) over (B, H/8, W/8, C)."""
         self._check(images, "images", self.config.in_channels, multiple=self.config.downscale)
-        moments = self.encoder(images)
+        moments = self.encoder(images.astype(self.dtype))
         if "quant_conv" in self:
             moments = self.quant_conv(moments)
         with limited_run_ahead():  # the encoder peaks at full resolution, as the decoder does
@@ -292,6 +297,7 @@ class AutoencoderKL(nn.Module):
         return images
 
     def _decode(self, z: mx.array) -> mx.array:
+        z = z.astype(self.dtype)  # a sampler's float32 latents into a bf16 decoder
         if "post_quant_conv" in self:
             z = self.post_quant_conv(z)
         return self.decoder(z)
