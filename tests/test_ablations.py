@@ -6,7 +6,8 @@
   sampler gives the Pipeline's images on the shipped weights (the rows are scored as the README's
   shipped numbers are);
 - the smoke run (2 steps per variant, a caption or two): the results file, the table and the grid
-  are written and parse; a rerun trains nothing; `--only` runs one row;
+  are written and parse; a rerun trains nothing; `--only` runs one row; a run locked by another
+  process is skipped, and `--jobs 2` shares runs between two processes, each run once;
 - the table's statistics: mean ± half the range, the budget check, "better beyond the spread".
 """
 
@@ -21,7 +22,7 @@ import pytest
 from PIL import Image
 
 from tiny_imagegen import ddpm
-from tiny_imagegen.commands.ablate import main as ablate
+from tiny_imagegen.commands.ablate import main as ablate, without_jobs
 from tiny_imagegen.train import ablations as ab
 from tiny_imagegen.train.ablation_eval import (
     DDPM_SCHEDULE, caption_sets, generate, is_binding_case, sample_ddpm, sample_flow,
@@ -146,6 +147,21 @@ def test_smoke_run(tmp_path, capsys):
     records = json.loads(results.read_text())["runs"]
     assert len(records) == len(ab.VARIANTS) + 1 and records[-1]["variant"] == "mmdit-ape-sincos"
     assert parse_table((results.parent / "table.md").read_text())["mmdit-ape-sincos"]["train all"] is not None
+
+    capsys.readouterr()
+    with ab.file_lock(work / "unet-seed1.lock"):  # another process is training this run
+        assert ablate(common + ["--only", "unet", "--seeds", "1"]) == 0
+    assert "unet-seed1: running in another process, skipped" in capsys.readouterr().err
+    assert len(json.loads(results.read_text())["runs"]) == len(ab.VARIANTS) + 1
+
+    # two processes share the remaining runs through the locks: each run once, none lost
+    assert ablate(common + ["--jobs", "2", "--only", "unet", "--only", "dit-adaln", "--seeds", "1"]) == 0
+    records = json.loads(results.read_text())["runs"]
+    assert sorted(r["variant"] for r in records[len(ab.VARIANTS) + 1:]) == ["dit-adaln", "unet"]
+
+
+def test_without_jobs():
+    assert without_jobs(["--smoke", "--jobs", "2", "--only", "unet", "--jobs=3"]) == ["--smoke", "--only", "unet"]
 
 
 def _record(variant, seed, train_object, train_all=0.1, binding_all=0.1):

@@ -18,6 +18,8 @@ record in the results file (config, seed, budget, metrics, wall time, machine); 
 it. Checkpoints and the loss log of a run in progress live under `work/<run>/` and resume.
 """
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -188,7 +190,8 @@ def load_data(weights: Path, work: Path, pool: int) -> ShapesData:
     vae = load_component(weights, "vae", dtype=mx.float32)
     tokenizer = T5Tokenizer.from_folder(weights / "tokenizer_2", max_length=ts.MAX_LENGTH)
     work.mkdir(parents=True, exist_ok=True)
-    z, ids, mask = encode_pool(SimpleNamespace(seed=0, pool=pool), vae, tokenizer, work / f"pool-{pool}.safetensors")
+    with file_lock(work / f"pool-{pool}.lock"):  # parallel runners: one encodes, the others read its cache
+        z, ids, mask = encode_pool(SimpleNamespace(seed=0, pool=pool), vae, tokenizer, work / f"pool-{pool}.safetensors")
     x0 = vae.to_latents(z)
     mx.eval(x0)
     return ShapesData(vae, tokenizer, x0, ids, mask)
@@ -307,6 +310,31 @@ def write_results(path: Path, records: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"format": "tiny_imagegen ablations", "version": 1, "runs": records}, indent=1) + "\n")
     tmp.replace(path)  # a crash never leaves half a file
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, wait: bool = True):
+    """An advisory lock on `path` (fcntl: macOS and Linux), held by one process at a time; the
+    kernel drops it when the process dies, so a crashed run never leaves a stale lock. Yields
+    whether it was taken (always, when `wait`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def append_result(path: Path, record: dict) -> None:
+    """Add one record; processes running other rows of the same table append in turn."""
+    with file_lock(Path(path).with_suffix(".lock")):
+        write_results(path, read_results(path) + [record])
 
 
 def find_record(records: list[dict], spec: RunSpec, budget: Budget) -> dict | None:
