@@ -137,6 +137,37 @@ def test_quantize_on_an_already_quantized_folder_is_an_error(tmp_path):
     assert r.returncode == 2 and "already quantized (8-bit" in r.stderr and not (tmp_path / "q.png").exists()
 
 
+def test_modulation_bits_on_load_and_in_convert(tmp_path):
+    """--quantize 4 --modulation-bits 8: the adaLN modulation Linears at 8 bits, the rest at 4, on
+    load (generate) and in a converted folder (convert); recorded in the PNG and the manifest."""
+    import mlx.nn as nn
+
+    from tiny_imagegen.checkpoints.convert import Quantization, read_manifest
+    from tiny_imagegen.commands.metadata import read_parameters
+    from tiny_imagegen.pipeline import Pipeline
+
+    folder = hub_folder(tmp_path, "dev_like")
+    pipe = Pipeline.from_pretrained(str(folder), quantize=Quantization(4, group_size=32, modulation_bits=8))  # width 32
+    bits = {p: m.bits for p, m in pipe.transformer.named_modules() if isinstance(m, nn.QuantizedLinear)}
+    mod = {p for p in bits if p.endswith(("_mod.lin", "modulation.lin"))}
+    print(f"{len(mod)} modulation layers at 8 bits, {len(bits) - len(mod)} others at 4")
+    assert mod and all(bits[p] == 8 for p in mod) and {bits[p] for p in set(bits) - mod} == {4}
+
+    r = cli("--model", folder, "--prompt", "a cat", "--width", 32, "--height", 32, *FAST,
+            "--quantize", 4, "--modulation-bits", 8, "--output", tmp_path / "m.png")
+    assert r.returncode == 0, r.stderr
+    meta = read_parameters(tmp_path / "m.png")
+    assert meta["quantization"] == "4-bit" and meta["modulation_bits"] == "8"
+    r = cli("--prompt", "a red circle", "--modulation-bits", 8, "--output", tmp_path / "x.png")
+    assert r.returncode == 2 and "--modulation-bits needs --quantize" in r.stderr and not (tmp_path / "x.png").exists()
+
+    r = cli("--model", folder, "--output", tmp_path / "q4m8", "--quantize", 4,
+            "--modulation-bits", 8, "--dtype", "float32", script="convert.py")
+    assert r.returncode == 0, r.stderr
+    q = read_manifest(tmp_path / "q4m8")["quantization"]
+    assert q["bits"] == 4 and q["modulation_bits"] == 8
+
+
 def test_loading_does_not_import_the_pipeline():
     """The loader and the pipeline no longer import each other."""
     code = ("import sys, tiny_imagegen.loading, tiny_imagegen.hub, tiny_imagegen.registry; "

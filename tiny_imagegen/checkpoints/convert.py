@@ -164,9 +164,29 @@ def layer_bits(component: str, layers: list[str], bits: int, modulation_bits: in
     return {p: modulation_bits for p in layers if any(fnmatch(p, pattern) for pattern in patterns)}
 
 
-def quantize_component(component: str, model: nn.Module, bits: int, group_size: int = 64,
+@dataclass(frozen=True)
+class Quantization:
+    """How to quantize on load (`--quantize 4 --modulation-bits 8`): what `quantize=` of the
+    pipelines takes, besides a plain number of bits."""
+
+    bits: int
+    group_size: int = 64
+    modulation_bits: int | None = None  # the adaLN modulation's own bits; None: `bits`
+
+    def __post_init__(self):
+        _check_quantization(self.bits, self.group_size, self.modulation_bits)
+
+    def __str__(self) -> str:
+        mod = f", adaLN modulation {self.modulation_bits}-bit" if self.modulation_bits not in (None, self.bits) else ""
+        return f"{self.bits}-bit{mod}"
+
+
+def quantize_component(component: str, model: nn.Module, bits: "int | Quantization", group_size: int = 64,
                        modulation_bits: int | None = None) -> list[str]:
-    """Quantize `model` in place by the rule (e.g. hub weights at load time); returns the layers."""
+    """Quantize `model` in place by the rule (e.g. hub weights at load time); returns the layers.
+    `bits` may be a Quantization, which then carries the group size and modulation bits."""
+    if isinstance(bits, Quantization):
+        bits, group_size, modulation_bits = bits.bits, bits.group_size, bits.modulation_bits
     _check_quantization(bits, group_size, modulation_bits)
     layers = quantizable_layers(component, model, group_size)
     _quantize_layers(model, layers, layer_bits(component, layers, bits, modulation_bits), bits, group_size)

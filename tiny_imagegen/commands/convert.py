@@ -3,6 +3,7 @@
     python examples/convert.py --model flux1-schnell --output weights/schnell-q4 --quantize 4
     python examples/convert.py --model /data/FLUX.1-dev --output weights/dev-bf16
     python examples/convert.py --model weights/dev-bf16 --output weights/dev-q8 --quantize 8
+    python examples/convert.py --model flux1-dev --output weights/dev-q4m8 --quantize 4 --modulation-bits 8
 
 --model takes a known name (downloaded into the Hugging Face cache, only the files needed), a hub
 repo id, a local folder laid out like the hub repo, or an unquantized converted folder. The result
@@ -27,6 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "or an unquantized converted folder")
     p.add_argument("--output", required=True, type=Path, help="the folder to write, e.g. weights/schnell-q4")
     p.add_argument("--quantize", type=int, choices=(4, 8), help="bits per weight of the quantized layers")
+    p.add_argument("--modulation-bits", type=int, choices=(4, 8),
+                   help="with --quantize 4: keep the MM-DiT's adaLN modulation Linears at 8 bits (README: "
+                        "bf16, float16, quantized models; FLUX.1: 8.37 instead of 6.75 GB, error 0.099 vs 0.130)")
     p.add_argument("--group-size", type=int, default=64, choices=GROUP_SIZES,
                    help="weights sharing one scale and bias (default %(default)s)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
@@ -51,7 +55,7 @@ def main(argv=None) -> int:
         provenance = {"model": spec.name} if spec else {}
         start = time.perf_counter()
         out = convert(source, args.output, bits=args.quantize, group_size=args.group_size, dtype=args.dtype,
-                      force=args.force, provenance=provenance)
+                      force=args.force, provenance=provenance, modulation_bits=args.modulation_bits)
     except (ModelNotAvailable, CheckpointError, OSError, ValueError) as e:  # one line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 1

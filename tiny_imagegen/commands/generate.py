@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA file (local, or a hub file org/name/file.safetensors) and its weight (default 1); "
                         "repeatable; merged into full-precision weights, beside quantized ones")
     p.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the transformer and text encoder on load")
+    p.add_argument("--modulation-bits", type=int, choices=(4, 8),
+                   help="with --quantize 4: the MM-DiT's adaLN modulation at these bits (8: closer to full "
+                        "precision, README: bf16, float16, quantized models)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="compute dtype; auto: bfloat16 on GPUs, float32 on the CPU")
     p.add_argument("--image", help="init image for image-to-image")
@@ -277,6 +280,7 @@ def stepwise_writer(pipe, folder: Path, first_index: int):
 
 
 def run(args: argparse.Namespace) -> list[Path]:
+    from ..checkpoints.convert import Quantization
     from ..checkpoints.lora import lora_metadata, parse_lora_spec
     from ..checkpoints.mapping import CheckpointError
     from ..hub import ModelNotAvailable
@@ -292,6 +296,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.modulation_bits is not None and not args.quantize:
+        raise UsageError("--modulation-bits needs --quantize: it sets the adaLN modulation's bits of a quantized model")
     if not 0.0 < args.strength <= 1.0:
         raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
     for n, job in enumerate(jobs, 1):
@@ -307,7 +313,8 @@ def run(args: argparse.Namespace) -> list[Path]:
 
     start = time.perf_counter()
     try:
-        pipe = Pipeline.from_pretrained(args.model, dtype=dtype, quantize=args.quantize,
+        quantize = args.quantize and Quantization(args.quantize, modulation_bits=args.modulation_bits)
+        pipe = Pipeline.from_pretrained(args.model, dtype=dtype, quantize=quantize,
                                         keep_text_encoders=args.keep_text_encoders or len(jobs) > 1,
                                         loras=[parse_lora_spec(x) for x in args.lora or []])
     except (CheckpointError, FileNotFoundError, ModelNotAvailable, ValueError) as e:
@@ -354,6 +361,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             "prompt": job.prompt, "negative_prompt": job.negative_prompt, "steps": steps, "guidance": guidance,
             "width": width, "height": height, "model": pipe.name,
             "quantization": f"{args.quantize}-bit" if args.quantize else "none",
+            **({"modulation_bits": args.modulation_bits} if args.quantize and args.modulation_bits else {}),
             "dtype": str(pipe.dtype).split(".")[-1], "software": f"tiny_imagegen {__version__}", **options,
             **(lora_metadata(pipe.loras) if getattr(pipe, "loras", None) else {}),
         }

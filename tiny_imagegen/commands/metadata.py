@@ -17,6 +17,7 @@ REPLAYED = {
     "seed": ("seed", int), "steps": ("steps", int), "guidance": ("guidance", float),
     "true_cfg": ("true_cfg", float), "width": ("width", int), "height": ("height", int),
     "quantization": ("quantize", lambda v: None if v == "none" else int(v.split("-")[0])),
+    "modulation_bits": ("modulation_bits", int),
     "dtype": ("dtype", str), "strength": ("strength", float), "image": ("image", str),
     "loras": ("lora", json.loads),
 }

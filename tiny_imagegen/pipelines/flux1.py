@@ -138,6 +138,18 @@ class Flux1Pipeline(Pipeline):
         f = self.vae.config.downscale
         return (height // f, width // f, self.vae.config.latent_channels)  # (h, w, C)
 
+    def forward(self):
+        """The transformer's forward, compiled: traced once per input shape, then each step runs as
+        one graph with its elementwise ops fused (the tiny model: 8.1 instead of 10.0 ms a step).
+        The weights are inputs of the compiled function, not constants, so LoRAs merged or
+        quantization applied later are seen; a new transformer object gets a new trace."""
+        tr = self.transformer
+        if getattr(self, "_forward", (None,))[0] is not tr:
+            fn = mx.compile(lambda img, txt, t, y, g, rope: tr(img, None, txt, None, t, y, g, rope=rope),
+                            inputs=tr.state)
+            self._forward = (tr, fn)
+        return self._forward[1]
+
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
                true_cfg: float = 1.0, batch_cfg: bool | None = None):
         B, h, w, _ = noise.shape
@@ -153,17 +165,20 @@ class Flux1Pipeline(Pipeline):
             txt = mx.concatenate([txt, cond.negative["txt"]])
             vec = mx.concatenate([vec, cond.negative["vec"]])
         txt_ids, img_ids = self.transformer.position_ids(h // 2, w // 2, txt.shape[1])
-        g = mx.full((txt.shape[0],), guidance, dtype=self.dtype) if self.distilled else None
+        rope = self.transformer.rope_table(img_ids, txt_ids)  # once per generation, not once per forward
+        # t and g stay float32: the model takes their sinusoids in float32 before its own cast (a bf16 t
+        # would round t * 1000 first, 312.5 -> 312, as diffusers' bf16 FLUX does)
+        g = mx.full((txt.shape[0],), guidance, dtype=mx.float32) if self.distilled else None
+        transformer = self.forward()
 
         def velocity(x, t):
             xs = mx.concatenate([x, x]) if batched else x
-            ts = mx.full((xs.shape[0],), t, dtype=self.dtype)
-            v = self.transformer(xs.astype(self.dtype), img_ids, txt, txt_ids, ts, vec, g)
+            ts = mx.full((xs.shape[0],), t, dtype=mx.float32)
+            v = transformer(xs.astype(self.dtype), txt, ts, vec, g, rope)
             if batched:
                 return classifier_free_guidance(v[:B], v[B:], scale)
             if scale != 1.0:  # unbatched guidance: a second forward
-                v_neg = self.transformer(xs.astype(self.dtype), img_ids, cond.negative["txt"], txt_ids, ts,
-                                         cond.negative["vec"], g)
+                v_neg = transformer(xs.astype(self.dtype), cond.negative["txt"], ts, cond.negative["vec"], g, rope)
                 v = classifier_free_guidance(v, v_neg, scale)
             return v
 
