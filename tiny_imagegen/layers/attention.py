@@ -6,6 +6,8 @@ to every other. Normalising q and k per head (RMSNorm with a learned scale) keep
 bounded at large widths.
 """
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -32,6 +34,54 @@ class QKNorm(nn.Module):
         return self.query_norm(q), self.key_norm(k)
 
 
+# Below this many attention scores (B H Lq Lk) one call is as fast as the pieces and their joins.
+PARALLEL_MIN_SCORES = 1 << 22
+_cpu_streams: list = []
+
+
+def _pieces(n: int, parts: int) -> list[slice]:
+    step = -(-n // parts)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _take(a: mx.array | None, axis: int, piece: slice) -> mx.array | None:
+    """A piece of `a` along `axis`; all of it where it broadcasts there (size 1) or is absent."""
+    if a is None or a.shape[axis] == 1:
+        return a
+    return a[(slice(None),) * axis + (piece,)]
+
+
+def sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None = None) -> mx.array:
+    """mx.fast.scaled_dot_product_attention, cut into one piece per core on the CPU.
+
+    q (B, H, Lq, d), k and v (B, H_kv, Lk, d) with H a multiple of H_kv (grouped-query attention),
+    mask None or 4-D, broadcastable to (B, H, Lq, Lk) -> (B, H, Lq, d).
+
+    Why: on the CPU MLX runs the softmax's exp on one thread, and at FLUX's sizes that is most of
+    attention's time (0.74 of 0.92 s for 24 heads x 1536 tokens). Every (head, query) row of the
+    softmax is independent, so a large problem is cut into pieces -- along the heads when they
+    divide evenly (k and v keep their grouping), else along the queries -- and each piece runs on
+    a CPU stream of its own, which MLX runs concurrently. The result is bit-identical to one call:
+    1.4x faster at 1536 tokens in float32, 2x in bfloat16."""
+    B, H, Lq, _ = q.shape
+    H_kv, Lk = k.shape[1], k.shape[2]
+    cores = os.cpu_count() or 1
+    if (mx.default_device() != mx.cpu or cores < 2 or B * H * Lq * Lk < PARALLEL_MIN_SCORES
+            or (mask is not None and (not isinstance(mask, mx.array) or mask.ndim != 4))):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    while len(_cpu_streams) < cores:
+        _cpu_streams.append(mx.new_stream(mx.cpu))
+    if H % cores == 0 and H_kv % cores == 0:  # piece i: a run of q heads and the kv heads they read
+        axis = 1
+        parts = [(q[:, h], k[:, g], v[:, g], _take(mask, 1, h)) for h, g in zip(_pieces(H, cores), _pieces(H_kv, cores))]
+    else:  # a run of queries, each reading all keys
+        axis = 2
+        parts = [(q[:, :, i], k, v, _take(mask, 2, i)) for i in _pieces(Lq, cores)]
+    outs = [mx.fast.scaled_dot_product_attention(qi, ki, vi, scale=scale, mask=mi, stream=stream)
+            for (qi, ki, vi, mi), stream in zip(parts, _cpu_streams)]
+    return mx.concatenate(outs, axis=axis)
+
+
 def split_heads(qkv: mx.array, num_heads: int) -> tuple[mx.array, mx.array, mx.array]:
     """(B, L, 3 H d) -> q, k, v each (B, H, L, d)."""
     B, L, _ = qkv.shape
@@ -43,7 +93,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, rope: tuple[mx.array, mx.ar
     """q, k, v (B, H, L, d), RoPE (cos, sin) table (see layers/rope.py) -> (B, L, H d)."""
     if rope is not None:
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+    out = sdpa(q, k, v, scale=q.shape[-1] ** -0.5)
     B, H, L, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(B, L, H * d)
 
@@ -57,6 +107,6 @@ def masked_attention(
     if rope is not None:
         q, k = apply_rope(q, rope), apply_rope(k, rope)
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, L): broadcast over heads, queries
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
+    out = sdpa(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
     B, H, L, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(B, L, H * d)

@@ -23,6 +23,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..layers.attention import sdpa
+
 ACTIVATIONS = {"quick_gelu": nn.gelu_fast_approx, "gelu": nn.gelu}
 LEGACY_EOS_TOKEN_ID = 2
 
@@ -71,7 +73,7 @@ class CLIPAttention(nn.Module):
         # x: (B, L, D); mask: additive, (B or 1, 1, L, L)
         B, L, D = x.shape
         q, k, v = (p(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
+        out = sdpa(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 

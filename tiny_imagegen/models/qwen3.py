@@ -42,6 +42,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..layers.activations import silu
+from ..layers.attention import sdpa
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class Qwen3Attention(nn.Module):
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=None, scale=1.0, offset=0, freqs=rope_periods)
         k = mx.fast.rope(k, self.head_dim, traditional=False, base=None, scale=1.0, offset=0, freqs=rope_periods)
         # k, v keep their kv_heads: the kernel shares each among its group of query heads (GQA)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        out = sdpa(q, k, v, scale=self.head_dim**-0.5, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

@@ -24,6 +24,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..layers.activations import gelu_tanh
+from ..layers.attention import sdpa
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class T5Attention(nn.Module):
         # x: (B, L, D); bias: (B or 1, H, L, L), relative positions plus any padding mask
         B, L, _ = x.shape
         q, k, v = (proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3) for proj in (self.q, self.k, self.v))
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=bias)
+        out = sdpa(q, k, v, scale=1.0, mask=bias)
         return self.o(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

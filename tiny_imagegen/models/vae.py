@@ -28,6 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..layers.attention import sdpa
 from .vae_tiling import limited_run_ahead, tiled_decode
 
 # ---- configuration --------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ class AttnBlock(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:  # (B, H, W, C)
         B, H, W, C = x.shape
         h = self.norm(x).reshape(B, 1, H * W, C)  # one head of width C
-        h = mx.fast.scaled_dot_product_attention(self.q(h), self.k(h), self.v(h), scale=C**-0.5)
+        h = sdpa(self.q(h), self.k(h), self.v(h), scale=C**-0.5)
         return x + self.proj_out(h).reshape(B, H, W, C)
 
 
