@@ -148,10 +148,12 @@ def test_conditioning_is_reusable_and_repeated_generations_do_not_grow():
     for i in range(10):
         images.append(pipe.generate(conditioning=cond, seed=0, steps=3)[0])
         peaks.append(max(pipe.peak_memory.values()))
-    print(f"peak memory per generation (bytes): first {peaks[0]}, tenth {peaks[-1]}")
+    print(f"peak memory per generation (bytes): first {peaks[0]}, tenth {peaks[-1]}; all {peaks}")
     # 1%: the previous run's `last_latents` and the allocator's bookkeeping (measured: +14 kB of 28 MB);
     # anything kept per generation would add megabytes each time
-    assert peaks[-1] <= 1.01 * peaks[0] and all(np.array_equal(np.asarray(images[0]), np.asarray(im)) for im in images)
+    # MLX's buffer cache makes the peak alternate between two values 1.5% apart from one generation
+    # to the next (measured in the full suite); growth shows as later peaks above all early ones
+    assert max(peaks[5:]) <= 1.01 * max(peaks[:5]) and all(np.array_equal(np.asarray(images[0]), np.asarray(im)) for im in images)
     assert pipe.text_encoder is None
     with pytest.raises(ValueError, match="give a prompt"):
         pipe.generate(seed=0)
