@@ -12,11 +12,13 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
 from tiny_imagegen.checkpoints.convert import ConvertedModelError
+from tiny_imagegen.layers.rope import AxialRoPE
 from tiny_imagegen.models.mmdit import MMDiTConfig
 from tiny_imagegen.models.t5 import T5Config
 from tiny_imagegen.train import tiny_shapes as ts
@@ -75,15 +77,23 @@ def state_of(trainer: Trainer) -> dict[str, np.ndarray]:
     return {f"{k}.{name}": np.array(v) for k, tree in trees.items() for name, v in tree_flatten(tree)}
 
 
-def test_resume_is_bit_identical(tmp_path):
+def with_empty_subtree(model: nn.Module) -> nn.Module:
+    """A module without parameters (the ablations' axial RoPE) sits in the gradients as an empty
+    dict, which a flat checkpoint file cannot bring back: resume must keep it."""
+    model.transformer.positions = AxialRoPE((8, 12, 12), 10_000)  # nested, as in the ablation models
+    return model
+
+
+@pytest.mark.parametrize("build", [small_denoiser, lambda: with_empty_subtree(small_denoiser())], ids=["plain", "empty-subtree"])
+def test_resume_is_bit_identical(tmp_path, build):
     cfg = TrainConfig(steps=4, learning_rate=3e-3, warmup_steps=2, ema_decay=0.9, checkpoint_every=2, log_every=2)
-    straight = Trainer(small_denoiser(), ts.denoiser_loss, batch, cfg, tmp_path / "a", "test")
+    straight = Trainer(build(), ts.denoiser_loss, batch, cfg, tmp_path / "a", "test")
     straight.train()
 
-    first = Trainer(small_denoiser(), ts.denoiser_loss, batch, cfg, tmp_path / "b", "test")
+    first = Trainer(build(), ts.denoiser_loss, batch, cfg, tmp_path / "b", "test")
     first.train(until=2)
     del first  # "interrupted"; a new process would start from the same fresh model
-    resumed = Trainer(small_denoiser(), ts.denoiser_loss, batch, cfg, tmp_path / "b", "test")
+    resumed = Trainer(build(), ts.denoiser_loss, batch, cfg, tmp_path / "b", "test")
     assert resumed.resume() and resumed.step == 2
     resumed.train()
 

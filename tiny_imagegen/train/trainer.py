@@ -77,6 +77,24 @@ def load_tree(path: Path):
     return tree_unflatten(list(mx.load(str(path)).items()))
 
 
+def load_into(tree, path: Path) -> None:
+    """Overwrite the leaves of `tree` (nested dicts and lists) in place from a file `save_tree`
+    wrote. In place, because the compiled step holds these very dicts; and into the tree as built,
+    because a flat file cannot bring back the empty subtree of a module without parameters (a
+    RoPE), which the gradients still carry and tree_map then looks up."""
+    loaded = mx.load(str(path))
+    expected = {key for key, _ in tree_flatten(tree)}
+    if loaded.keys() != expected:
+        raise ValueError(f"{path} does not fit the model: missing {sorted(expected - loaded.keys())[:5]}, "
+                         f"unexpected {sorted(loaded.keys() - expected)[:5]}")
+    for key, value in loaded.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[int(leaf) if isinstance(node, list) else leaf] = value
+
+
 def checkpoint_folders(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).glob("step_*") if (p / "state.json").is_file())
 
@@ -178,8 +196,9 @@ class Trainer:
             raise RuntimeError("resume before the first step: the compiled step holds the state it started with")
         state = json.loads((checkpoint / "state.json").read_text())
         self.model.update(load_tree(checkpoint / "model.safetensors"))
-        self.ema = load_tree(checkpoint / "ema.safetensors")
-        self.optimizer.state.update(load_tree(checkpoint / "optimizer.safetensors"))  # in place
+        self.ema = tree_map(lambda p: p, self.ema_start)  # new dicts: ema_start stays θ_0
+        load_into(self.ema, checkpoint / "ema.safetensors")
+        load_into(self.optimizer.state, checkpoint / "optimizer.safetensors")
         mx.eval(self.model.parameters(), self.ema, self.optimizer.state)
         self.step = state["step"]
         self._truncate_log()
