@@ -3,7 +3,8 @@
 FLUX.1-dev's width (24 heads x 128, T5 width 4096, pooled CLIP 768, guidance input) with 2 double
 + 4 single blocks (1.31 B parameters, 5.2 GB in fp32 per framework), identical seeded weights in
 both (drawn per tensor from numpy, keyed by the diffusers name; ours loads them through the
-diffusers key table), fp32, batch 1. Each framework runs in its own process, so that neither
+diffusers key table), batch 1, fp32 (or --dtype bfloat16: both models cast, inputs rounded to bf16,
+t and guidance float32 as the pipeline gives them). Each framework runs in its own process, so that neither
 sees the other's allocations: MLX with OpenBLAS preloaded (LD_PRELOAD, see the README), torch
 without it (a preloaded OpenBLAS would take over torch's BLAS calls; torch uses its own MKL /
 oneDNN). The steps are interleaved (ours, torch, ours, ...) after one warm-up step each, so load
@@ -11,12 +12,14 @@ from other processes on the machine hits both alike; the table gives the median 
 
 Reported per size: the medians and ours/torch, the max abs difference of the two outputs, the
 peak memory above the weights during a step (VmHWM from /proc/self/status, reset before each
-step by writing 5 to /proc/self/clear_refs; MLX also mx.get_peak_memory), and the share of
-this machine's fp32 matmul peak each reaches (the step's FLOPs / its time, against a 4096^2
-matmul measured in the same process).
+step by writing 5 to /proc/self/clear_refs; MLX also mx.get_peak_memory, whose peak over the
+weight bytes is the check that a step makes no weight-sized copies), and the share of this
+machine's matmul peak each reaches (the step's FLOPs / its time, against a 4096^2 matmul in the
+step's dtype measured in the same process).
 
     python benchmarks/transformer_step.py                    # 256+256 and 1024+512 tokens, 3 runs
     python benchmarks/transformer_step.py --sizes 256x256 --runs 5 --profile
+    python benchmarks/transformer_step.py --sizes 256x256 --runs 1 --dtype bfloat16
 """
 
 import argparse
@@ -108,23 +111,25 @@ def rss(field: str) -> int:
 
 
 class MLXWorker:
-    def __init__(self):
+    def __init__(self, dtype: str):
         import mlx.core as mx
+        from mlx.utils import tree_flatten
 
         from tiny_imagegen.checkpoints.flux import DIFFUSERS
         from tiny_imagegen.checkpoints.mapping import load_checkpoint
         from tiny_imagegen.models.mmdit import MMDiT, MMDiTConfig
 
-        self.mx = mx
+        self.mx, self.dtype = mx, getattr(mx, dtype)
         self.model = MMDiT(MMDiTConfig(guidance_embed=True, depth_double=DOUBLE, depth_single=SINGLE))  # FLUX.1-dev width
         source = {k: mx.array(v) for k, v in seeded_weights()}
-        load_checkpoint(self.model, DIFFUSERS, source)
+        load_checkpoint(self.model, DIFFUSERS, source, self.dtype)  # as load_flux_transformer(dtype=) does
         mx.eval(self.model.parameters())
         del source
+        self.weight_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
 
     def matmul(self) -> float:
         mx = self.mx
-        a, b = mx.random.normal((4096, 4096)), mx.random.normal((4096, 4096))
+        a, b = (mx.random.normal((4096, 4096)).astype(self.dtype) for _ in range(2))
         mx.eval(a, b, a @ b)
         times = []
         for _ in range(3):
@@ -135,7 +140,8 @@ class MLXWorker:
 
     def step(self, n_img, n_txt, save, profile=False):
         mx = self.mx
-        x = {k: (mx.array(v) if k not in ("img_ids", "txt_ids") else v) for k, v in inputs(n_img, n_txt).items()}
+        x = {k: (v if k.endswith("ids") else mx.array(v) if k in "tg" else mx.array(v).astype(self.dtype))
+             for k, v in inputs(n_img, n_txt).items()}
         mx.eval([v for v in x.values() if isinstance(v, mx.array)])
         if profile:
             from benchmarks.profile_step import profile_step
@@ -149,13 +155,13 @@ class MLXWorker:
         mx.eval(out)
         seconds = time.perf_counter() - start
         if save:
-            np.save(save, np.array(out))
+            np.save(save, np.array(out.astype(mx.float32)))
         return {"seconds": seconds, "peak_above_weights": rss("VmHWM") - before,
-                "mlx_peak": mx.get_peak_memory() - mx.get_active_memory() + out.nbytes}
+                "mlx_peak": mx.get_peak_memory(), "weights": self.weight_bytes}
 
 
 class TorchWorker:
-    def __init__(self):
+    def __init__(self, dtype: str):
         import torch
         from diffusers import FluxTransformer2DModel
 
@@ -167,11 +173,12 @@ class TorchWorker:
         with torch.no_grad():
             for k, v in seeded_weights():
                 params[k].copy_(torch.from_numpy(v))
-        self.model = model.eval()
+        self.dtype = getattr(torch, dtype)
+        self.model = model.eval() if dtype == "float32" else model.eval().to(self.dtype)
 
     def matmul(self) -> float:
         torch = self.torch
-        a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+        a, b = torch.randn(4096, 4096, dtype=self.dtype), torch.randn(4096, 4096, dtype=self.dtype)
         a @ b
         times = []
         for _ in range(3):
@@ -183,6 +190,7 @@ class TorchWorker:
     def step(self, n_img, n_txt, save, profile=False):
         torch = self.torch
         x = {k: torch.from_numpy(v) for k, v in inputs(n_img, n_txt).items()}
+        x.update({k: x[k].to(self.dtype) for k in ("img", "txt", "y")})  # diffusers casts t itself
         before = rss("VmRSS")
         peak_rss_reset()
         with torch.inference_mode():
@@ -191,12 +199,12 @@ class TorchWorker:
                              timestep=x["t"], guidance=x["g"], img_ids=x["img_ids"], txt_ids=x["txt_ids"]).sample
             seconds = time.perf_counter() - start
         if save:
-            np.save(save, out.numpy())
+            np.save(save, out.float().numpy())
         return {"seconds": seconds, "peak_above_weights": rss("VmHWM") - before}
 
 
-def worker(kind: str):
-    w = {"mlx": MLXWorker, "torch": TorchWorker}[kind]()
+def worker(kind: str, dtype: str):
+    w = {"mlx": MLXWorker, "torch": TorchWorker}[kind](dtype)
     print(json.dumps({"ready": True, "rss": rss("VmRSS")}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -211,12 +219,12 @@ def worker(kind: str):
 
 
 class Process:
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, dtype: str):
         env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
         if kind == "mlx" and Path(OPENBLAS).exists():
             env["LD_PRELOAD"] = OPENBLAS
         self.kind = kind
-        self.p = subprocess.Popen([sys.executable, __file__, "--worker", kind], stdin=subprocess.PIPE,
+        self.p = subprocess.Popen([sys.executable, __file__, "--worker", kind, "--dtype", dtype], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         self.ready = self.read()
 
@@ -241,20 +249,21 @@ def main():
     p.add_argument("--sizes", nargs="+", default=["256x256", "1024x512"], help="image x text tokens")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--frameworks", nargs="+", default=["mlx", "torch"], choices=["mlx", "torch"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--profile", action="store_true", help="also time ours per component (benchmarks/profile_step.py)")
     p.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        return worker(args.worker)
+        return worker(args.worker, args.dtype)
 
     print(f"load average before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} CPUs")
     procs = {}
     for kind in args.frameworks:  # one after the other, so that only one builds its weights at a time
         start = time.perf_counter()
-        procs[kind] = Process(kind)
+        procs[kind] = Process(kind, args.dtype)
         print(f"{kind}: weights built in {time.perf_counter() - start:.0f} s, RSS {procs[kind].ready['rss'] / 1e9:.2f} GB")
     peak = {k: procs[k].ask(op="matmul")["flops"] for k in procs}
-    print("fp32 4096^2 matmul: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()))
+    print(f"{args.dtype} 4096^2 matmul: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()))
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -293,6 +302,12 @@ def main():
         print(f"| {size.replace('x', ' + ')} | {med['mlx']:.2f} s | {med['torch']:.2f} s | {med['mlx'] / med['torch']:.2f} "
               f"| {err:.1e} | {mem['mlx'] / 1e9:.2f} / {mem['torch'] / 1e9:.2f} GB "
               f"| {share['mlx']:.0%} / {share['torch']:.0%} |")
+    for size, *_, results in rows:  # the step's peak against its weights: no weight-sized temporaries
+        if "mlx" in results:
+            r = max(results["mlx"], key=lambda r: r["mlx_peak"])
+            print(f"ours {size} {args.dtype}: weights {r['weights'] / 1e9:.3f} GB, step peak (mx.get_peak_memory) "
+                  f"{r['mlx_peak'] / 1e9:.3f} GB = {r['mlx_peak'] / r['weights']:.3f} x weights "
+                  f"= weights + {(r['mlx_peak'] - r['weights']) / 1e6:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from ..layers.modulation import Modulation, layer_norm, modulate
 from ..layers.norms import QKNormRoundedOnce
 from ..layers.positions import flux2_image_ids, flux2_text_ids
 from ..layers.rope import AxialRoPE
-from .mmdit import LastLayer, SelfAttention
+from .mmdit import LastLayer, SelfAttention, double_stream
 
 
 @dataclass(frozen=True)
@@ -123,22 +123,7 @@ class DoubleStreamBlock(nn.Module):
 
     def __call__(self, img, txt, img_mod, txt_mod, rope):
         """img (B, L_img, D), txt (B, L_txt, D); *_mod: 6 x (B, D); rope: (cos, sin) for [txt; img]."""
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mod
-        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = txt_mod
-        norm = lambda x: layer_norm(x, self.eps)  # noqa: E731
-
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(norm(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(norm(txt), txt_shift1, txt_scale1))
-        q, k, v = (mx.concatenate(pair, axis=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        joint = attention(q, k, v, rope)  # (B, L_txt + L_img, D)
-        n_txt = txt.shape[1]
-        txt_out, img_out = joint[:, :n_txt], joint[:, n_txt:]
-
-        img = img + img_gate1[:, None] * self.img_attn.proj(img_out)
-        img = img + img_gate2[:, None] * self.img_mlp(modulate(norm(img), img_shift2, img_scale2))
-        txt = txt + txt_gate1[:, None] * self.txt_attn.proj(txt_out)
-        txt = txt + txt_gate2[:, None] * self.txt_mlp(modulate(norm(txt), txt_shift2, txt_scale2))
-        return img, txt
+        return double_stream(self, img, txt, img_mod, txt_mod, rope, self.eps)
 
 
 class SingleStreamBlock(nn.Module):

@@ -103,6 +103,30 @@ class SelfAttention(nn.Module):
         return q, k, v
 
 
+def double_stream(block, img: mx.array, txt: mx.array, img_mod, txt_mod, rope, eps: float = 1e-6):
+    """The double block's body, shared by FLUX.1 and FLUX.2 (whose blocks differ in their MLP and
+    where the modulation comes from). Each stream has its own weights, `block.{img,txt}_{attn,mlp}`;
+    the attention is joint over [txt; img].
+
+    img (B, L_img, D), txt (B, L_txt, D); *_mod: (shift1, scale1, gate1, shift2, scale2, gate2), each
+    (B, D): the attention branch's, then the MLP's; rope: (cos, sin) for [txt; img]."""
+    img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mod
+    txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = txt_mod
+
+    img_q, img_k, img_v = block.img_attn.qkv_heads(modulate(layer_norm(img, eps), img_shift1, img_scale1))
+    txt_q, txt_k, txt_v = block.txt_attn.qkv_heads(modulate(layer_norm(txt, eps), txt_shift1, txt_scale1))
+    q, k, v = (mx.concatenate(pair, axis=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+    joint = attention(q, k, v, rope)  # (B, L_txt + L_img, D)
+    n_txt = txt.shape[1]
+    txt_out, img_out = joint[:, :n_txt], joint[:, n_txt:]
+
+    img = img + img_gate1[:, None] * block.img_attn.proj(img_out)
+    img = img + img_gate2[:, None] * block.img_mlp(modulate(layer_norm(img, eps), img_shift2, img_scale2))
+    txt = txt + txt_gate1[:, None] * block.txt_attn.proj(txt_out)
+    txt = txt + txt_gate2[:, None] * block.txt_mlp(modulate(layer_norm(txt, eps), txt_shift2, txt_scale2))
+    return img, txt
+
+
 class DoubleStreamBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -112,21 +136,7 @@ class DoubleStreamBlock(nn.Module):
 
     def __call__(self, img: mx.array, txt: mx.array, c: mx.array, rope: mx.array):
         """img (B, L_img, D), txt (B, L_txt, D), c (B, D), rope: (cos, sin) for [txt; img]."""
-        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(c)
-        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(c)
-
-        img_q, img_k, img_v = self.img_attn.qkv_heads(modulate(layer_norm(img), img_shift1, img_scale1))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(modulate(layer_norm(txt), txt_shift1, txt_scale1))
-        q, k, v = (mx.concatenate(pair, axis=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-        joint = attention(q, k, v, rope)  # (B, L_txt + L_img, D)
-        n_txt = txt.shape[1]
-        txt_out, img_out = joint[:, :n_txt], joint[:, n_txt:]
-
-        img = img + img_gate1[:, None] * self.img_attn.proj(img_out)
-        img = img + img_gate2[:, None] * self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2))
-        txt = txt + txt_gate1[:, None] * self.txt_attn.proj(txt_out)
-        txt = txt + txt_gate2[:, None] * self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2))
-        return img, txt
+        return double_stream(self, img, txt, self.img_mod(c), self.txt_mod(c), rope)
 
 
 class SingleStreamBlock(nn.Module):

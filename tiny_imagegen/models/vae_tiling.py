@@ -51,7 +51,10 @@ def blend(a: mx.array, b: mx.array, extent: int, axis: int) -> mx.array:
     w = (mx.arange(extent, dtype=mx.float32) / extent).reshape(shape)  # 0, 1/n, ..., (n-1)/n
     a_tail = mx.take(a, mx.arange(a.shape[axis] - extent, a.shape[axis]), axis=axis)
     b_head, b_rest = mx.split(b, [extent], axis=axis)
-    return mx.concatenate([a_tail * (1 - w) + b_head * w, b_rest], axis=axis)
+    # Each product in float32 and rounded to the tiles' dtype, as torch multiplies a bf16 tensor
+    # by diffusers' Python-float weights: the blend stays in the VAE's dtype (no-ops in float32).
+    faded = (a_tail.astype(mx.float32) * (1 - w)).astype(a.dtype) + (b_head.astype(mx.float32) * w).astype(b.dtype)
+    return mx.concatenate([faded, b_rest], axis=axis)
 
 
 def tiled_decode(
