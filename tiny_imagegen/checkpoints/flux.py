@@ -22,6 +22,25 @@ BFL = KeyTable(
 
 _D = "transformer_blocks.{i}."
 _S = "single_transformer_blocks.{i}."
+
+
+def joint_attention_rules(p: str) -> list[Rule]:
+    """The double blocks' attention in diffusers' names, both streams: q, k, v fused into our qkv
+    (text: the `add_*` projections), the QK-norm scales, the output projection. FLUX.1 (p = "{p}":
+    weight and bias) and FLUX.2 (p = "weight": no biases) name them alike."""
+    rules = []
+    for stream, q, k, v, norm, out in (("img", "to_q", "to_k", "to_v", "norm_", "to_out.0"),
+                                       ("txt", "add_q_proj", "add_k_proj", "add_v_proj", "norm_added_", "to_add_out")):
+        ours = f"double_blocks.{{i}}.{stream}_attn."
+        rules += [
+            Rule(ours + "qkv." + p, tuple(f"{_D}attn.{name}.{p}" for name in (q, k, v)), concat),
+            Rule(ours + "norm.query_norm.scale", f"{_D}attn.{norm}q.weight"),
+            Rule(ours + "norm.key_norm.scale", f"{_D}attn.{norm}k.weight"),
+            Rule(ours + "proj." + p, f"{_D}attn.{out}.{p}"),
+        ]
+    return rules
+
+
 DIFFUSERS = KeyTable(
     "FLUX transformer (diffusers layout)",
     [
@@ -33,24 +52,12 @@ DIFFUSERS = KeyTable(
         Rule("vector_in.out_layer.{p}", "time_text_embed.text_embedder.linear_2.{p}"),
         Rule("guidance_in.in_layer.{p}", "time_text_embed.guidance_embedder.linear_1.{p}"),
         Rule("guidance_in.out_layer.{p}", "time_text_embed.guidance_embedder.linear_2.{p}"),
-        # double-stream blocks: image stream ...
+        # double-stream blocks: the joint attention's projections, then each stream's modulation and MLP
+        *joint_attention_rules("{p}"),
         Rule("double_blocks.{i}.img_mod.lin.{p}", _D + "norm1.linear.{p}"),
-        Rule("double_blocks.{i}.img_attn.qkv.{p}", (_D + "attn.to_q.{p}", _D + "attn.to_k.{p}", _D + "attn.to_v.{p}"), concat),
-        Rule("double_blocks.{i}.img_attn.norm.query_norm.scale", _D + "attn.norm_q.weight"),
-        Rule("double_blocks.{i}.img_attn.norm.key_norm.scale", _D + "attn.norm_k.weight"),
-        Rule("double_blocks.{i}.img_attn.proj.{p}", _D + "attn.to_out.0.{p}"),
         Rule("double_blocks.{i}.img_mlp.layers.0.{p}", _D + "ff.net.0.proj.{p}"),
         Rule("double_blocks.{i}.img_mlp.layers.2.{p}", _D + "ff.net.2.{p}"),
-        # ... and text stream
         Rule("double_blocks.{i}.txt_mod.lin.{p}", _D + "norm1_context.linear.{p}"),
-        Rule(
-            "double_blocks.{i}.txt_attn.qkv.{p}",
-            (_D + "attn.add_q_proj.{p}", _D + "attn.add_k_proj.{p}", _D + "attn.add_v_proj.{p}"),
-            concat,
-        ),
-        Rule("double_blocks.{i}.txt_attn.norm.query_norm.scale", _D + "attn.norm_added_q.weight"),
-        Rule("double_blocks.{i}.txt_attn.norm.key_norm.scale", _D + "attn.norm_added_k.weight"),
-        Rule("double_blocks.{i}.txt_attn.proj.{p}", _D + "attn.to_add_out.{p}"),
         Rule("double_blocks.{i}.txt_mlp.layers.0.{p}", _D + "ff_context.net.0.proj.{p}"),
         Rule("double_blocks.{i}.txt_mlp.layers.2.{p}", _D + "ff_context.net.2.{p}"),
         # single-stream blocks: linear1 = [q; k; v; mlp_in], linear2 = proj_out

@@ -39,22 +39,10 @@ DIFFUSERS = KeyTable(
         Rule("double_stream_modulation_img.lin.weight", "double_stream_modulation_img.linear.weight"),
         Rule("double_stream_modulation_txt.lin.weight", "double_stream_modulation_txt.linear.weight"),
         Rule("single_stream_modulation.lin.weight", "single_stream_modulation.linear.weight"),
-        # double-stream blocks: image stream ...
-        Rule("double_blocks.{i}.img_attn.qkv.weight", (_D + "attn.to_q.weight", _D + "attn.to_k.weight", _D + "attn.to_v.weight"), concat),
-        Rule("double_blocks.{i}.img_attn.norm.query_norm.scale", _D + "attn.norm_q.weight"),
-        Rule("double_blocks.{i}.img_attn.norm.key_norm.scale", _D + "attn.norm_k.weight"),
-        Rule("double_blocks.{i}.img_attn.proj.weight", _D + "attn.to_out.0.weight"),
+        # double-stream blocks: attention as in FLUX.1, then the MLPs
+        *flux.joint_attention_rules("weight"),
         Rule("double_blocks.{i}.img_mlp.layers.0.weight", _D + "ff.linear_in.weight"),
         Rule("double_blocks.{i}.img_mlp.layers.2.weight", _D + "ff.linear_out.weight"),
-        # ... and text stream
-        Rule(
-            "double_blocks.{i}.txt_attn.qkv.weight",
-            (_D + "attn.add_q_proj.weight", _D + "attn.add_k_proj.weight", _D + "attn.add_v_proj.weight"),
-            concat,
-        ),
-        Rule("double_blocks.{i}.txt_attn.norm.query_norm.scale", _D + "attn.norm_added_q.weight"),
-        Rule("double_blocks.{i}.txt_attn.norm.key_norm.scale", _D + "attn.norm_added_k.weight"),
-        Rule("double_blocks.{i}.txt_attn.proj.weight", _D + "attn.to_add_out.weight"),
         Rule("double_blocks.{i}.txt_mlp.layers.0.weight", _D + "ff_context.linear_in.weight"),
         Rule("double_blocks.{i}.txt_mlp.layers.2.weight", _D + "ff_context.linear_out.weight"),
         # single-stream blocks: fused already, [q | k | v | gate | up] and [attention | MLP]
