@@ -7,7 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from conftest import assert_bf16_parity, assert_close, fixture_path, load_fixture
 from tiny_imagegen.checkpoints.dit import DIFFUSERS, load_dit

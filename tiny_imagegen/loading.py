@@ -67,3 +67,18 @@ def load_converted_parts(folder: Path, dtype: mx.Dtype, quantize: int | None, ve
             if n in parts:
                 quantize_component(n, parts[n], quantize)
     return parts, manifest
+
+
+def reloading(parts: dict, folder: Path, dtype: mx.Dtype, quantize: int | None, quantized_on_load: tuple[str, ...]):
+    """name -> that component of a converted folder: first the one `load_converted_parts` loaded
+    (handed over once, so that releasing a text encoder after encoding frees it), then re-read from
+    the folder and quantized as on the first load, each time a pipeline asks for it again."""
+    def component(name: str):
+        if name in parts:
+            return parts.pop(name)
+        model = load_component(folder, name, dtype=dtype)
+        if quantize and name in quantized_on_load:
+            quantize_component(name, model, quantize)
+        return model
+
+    return component

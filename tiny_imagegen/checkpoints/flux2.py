@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from . import flux, vae
-from .mapping import CheckpointError, KeyTable, Rule, concat, load_checkpoint, swap_halves
+from .mapping import CheckpointError, KeyTable, Rule, load_checkpoint, swap_halves
 from .safetensors_io import read_checkpoint
 
 BFL = KeyTable("FLUX.2 transformer (original layout)", flux.BFL.rules)

@@ -12,9 +12,7 @@ training pool's.
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 

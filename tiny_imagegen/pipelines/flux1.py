@@ -16,12 +16,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..checkpoints.convert import load_component, quantize_component
+from ..checkpoints.convert import quantize_component
 from ..checkpoints.flux import load_flux_transformer
 from ..checkpoints.text_encoders import load_clip_text_model, load_t5_encoder
 from ..checkpoints.vae import load_vae
 from ..layers.embeddings import pack_latents, unpack_latents
-from ..loading import load_converted_parts
+from ..loading import load_converted_parts, reloading
 from ..pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults, find
 from ..sampling import classifier_free_guidance, euler_step, flux_schedule, img2img_schedule, noise_image
@@ -83,13 +83,7 @@ class Flux1Pipeline(Pipeline):
             text_kind = recipe.get("text", spec.recipe if spec else "") or "flux"
             name = recipe.get("name") or name
 
-            def component(n):  # as loaded first, re-read from the folder after a release
-                if n in parts:
-                    return parts.pop(n)
-                model = load_component(folder, n, dtype=dtype)
-                if quantize and n in QUANTIZED_ON_LOAD:
-                    quantize_component(n, model, quantize)
-                return model
+            component = reloading(parts, folder, dtype, quantize, QUANTIZED_ON_LOAD)
 
             def text():
                 t5_tokenizer = T5Tokenizer.from_folder(folder / "tokenizer_2", max_length=defaults.text_length)

@@ -22,9 +22,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoints.convert import load_component, quantize_component
+from ..checkpoints.convert import quantize_component
 from ..checkpoints.flux2 import load_flux2_transformer, load_flux2_vae
-from ..loading import load_converted_parts
+from ..loading import load_converted_parts, reloading
 from ..pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults
 from ..sampling import classifier_free_guidance, euler_step_in_model_dtype, flux2_schedule
@@ -86,13 +86,10 @@ class Flux2KleinPipeline(Pipeline):
             recipe = manifest.get("pipeline", {})
             distilled = recipe.get("is_distilled", True)
 
-            def encoder():  # as loaded first, re-read from the folder after a release
-                if "qwen3" in parts:
-                    return parts.pop("qwen3")
-                model = load_component(folder, "qwen3", dtype=dtype)
-                if quantize:
-                    quantize_component("qwen3", model, quantize)
-                return model
+            component = reloading(parts, folder, dtype, quantize, QUANTIZED_ON_LOAD)
+
+            def encoder():
+                return component("qwen3")
         else:
             transformer = load_flux2_transformer(folder / "transformer", dtype=dtype)
             vae = load_flux2_vae(folder / "vae", dtype=dtype)

@@ -21,11 +21,11 @@ from pathlib import Path
 import mlx.core as mx
 
 from .. import ddpm
-from ..checkpoints.convert import load_component, quantize_component
+from ..checkpoints.convert import quantize_component
 from ..checkpoints.text_encoders import load_clip_text_model
 from ..checkpoints.unet import load_unet
 from ..checkpoints.vae import load_vae
-from ..loading import load_converted_parts
+from ..loading import load_converted_parts, reloading
 from ..pipeline import Conditioning, Pipeline
 from ..registry import find
 from ..sampling import classifier_free_guidance
@@ -65,13 +65,10 @@ class SD15Pipeline(Pipeline):
             parts, _ = load_converted_parts(folder, dtype, quantize, verify, QUANTIZED_ON_LOAD)
             unet, vae = parts["unet"], parts["vae"]
 
-            def clip():  # as loaded first, re-read from the folder after a release
-                if "clip" in parts:
-                    return parts.pop("clip")
-                model = load_component(folder, "clip", dtype=dtype)
-                if quantize:
-                    quantize_component("clip", model, quantize)
-                return model
+            component = reloading(parts, folder, dtype, quantize, QUANTIZED_ON_LOAD)
+
+            def clip():
+                return component("clip")
         else:
             unet, vae = load_unet(folder / "unet", dtype), load_vae(folder / "vae", dtype=dtype)
             if quantize:

@@ -23,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoints.convert import load_component, quantize_component
+from ..checkpoints.convert import quantize_component
 from ..checkpoints.vae import load_vae
 from ..checkpoints.zimage import load_zimage_transformer
 from ..pipeline import Conditioning, Pipeline
@@ -84,7 +84,7 @@ class ZImagePipeline(Pipeline):
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
         from ..hub import is_converted
-        from ..loading import load_converted_parts
+        from ..loading import load_converted_parts, reloading
 
         folder = Path(folder)
         defaults = spec.defaults if spec else defaults_for_folder(folder)
@@ -92,13 +92,10 @@ class ZImagePipeline(Pipeline):
             parts, _ = load_converted_parts(folder, dtype, quantize, verify, QUANTIZED_ON_LOAD)
             transformer, vae = parts[TRANSFORMER], parts["vae"]
 
-            def text():  # as loaded first (quantized there), re-read from the folder after a release
-                if TEXT_ENCODER in parts:
-                    model = parts.pop(TEXT_ENCODER)
-                else:
-                    model = load_component(folder, TEXT_ENCODER, dtype=dtype)
-                    if quantize:
-                        quantize_component(TEXT_ENCODER, model, quantize)
+            component = reloading(parts, folder, dtype, quantize, QUANTIZED_ON_LOAD)
+
+            def text():
+                model = component(TEXT_ENCODER)
                 tokenizer = QwenTokenizer.from_folder(folder / "tokenizer")
                 return ZImageText(QwenPromptEncoder(tokenizer, model, ZIMAGE_HIDDEN_STATES, enable_thinking=True,
                                                     keep_padding=False, max_length=defaults.text_length))
