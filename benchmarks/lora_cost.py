@@ -13,7 +13,7 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from tiny_imagegen.checkpoints.convert import quantize_component
+from tiny_imagegen.checkpoints.quantize import quantize_component
 from tiny_imagegen.checkpoints.lora import _linears
 from tiny_imagegen.layers.lora import Update, apply_updates
 from tiny_imagegen.layers.positions import flux_image_ids, flux_text_ids

@@ -27,7 +27,8 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from tiny_imagegen.checkpoints.convert import file_metadata, safetensors_header, stored_tensors  # noqa: E402
+from tiny_imagegen.checkpoints.convert import file_metadata, stored_tensors  # noqa: E402
+from tiny_imagegen.checkpoints.safetensors_io import safetensors_header  # noqa: E402
 from tiny_imagegen.models.clip import CLIPTextModel  # noqa: E402
 from tiny_imagegen import registry  # noqa: E402
 from tiny_imagegen.models.mmdit import MMDiT  # noqa: E402

@@ -18,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from tiny_imagegen.checkpoints.convert import COMPONENTS, file_metadata, safetensors_header, stored_tensors  # noqa: E402
+from tiny_imagegen.checkpoints.components import COMPONENTS  # noqa: E402
+from tiny_imagegen.checkpoints.convert import file_metadata, stored_tensors  # noqa: E402
+from tiny_imagegen.checkpoints.safetensors_io import safetensors_header  # noqa: E402
 from tiny_imagegen.registry import find  # noqa: E402
 
 GB = 1e9

@@ -141,7 +141,8 @@ def test_modulation_bits_on_load_and_in_convert(tmp_path):
     load (generate) and in a converted folder (convert); recorded in the PNG and the manifest."""
     import mlx.nn as nn
 
-    from tiny_imagegen.checkpoints.convert import Quantization, read_manifest
+    from tiny_imagegen.checkpoints.convert import read_manifest
+    from tiny_imagegen.checkpoints.quantize import Quantization
     from tiny_imagegen.commands.metadata import read_parameters
     from tiny_imagegen.pipeline import Pipeline
 
@@ -177,7 +178,7 @@ def test_loading_does_not_import_the_pipeline():
 
 def test_every_name_resolves_through_the_registry():
     from tiny_imagegen import registry
-    from tiny_imagegen.checkpoints.convert import COMPONENTS
+    from tiny_imagegen.checkpoints.components import COMPONENTS
 
     for spec in registry.MODELS:
         for name in (spec.name, *spec.aliases):

@@ -13,18 +13,10 @@ from mlx.utils import tree_flatten
 
 from conftest import assert_close, fixture_path, load_fixture, relative_l2
 from test_hub import COMMIT, cache_snapshot, needed, repo_files, tiny_flux_repo
-from tiny_imagegen.checkpoints.convert import (
-    COMPONENTS,
-    ConvertedModelError,
-    _import,
-    convert,
-    load_component,
-    load_converted,
-    quantize_component,
-    read_manifest,
-    save_converted,
-    write_safetensors,
-)
+from tiny_imagegen.checkpoints.components import COMPONENTS, import_ref
+from tiny_imagegen.checkpoints.convert import ConvertedModelError, convert, load_component, load_converted, read_manifest, save_converted
+from tiny_imagegen.checkpoints.quantize import quantize_component
+from tiny_imagegen.checkpoints.safetensors_io import write_safetensors
 from tiny_imagegen.checkpoints.flux import load_flux_transformer
 from tiny_imagegen.hub import is_converted, resolve_model
 from tiny_imagegen.registry import FAMILIES
@@ -98,7 +90,7 @@ def test_every_component_of_a_flux_repo_round_trips(tmp_path):
 
     reloaded = load_converted(out)
     for name, spec in flux.items():
-        expected = _import(spec.loader)(repo / spec.source_folder)
+        expected = import_ref(spec.loader)(repo / spec.source_folder)
         if spec.quantize:
             quantize_component(name, expected, 4)
         got, want = params(reloaded[name]), params(expected)

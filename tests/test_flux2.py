@@ -184,7 +184,8 @@ def _inputs():
 
 @pytest.mark.parametrize("bits", [None, 8, 4])
 def test_converted_round_trip(tmp_path, bits):
-    from tiny_imagegen.checkpoints.convert import load_component, quantize_component, read_manifest, save_converted
+    from tiny_imagegen.checkpoints.convert import load_component, read_manifest, save_converted
+    from tiny_imagegen.checkpoints.quantize import quantize_component
 
     out = save_converted(tmp_path / "klein", {"flux2_transformer": _small_random()}, bits=bits, dtype="float32")
     reloaded = load_component(out, "flux2_transformer")
@@ -203,7 +204,7 @@ def test_converted_round_trip(tmp_path, bits):
 def test_full_size_quantization_keeps_the_boundary_and_the_shared_modulation():
     from mlx.utils import tree_flatten
 
-    from tiny_imagegen.checkpoints.convert import quantizable_layers
+    from tiny_imagegen.checkpoints.quantize import quantizable_layers
 
     model = Flux2Transformer(preset("flux2-klein-4b"))  # lazy
     layers = set(quantizable_layers("flux2_transformer", model, 64))

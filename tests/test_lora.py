@@ -106,7 +106,7 @@ def test_lora_spec():
 
 
 def quantized_with_lora(bits, weight):
-    from tiny_imagegen.checkpoints.convert import quantize_component
+    from tiny_imagegen.checkpoints.quantize import quantize_component
 
     model = transformer()
     quantize_component("transformer", model, bits, group_size=32)
@@ -121,7 +121,7 @@ def test_quantized_lora_is_bounded_by_the_quantization_error(bits):
     io = load_fixture("flux_lora", "io.safetensors")
     reference = io["diffusers.out"]  # diffusers, fp32, merged at weight 0.7
     base_q = transformer()
-    from tiny_imagegen.checkpoints.convert import quantize_component
+    from tiny_imagegen.checkpoints.quantize import quantize_component
 
     quantize_component("transformer", base_q, bits, group_size=32)
     quantization_error = float(mx.max(mx.abs(run(base_q, io) - io["base.out"])))
@@ -137,7 +137,7 @@ def test_quantized_lora_is_bounded_by_the_quantization_error(bits):
 
 
 def test_merge_into_quantized_is_refused():
-    from tiny_imagegen.checkpoints.convert import quantize_component
+    from tiny_imagegen.checkpoints.quantize import quantize_component
 
     model = transformer()
     quantize_component("transformer", model, 8, group_size=32)

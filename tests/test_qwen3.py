@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_bf16_parity, assert_close, fixture_path, load_fixture, require_reference_stack
-from tiny_imagegen.checkpoints.convert import (
-    load_component, quantize_component, read_manifest, save_converted, stored_tensors,
-)
+from tiny_imagegen.checkpoints.convert import load_component, read_manifest, save_converted, stored_tensors
+from tiny_imagegen.checkpoints.quantize import quantize_component
 from tiny_imagegen.checkpoints.mapping import CheckpointError, map_checkpoint, parameter_shapes, shape_placeholders
 from tiny_imagegen.checkpoints.qwen3 import QWEN3_CAUSAL_LM, QWEN3_MODEL, load_qwen3, qwen3_table
 from tiny_imagegen.models.qwen3 import QWEN3_4B, QWEN3_8B, Qwen3Config, Qwen3Model, rope_inverse_frequencies

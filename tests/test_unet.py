@@ -147,7 +147,8 @@ def test_converted_round_trip(tmp_path, bits):
     model's Linears with inputs of a multiple of the group size (32) are the 17 resnets' time
     projections (4 x 8 wide) and the 11 GEGLU output projections (4 x 8 or 4 x 16): those are
     quantized; the timestep MLP (also 32 wide) is kept."""
-    from tiny_imagegen.checkpoints.convert import load_component, quantize_component, read_manifest, save_converted
+    from tiny_imagegen.checkpoints.convert import load_component, read_manifest, save_converted
+    from tiny_imagegen.checkpoints.quantize import quantize_component
 
     io = load_fixture("unet", "sd_small", "io.safetensors")
     run = lambda m: m(io["x"], io["t"], io["context"])  # noqa: E731
@@ -166,7 +167,7 @@ def test_converted_round_trip(tmp_path, bits):
 def test_sd15_quantization_rule():
     """At full size: every attention, GEGLU, projection and per-resnet time Linear is quantized;
     convolutions and the timestep MLP are not."""
-    from tiny_imagegen.checkpoints.convert import quantizable_layers
+    from tiny_imagegen.checkpoints.quantize import quantizable_layers
 
     layers = quantizable_layers("unet", unet_from_preset("sd15"), 64)
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k" in layers

@@ -138,7 +138,7 @@ def test_quantize_on_load_runs(tmp_path, monkeypatch):
     import mlx.nn as nn
 
     import tiny_imagegen.pipelines.zimage as zimage_pipeline
-    from tiny_imagegen.checkpoints.convert import quantize_component
+    from tiny_imagegen.checkpoints.quantize import quantize_component
 
     # the tiny model is 32 wide: groups of 32 (the default 64 would leave no layer to quantize)
     monkeypatch.setattr(zimage_pipeline, "quantize_component", functools.partial(quantize_component, group_size=32))

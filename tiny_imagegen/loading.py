@@ -17,7 +17,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import registry
-from .checkpoints.convert import load_component, quantize_component, read_manifest
+from .checkpoints.convert import load_component, read_manifest
+from .checkpoints.quantize import quantize_component
 from .hub import ModelNotAvailable, is_converted, resolve_model
 from .registry import ModelSpec
 

@@ -53,7 +53,7 @@ class QwenPromptEncoder:
         layers = max(hidden_state_indices(hidden_states, config.num_hidden_layers))
         model = load_qwen3(folder / "text_encoder", dtype, num_layers=min(layers, config.num_hidden_layers))
         if bits:
-            from .checkpoints.convert import quantize_component
+            from .checkpoints.quantize import quantize_component
 
             quantize_component("qwen3", model, bits)
         tokenizer = QwenTokenizer.from_folder(folder / "tokenizer")

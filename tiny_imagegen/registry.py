@@ -3,7 +3,7 @@
 Two tables, each listed once:
 
   FAMILIES  an architecture family: the pipeline class that runs it, the components of its
-            diffusers-layout repo (keys of checkpoints/convert.py's COMPONENTS, each read from its
+            diffusers-layout repo (keys of checkpoints/components.py's COMPONENTS, each read from its
             folder), the tokenizer files, and the `_class_name` of model_index.json that marks a
             folder as this family.
   MODELS    a published model: name and aliases, hub repo, gated or not, licence, its family,
@@ -39,13 +39,13 @@ class Family:
     name: str
     pipeline: str  # "module:Class", imported when used
     pipeline_classes: tuple[str, ...]  # model_index.json `_class_name` values of this family
-    components: tuple[str, ...]  # checkpoints.convert.COMPONENTS keys, read from their source folders
+    components: tuple[str, ...]  # checkpoints.components.COMPONENTS keys, read from their source folders
     tokenizers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # folder -> files it needs
     optional_components: tuple[str, ...] = ()  # read when present (e.g. a text encoder a variant lacks)
 
     def hub_folders(self) -> tuple[str, ...]:
         """The repo folders the family reads: component folders, then tokenizer folders."""
-        from .checkpoints.convert import COMPONENTS
+        from .checkpoints.components import COMPONENTS
 
         weights = [COMPONENTS[c].source_folder for c in self.components]
         return tuple(dict.fromkeys(weights + list(self.tokenizers)))

@@ -10,7 +10,8 @@ small headers) and of the loaded weights; activations are not included.
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .checkpoints.convert import COMPONENTS, _import, stored_tensors
+from .checkpoints.components import COMPONENTS, import_ref
+from .checkpoints.convert import stored_tensors
 from .registry import ModelSpec
 
 SETTINGS = (("bf16", None), ("8-bit", 8), ("4-bit", 4))
@@ -18,7 +19,7 @@ SETTINGS = (("bf16", None), ("8-bit", 8), ("4-bit", 4))
 
 def component_bytes(name: str, config, bits: int | None, group_size: int = 64) -> tuple[int, int]:
     """-> (bytes stored, parameters) of one component built from `config`."""
-    model = _import(COMPONENTS[name].model)(config)
+    model = import_ref(COMPONENTS[name].model)(config)
     tensors, _ = stored_tensors(name, model, bits, group_size, mx.bfloat16)
     return sum(v.nbytes for v in tensors.values()), sum(v.size for _, v in tree_flatten(model.parameters()))
 

@@ -9,28 +9,8 @@
 A component is built from its config alone (MLX initialises lazily, so that costs nothing),
 quantized with the recorded layer list when the folder is quantized, then filled with
 `load_weights(strict=True)`. Loading checks every file's size first (a truncated download fails
-with the file's name, not deep in MLX); `verify=True` also checks the sha256.
-
-Quantization (MLX affine, `nn.quantize`): each row of a Linear weight is cut into groups of
-`group_size` values; a group stores `bits`-bit integers q and one scale s and bias b in the
-model dtype, w ~ s * q + b. The rule for which layers (the predicate `quantizable`):
-
-  - only nn.Linear layers whose input width is a multiple of the group size;
-  - never embeddings (token, position, T5's relative-position bias) or norms: they are no Linears;
-  - never the VAE: mostly convolutions, 0.5% of the parameters, and it decodes straight to pixels;
-  - never the MM-DiT's boundary layers, the patch projections `img_in` and `final_layer` (whose
-    errors land directly on the predicted velocity), nor the small conditioning embedders
-    `time_in`, `vector_in`, `guidance_in` (their output modulates every block): together
-    0.4% of FLUX's parameters. FLUX.2 keeps the same, and its shared modulation Linears
-    (computed once per forward, they modulate every block): 3.65% of klein 4B, 4.4% kept in all;
-  - the SD U-Net's convolutions are no Linears and stay in the model dtype, and so does its
-    timestep MLP `time_embedding` (as FLUX's `time_in`).
-
-Optionally (`modulation_bits=8` with `bits=4`) the MM-DiT's adaLN modulation Linears
-(`*.img_mod.lin`, `*.txt_mod.lin`, `*.modulation.lin`: 27% of FLUX's parameters) keep 8 bits while
-the rest has 4: their (shift, scale, gate) multiply every block's residual branch. Measured on a
-seeded FLUX-proportioned model (tests/test_quantization.py) it removes 24% of the 4-bit error
-(relative L2 0.130 -> 0.099); model.json records the bits of every layer that differs.
+with the file's name, not deep in MLX); `verify=True` also checks the sha256. Which components
+exist: checkpoints/components.py; which of their layers are quantized: checkpoints/quantize.py.
 
 Writing streams one tensor at a time into a temporary folder beside the target, then renames it:
 peak memory stays one tensor (mx.save_safetensors would hold the whole component), and no
@@ -40,13 +20,9 @@ tensors in sorted order, so the same input gives byte-identical files.
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import shutil
-import struct
-from dataclasses import dataclass
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Callable
 
@@ -54,10 +30,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .components import COMPONENTS, import_ref
 from .mapping import CheckpointError, check_dtype
+from .quantize import check_quantization, layer_bits, quantizable_layers, quantize_layers
+from .safetensors_io import write_safetensors
 
 FORMAT, FORMAT_VERSION, MODEL_JSON = "tiny_imagegen", 1, "model.json"
-BITS, GROUP_SIZES = (4, 8), (32, 64, 128)
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 COPIED_FOLDERS = ("tokenizer", "tokenizer_2", "scheduler")
 COPIED_FILES = ("model_index.json",)  # the pipeline's own config (DiT: the class names, id2label)
@@ -65,147 +43,6 @@ COPIED_FILES = ("model_index.json",)  # the pipeline's own config (DiT: the clas
 
 class ConvertedModelError(CheckpointError):
     """A converted folder is incomplete, corrupt or does not fit the model its model.json names."""
-
-
-@dataclass(frozen=True)
-class Component:
-    """Where a component's classes live ("module:Name", imported only when used, so this file
-    works with whatever models exist) and which of its layers stay in full precision."""
-
-    model: str
-    config: str
-    source_folder: str  # its folder in a diffusers-layout repo
-    loader: str  # source_folder -> model, lazily (weights read when first evaluated)
-    keep: tuple[str, ...] = ()  # layer paths (fnmatch) never quantized
-    quantize: bool = True
-    modulation: tuple[str, ...] = ()  # layer paths (fnmatch) of the adaLN modulation, for modulation_bits
-
-
-_M, _C = "tiny_imagegen.models", "tiny_imagegen.checkpoints"
-COMPONENTS = {
-    "transformer": Component(
-        f"{_M}.mmdit:MMDiT", f"{_M}.mmdit:MMDiTConfig", "transformer", f"{_C}.flux:load_flux_transformer",
-        keep=("img_in", "final_layer", "final_layer.*", "time_in.*", "vector_in.*", "guidance_in.*"),
-        modulation=("*.img_mod.lin", "*.txt_mod.lin", "*.modulation.lin"),
-    ),
-    # FLUX.2: as FLUX.1, and the shared modulation (3 Linears, 3.65% of klein 4B, whose output
-    # modulates every block) stays in full precision too
-    "flux2_transformer": Component(
-        f"{_M}.flux2:Flux2Transformer", f"{_M}.flux2:Flux2Config", "transformer", f"{_C}.flux2:load_flux2_transformer",
-        keep=("img_in", "final_layer", "final_layer.*", "time_in.*", "guidance_in.*",
-              "double_stream_modulation_img.*", "double_stream_modulation_txt.*", "single_stream_modulation.*"),
-    ),
-    "flux2_vae": Component(
-        f"{_M}.vae_flux2:AutoencoderKLFlux2", f"{_M}.vae_flux2:Flux2VAEConfig", "vae", f"{_C}.flux2:load_flux2_vae",
-        quantize=False,
-    ),
-    "t5": Component(f"{_M}.t5:T5Encoder", f"{_M}.t5:T5Config", "text_encoder_2", f"{_C}.text_encoders:load_t5_encoder"),
-    "clip": Component(
-        f"{_M}.clip:CLIPTextModel", f"{_M}.clip:CLIPTextConfig", "text_encoder", f"{_C}.text_encoders:load_clip_text_model"
-    ),
-    # Qwen3 (Z-Image, FLUX.2 klein): every Linear of the decoder layers; the token embedding (an
-    # nn.Embedding, 10% of Qwen3-4B) and the RMSNorm scales stay as they are
-    "qwen3": Component(
-        f"{_M}.qwen3:Qwen3Model", f"{_M}.qwen3:Qwen3Config", "text_encoder", f"{_C}.qwen3:load_qwen3"
-    ),
-    "vae": Component(f"{_M}.vae:AutoencoderKL", f"{_M}.vae:VAEConfig", "vae", f"{_C}.vae:load_vae", quantize=False),
-    # Z-Image's transformer: kept in full precision are the patch embedding and the final layer
-    # (their errors land on the prediction directly), the timestep MLP (its output modulates every
-    # block) and the caption embedder (every text token passes it): 12 M of 6.15 B parameters,
-    # 0.2%. The learned pad tokens are no Linears, so never quantized.
-    "zimage_transformer": Component(
-        f"{_M}.zimage:ZImageTransformer", f"{_M}.zimage:ZImageConfig", "transformer",
-        f"{_C}.zimage:load_zimage_transformer",
-        keep=("x_embedder", "final_layer.*", "t_embedder.*", "cap_embedder.*"),
-    ),
-    # SD 1.5's U-Net: its Linears (attention, GEGLU, projections, per-resnet time projections) are
-    # quantized; its convolutions are no Linears and stay, and so does the timestep MLP.
-    "unet": Component(
-        f"{_M}.unet:UNet2DConditionModel", f"{_M}.unet:UNetConfig", "unet", f"{_C}.unet:load_unet",
-        keep=("time_embedding.*",),
-    ),
-    # DiT (facebook/DiT-XL-2-*): the patch embedding, the timestep/class embedders and the final
-    # layer stay in full precision, as the MM-DiT's boundary layers do (0.9% of DiT-XL/2, biases included)
-    "dit": Component(
-        f"{_M}.dit:DiT", f"{_M}.dit:DiTConfig", "transformer", f"{_C}.dit:load_dit",
-        keep=("x_embedder", "t_embedder.*", "y_embedder", "y_embedder.*", "txt_in", "final_layer.*"),
-    ),
-}
-
-
-def _import(ref: str):
-    module, name = ref.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-# ---- which layers are quantized -------------------------------------------------------------------
-
-
-def quantizable(component: str, path: str, module: nn.Module, group_size: int) -> bool:
-    """The rule above, for one layer of one component (the class_predicate of nn.quantize)."""
-    spec = COMPONENTS[component]
-    return (
-        spec.quantize
-        and isinstance(module, nn.Linear)
-        and module.weight.shape[1] % group_size == 0
-        and not any(fnmatch(path, p) for p in spec.keep)
-    )
-
-
-def quantizable_layers(component: str, model: nn.Module, group_size: int) -> list[str]:
-    return sorted(p for p, m in model.named_modules() if quantizable(component, p, m, group_size))
-
-
-def layer_bits(component: str, layers: list[str], bits: int, modulation_bits: int | None = None) -> dict[str, int]:
-    """The layers whose bits differ from `bits`: the adaLN modulation at `modulation_bits`."""
-    if modulation_bits is None or modulation_bits == bits:
-        return {}
-    patterns = COMPONENTS[component].modulation
-    return {p: modulation_bits for p in layers if any(fnmatch(p, pattern) for pattern in patterns)}
-
-
-@dataclass(frozen=True)
-class Quantization:
-    """How to quantize on load (`--quantize 4 --modulation-bits 8`): what `quantize=` of the
-    pipelines takes, besides a plain number of bits."""
-
-    bits: int
-    group_size: int = 64
-    modulation_bits: int | None = None  # the adaLN modulation's own bits; None: `bits`
-
-    def __post_init__(self):
-        _check_quantization(self.bits, self.group_size, self.modulation_bits)
-
-    def __str__(self) -> str:
-        mod = f", adaLN modulation {self.modulation_bits}-bit" if self.modulation_bits not in (None, self.bits) else ""
-        return f"{self.bits}-bit{mod}"
-
-
-def quantize_component(component: str, model: nn.Module, bits: "int | Quantization", group_size: int = 64,
-                       modulation_bits: int | None = None) -> list[str]:
-    """Quantize `model` in place by the rule (e.g. hub weights at load time); returns the layers.
-    `bits` may be a Quantization, which then carries the group size and modulation bits."""
-    if isinstance(bits, Quantization):
-        bits, group_size, modulation_bits = bits.bits, bits.group_size, bits.modulation_bits
-    _check_quantization(bits, group_size, modulation_bits)
-    layers = quantizable_layers(component, model, group_size)
-    _quantize_layers(model, layers, layer_bits(component, layers, bits, modulation_bits), bits, group_size)
-    return layers
-
-
-def _quantize_layers(model: nn.Module, layers, per_layer: dict[str, int], bits: int, group_size: int):
-    chosen = set(layers)
-    nn.quantize(model, group_size, bits, class_predicate=lambda p, m: p in chosen and dict(
-        group_size=group_size, bits=per_layer.get(p, bits), mode="affine"))
-
-
-def _check_quantization(bits, group_size, modulation_bits=None):
-    if bits not in BITS:
-        raise ValueError(f"quantization bits must be one of {BITS}, got {bits}")
-    if modulation_bits is not None and modulation_bits not in BITS:
-        raise ValueError(f"modulation bits must be one of {BITS}, got {modulation_bits}")
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"group size must be one of {GROUP_SIZES}, got {group_size}")
 
 
 # ---- saving ---------------------------------------------------------------------------------------
@@ -240,7 +77,7 @@ def save_converted(
     if unknown:
         raise ValueError(f"unknown component(s) {unknown}: known are {sorted(COMPONENTS)}")
     if bits is not None:
-        _check_quantization(bits, group_size, modulation_bits)
+        check_quantization(bits, group_size, modulation_bits)
     elif modulation_bits is not None:
         raise ValueError("modulation_bits needs bits: it is a mixed 4/8-bit mode of a quantized model")
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -330,46 +167,6 @@ def file_metadata(name: str) -> dict[str, str]:
     return {"format": "mlx", "component": name}
 
 
-_SAFETENSORS_DTYPES = {
-    mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.int32: "I32",
-    mx.uint8: "U8", mx.int8: "I8", mx.int64: "I64", mx.uint16: "U16", mx.int16: "I16", mx.bool_: "BOOL",
-}
-
-
-def safetensors_header(tensors: dict[str, mx.array], metadata: dict[str, str] | None = None) -> bytes:
-    """The header of a safetensors file holding `tensors` in sorted order: an 8-byte length, then
-    json padded to 8 bytes. It needs only shapes and dtypes: a lazy model's file size is
-    len(header) + the tensors' nbytes, known without computing anything."""
-    header, offset = {}, 0
-    for k in sorted(tensors):
-        v = tensors[k]
-        header[k] = {"dtype": _SAFETENSORS_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + v.nbytes]}
-        offset += v.nbytes
-    if metadata:
-        header["__metadata__"] = metadata
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    return struct.pack("<Q", len(head)) + head
-
-
-def write_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str] | None = None) -> dict:
-    """Write a safetensors file one tensor at a time, emptying `tensors` as it goes: each lazy
-    array is evaluated, written and dropped, so peak memory is one tensor (plus whatever the
-    caller still holds). Returns the file's size and sha256."""
-    head = safetensors_header(tensors, metadata)
-    digest = hashlib.sha256(head)
-    with open(path, "wb") as f:
-        f.write(head)
-        for k in sorted(tensors):
-            v = mx.contiguous(tensors.pop(k))
-            mx.eval(v)
-            data = memoryview(v).cast("B")
-            f.write(data)
-            digest.update(data)
-            del v, data
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
 def _file_record(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": _sha256(path)}
 
@@ -428,7 +225,7 @@ def convert(
         family = family_of_folder(source)
         specs = {name: COMPONENTS[name] for name in family.components + family.optional_components}
         models = {
-            name: (lambda spec=spec: _import(spec.loader)(source / spec.source_folder))
+            name: (lambda spec=spec: import_ref(spec.loader)(source / spec.source_folder))
             for name, spec in specs.items()
             if (source / spec.source_folder).is_dir()
         }
@@ -499,12 +296,12 @@ def load_component(folder: str | Path, name: str, *, dtype: mx.Dtype | None = No
     entry, spec = manifest["components"][name], COMPONENTS[name]
     check_files(folder, [entry["file"]], verify=verify)
 
-    config_cls = _import(spec.config)
-    model = _import(spec.model)(_config_from_dict(config_cls, entry["config"]))
+    config_cls = import_ref(spec.config)
+    model = import_ref(spec.model)(_config_from_dict(config_cls, entry["config"]))
     check_dtype(model, dtype or DTYPES.get(manifest.get("dtype") or ""))
     quant = manifest["quantization"]
     if entry["quantized_layers"]:
-        _quantize_layers(model, entry["quantized_layers"], entry.get("layer_bits", {}), quant["bits"], quant["group_size"])
+        quantize_layers(model, entry["quantized_layers"], entry.get("layer_bits", {}), quant["bits"], quant["group_size"])
     path = folder / entry["file"]
     try:
         weights = mx.load(str(path))

@@ -1,10 +1,13 @@
-"""Reading checkpoints from disk: one .safetensors file, or a folder of shards with its index json.
+"""Reading checkpoints from disk: one .safetensors file, or a folder of shards with its index json;
+and writing one, a tensor at a time.
 
 `mx.load` maps safetensors lazily: nothing is read until an array is evaluated, so a 24 GB
 checkpoint can be opened, checked against a key table and converted tensor by tensor.
 """
 
+import hashlib
 import json
+import struct
 from pathlib import Path
 
 import mlx.core as mx
@@ -58,3 +61,46 @@ def read_checkpoint(path: str | Path, prefix: str = "") -> dict[str, mx.array]:
         if absent:
             raise CheckpointError(f"{indexes[0].name} lists tensors no shard holds: {absent[:8]}")
     return tensors
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+
+
+_SAFETENSORS_DTYPES = {
+    mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32", mx.int32: "I32",
+    mx.uint8: "U8", mx.int8: "I8", mx.int64: "I64", mx.uint16: "U16", mx.int16: "I16", mx.bool_: "BOOL",
+}
+
+
+def safetensors_header(tensors: dict[str, mx.array], metadata: dict[str, str] | None = None) -> bytes:
+    """The header of a safetensors file holding `tensors` in sorted order: an 8-byte length, then
+    json padded to 8 bytes. It needs only shapes and dtypes: a lazy model's file size is
+    len(header) + the tensors' nbytes, known without computing anything."""
+    header, offset = {}, 0
+    for k in sorted(tensors):
+        v = tensors[k]
+        header[k] = {"dtype": _SAFETENSORS_DTYPES[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + v.nbytes]}
+        offset += v.nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head
+
+
+def write_safetensors(path: Path, tensors: dict[str, mx.array], metadata: dict[str, str] | None = None) -> dict:
+    """Write a safetensors file one tensor at a time, emptying `tensors` as it goes: each lazy
+    array is evaluated, written and dropped, so peak memory is one tensor (plus whatever the
+    caller still holds). Returns the file's size and sha256."""
+    head = safetensors_header(tensors, metadata)
+    digest = hashlib.sha256(head)
+    with open(path, "wb") as f:
+        f.write(head)
+        for k in sorted(tensors):
+            v = mx.contiguous(tensors.pop(k))
+            mx.eval(v)
+            data = memoryview(v).cast("B")
+            f.write(data)
+            digest.update(data)
+            del v, data
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}

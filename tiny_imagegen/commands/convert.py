@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..checkpoints.convert import DTYPES, GROUP_SIZES, convert, read_manifest
+from ..checkpoints.convert import DTYPES, convert, read_manifest
+from ..checkpoints.quantize import GROUP_SIZES
 from ..checkpoints.mapping import CheckpointError
 from .. import registry
 from ..hub import ModelNotAvailable, resolve_model

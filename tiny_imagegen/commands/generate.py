@@ -280,7 +280,7 @@ def stepwise_writer(pipe, folder: Path, first_index: int):
 
 
 def run(args: argparse.Namespace) -> list[Path]:
-    from ..checkpoints.convert import Quantization
+    from ..checkpoints.quantize import Quantization
     from ..checkpoints.lora import lora_metadata, parse_lora_spec
     from ..checkpoints.mapping import CheckpointError
     from ..hub import ModelNotAvailable

@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .. import ddpm
-from ..checkpoints.convert import quantize_component
+from ..checkpoints.quantize import quantize_component
 from ..checkpoints.dit import load_dit
 from ..checkpoints.vae import load_vae
 from ..loading import load_converted_parts

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..checkpoints.convert import quantize_component
+from ..checkpoints.quantize import quantize_component
 from ..checkpoints.flux import load_flux_transformer
 from ..checkpoints.text_encoders import load_clip_text_model, load_t5_encoder
 from ..checkpoints.vae import load_vae

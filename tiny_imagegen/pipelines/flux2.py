@@ -22,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoints.convert import quantize_component
+from ..checkpoints.quantize import quantize_component
 from ..checkpoints.flux2 import load_flux2_transformer, load_flux2_vae
 from ..loading import load_converted_parts, reloading
 from ..pipeline import Conditioning, Pipeline

@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .. import ddpm
-from ..checkpoints.convert import quantize_component
+from ..checkpoints.quantize import quantize_component
 from ..checkpoints.text_encoders import load_clip_text_model
 from ..checkpoints.unet import load_unet
 from ..checkpoints.vae import load_vae

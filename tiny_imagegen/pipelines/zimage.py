@@ -23,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoints.convert import quantize_component
+from ..checkpoints.quantize import quantize_component
 from ..checkpoints.vae import load_vae
 from ..checkpoints.zimage import load_zimage_transformer
 from ..pipeline import Conditioning, Pipeline
