@@ -184,6 +184,11 @@ def test_table_statistics():
                         {"ref": "reference", "a": "A", "b": "B", "c": "C"}, "ref", 0.135, "python examples/ablate.py")
     assert "22.0% train object accuracy, which reaches the required 13.5%" in text
     assert "`a` on train object" in text and "`b`" not in text.split("Beyond the seed spread")[1]
+    assert "not yet judged" not in text  # every variant has two seeds
+    single = format_table(records[:3], records[0]["budget"], {"G": ("ref", "a")}, {"ref": "reference", "a": "A"},
+                          "ref", 0.135, "x")  # `a` at 30 on one seed, the reference 20-24 on two
+    assert "better than the shipped recipe: no variant." in single
+    assert "not yet judged: `a` on train object." in single
     rows = parse_table(text)
     assert rows["a"]["train object"] == (28.0, 2.0) and rows["c"]["train object"] is None
     low = format_table(records[:2], records[0]["budget"], {"G": ("ref",)}, {"ref": "r"}, "ref", 0.25, "x")

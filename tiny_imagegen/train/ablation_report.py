@@ -47,15 +47,31 @@ def records_for(records: list[dict], budget: dict) -> list[dict]:
     return [r for r in records if r["budget"] == budget]
 
 
-def beats_reference(records: list[dict], variant: str, reference: str) -> list[str]:
+def beats_reference(records: list[dict], variant: str, reference: str, min_seeds: int = 2) -> list[str]:
     """Metrics where every seed of `variant` beats every seed of `reference` (mean - spread >
-    reference mean + spread), with at least two seeds each."""
+    reference mean + spread), with at least `min_seeds` seeds each."""
     out = []
     for caption_set, metric in COMPARED:
         a, b = _values(records, variant, caption_set, metric), _values(records, reference, caption_set, metric)
-        if len(a) >= 2 and len(b) >= 2 and min(a) > max(b):
+        if len(a) >= min_seeds and len(b) >= min_seeds and min(a) > max(b):
             out.append(f"{caption_set} {metric}")
     return out
+
+
+def _verdict(records: list[dict], descriptions: dict, reference: str) -> list[str]:
+    """The table's last lines: variants beyond the seed spread of the reference, then those ahead of
+    every reference seed on a single seed of their own (a lead the second seed may still undo)."""
+    others = [n for n in descriptions if n != reference]
+    clear = [(n, beats_reference(records, n, reference)) for n in others]
+    clear = [(n, w) for n, w in clear if w]
+    lines = ["Beyond the seed spread, better than the shipped recipe: "
+             + ("; ".join(f"`{n}` on {', '.join(w)}" for n, w in clear) if clear else "no variant") + "."]
+    ahead = [(n, beats_reference(records, n, reference, min_seeds=1)) for n in others if not dict(clear).get(n)]
+    ahead = [(n, w) for n, w in ahead if w]
+    if ahead:
+        lines.append("Ahead of every seed of the shipped recipe with fewer than two seeds of its own, not yet "
+                     "judged: " + "; ".join(f"`{n}` on {', '.join(w)}" for n, w in ahead) + ".")
+    return lines
 
 
 def format_table(records: list[dict], budget: dict, groups: dict, descriptions: dict, reference: str,
@@ -98,11 +114,7 @@ def format_table(records: list[dict], budget: dict, groups: dict, descriptions: 
             lines.append(f"| `{name}` | {descriptions[name]} | {params} | " + " | ".join(cells)
                          + f" | {loss} | {minutes:.1f} |")
         lines.append("")
-    winners = [(n, beats_reference(records, n, reference)) for n in descriptions if n != reference]
-    winners = [(n, w) for n, w in winners if w]
-    lines.append("Beyond the seed spread, better than the shipped recipe: "
-                 + ("; ".join(f"`{n}` on {', '.join(w)}" for n, w in winners) if winners else "no variant") + ".")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _verdict(records, descriptions, reference)) + "\n"
 
 
 def parse_table(markdown: str) -> dict[str, dict[str, tuple[float, float] | None]]:
