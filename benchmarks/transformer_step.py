@@ -20,6 +20,7 @@ step's dtype measured in the same process).
     python benchmarks/transformer_step.py                    # 256+256 and 1024+512 tokens, 3 runs
     python benchmarks/transformer_step.py --sizes 256x256 --runs 5 --profile
     python benchmarks/transformer_step.py --sizes 256x256 --runs 1 --dtype bfloat16
+    python benchmarks/transformer_step.py --runs 1 --linears   # the step's linears alone, and what is left
 """
 
 import argparse
@@ -95,6 +96,31 @@ def step_flops(n_img: int, n_txt: int, D: int = 3072) -> float:
     return float(blocks + embed)
 
 
+def linear_shapes(n_img: int, n_txt: int, D: int = 3072) -> list[tuple[int, int, int, int]]:
+    """The step's linears as (rows, in, out, how many): each double block's four per stream, each
+    single block's two, and the text embedding (the other embedders are < 0.1%)."""
+    double = [(M, k, n, DOUBLE) for M in (n_img, n_txt) for k, n in ((D, 3 * D), (D, D), (D, 4 * D), (4 * D, D))]
+    single = [(n_img + n_txt, k, n, SINGLE) for k, n in ((D, 7 * D), (5 * D, D))]
+    return double + single + [(n_txt, 4096, D, 1)]
+
+
+def time_linears(shapes, linear) -> dict:
+    """The step's linears alone: `linear(M, k, n)` returns a function that computes one product of
+    that shape; each shape timed as the median of 3 after a warm-up, times how many the step has."""
+    seconds = flops = 0.0
+    for M, k, n, count in shapes:
+        fn = linear(M, k, n)
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        seconds += count * statistics.median(times)
+        flops += count * 2 * M * k * n
+    return {"seconds": seconds, "flops": flops}
+
+
 def peak_rss_reset():
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -137,6 +163,16 @@ class MLXWorker:
             mx.eval(a @ b)
             times.append(time.perf_counter() - start)
         return 2 * 4096**3 / statistics.median(times)
+
+    def linears(self, shapes) -> dict:
+        mx = self.mx
+
+        def linear(M, k, n):
+            x, w = mx.random.normal((M, k)).astype(self.dtype), mx.random.normal((n, k)).astype(self.dtype)
+            mx.eval(x, w)
+            return lambda: mx.eval(x @ w.T)  # as nn.Linear computes it
+
+        return time_linears(shapes, linear)
 
     def step(self, n_img, n_txt, save, profile=False):
         mx = self.mx
@@ -187,6 +223,16 @@ class TorchWorker:
             times.append(time.perf_counter() - start)
         return 2 * 4096**3 / statistics.median(times)
 
+    def linears(self, shapes) -> dict:
+        torch = self.torch
+
+        def linear(M, k, n):
+            x, w = torch.randn(M, k, dtype=self.dtype), torch.randn(n, k, dtype=self.dtype)
+            return lambda: torch.nn.functional.linear(x, w)
+
+        with torch.inference_mode():
+            return time_linears(shapes, linear)
+
     def step(self, n_img, n_txt, save, profile=False):
         torch = self.torch
         x = {k: torch.from_numpy(v) for k, v in inputs(n_img, n_txt).items()}
@@ -210,6 +256,8 @@ def worker(kind: str, dtype: str):
         cmd = json.loads(line)
         if cmd["op"] == "matmul":
             reply = {"flops": w.matmul()}
+        elif cmd["op"] == "linears":
+            reply = w.linears(linear_shapes(cmd["img"], cmd["txt"]))
         else:
             reply = w.step(cmd["img"], cmd["txt"], cmd.get("save"), cmd.get("profile", False))
         print(json.dumps(reply), flush=True)
@@ -251,6 +299,7 @@ def main():
     p.add_argument("--frameworks", nargs="+", default=["mlx", "torch"], choices=["mlx", "torch"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--profile", action="store_true", help="also time ours per component (benchmarks/profile_step.py)")
+    p.add_argument("--linears", action="store_true", help="also time the step's linears alone in each framework")
     p.add_argument("--worker", choices=["mlx", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -283,6 +332,11 @@ def main():
             rows.append((size, med, mem, err, {k: flops / med[k] / peak[k] for k in procs}, results))
             print(f"{size}: " + ", ".join(f"{k} {med[k]:.2f} s (runs {[round(r['seconds'], 2) for r in results[k]]})"
                                           for k in procs), flush=True)
+            if args.linears:  # the same products alone: is the gap in the matmuls or beside them?
+                lin = {k: proc.ask(op="linears", img=n_img, txt=n_txt) for k, proc in procs.items()}
+                print(f"  the step's linears alone ({lin[next(iter(lin))]['flops'] / 1e9:.0f} GFLOP): " + ", ".join(
+                    f"{k} {v['seconds']:.2f} s = {v['flops'] / v['seconds'] / 1e9:.0f} GFLOP/s, the rest of the step "
+                    f"{med[k] - v['seconds']:.2f} s" for k, v in lin.items()), flush=True)
             if args.profile and "mlx" in procs:
                 prof = procs["mlx"].ask(op="step", img=n_img, txt=n_txt, profile=True)["profile"]
                 total = sum(prof.values())
