@@ -1,6 +1,7 @@
 """MM-DiT parity against diffusers' FluxTransformer2DModel (fixtures from tests/reference/flux_transformer.py)."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -174,3 +175,41 @@ def test_precomputed_rope_table_gives_the_same_output():
     table = model.rope_table(np.array(io["img_ids"]), np.array(io["txt_ids"]))
     once = model(io["img"], None, io["txt"], None, io["timesteps"], io["y"], io["guidance"], rope=table)
     assert_close("mmdit dev_tiny with a precomputed RoPE table", once, run(model, io), atol=0)
+
+
+def test_benchmark_linear_shapes_are_the_models():
+    """benchmarks/transformer_step.py --linears times the step's products from a list of shapes:
+    the list must be the token-wise Linears of the model it benchmarks (the modulation Linears act
+    on one vector per image and are left out), and with the attention products give step_flops."""
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import transformer_step as bench
+
+    model = MMDiT(MMDiTConfig(guidance_embed=True, depth_double=bench.DOUBLE, depth_single=bench.SINGLE))  # lazy: no memory
+    n_img, n_txt = 256, 128
+    rows = {"img": n_img, "txt": n_txt, "single": n_img + n_txt, "txt_in": n_txt}
+    expected = Counter()
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or path.endswith(".lin"):  # the modulation: img_mod.lin, modulation.lin
+            continue
+        if path.startswith("double_blocks."):
+            stream = path.split(".")[2].split("_")[0]
+        elif path.startswith("single_blocks."):
+            stream = "single"
+        elif path == "txt_in":
+            stream = "txt_in"
+        else:
+            continue  # img_in, final layer and the conditioning MLPs: < 0.1% of the step
+        n, k = module.weight.shape
+        expected[(rows[stream], k, n)] += 1
+    listed = Counter()
+    for M, k, n, count in bench.linear_shapes(n_img, n_txt):
+        listed[(M, k, n)] += count
+    assert listed == expected
+    L = n_img + n_txt
+    attention = (bench.DOUBLE + bench.SINGLE) * 2 * 2 * L * L * 3072
+    linear = sum(2 * M * k * n * c for M, k, n, c in bench.linear_shapes(n_img, n_txt))
+    assert abs(linear + attention - bench.step_flops(n_img, n_txt)) / bench.step_flops(n_img, n_txt) < 2e-3
