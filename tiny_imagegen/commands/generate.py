@@ -1,32 +1,24 @@
 """The `generate` command: prompts in, PNGs out (`tiny-imagegen generate`, examples/generate.py).
 
-Every check that can fail is made before any model is loaded: sizes, the output paths, the init
-image, the prompt file. Images are written to a temporary file beside the target and renamed into
-place, so an interrupted run never leaves a half-written image, and an existing file is never
-overwritten unless --overwrite says so. Each PNG carries its parameters (metadata.py), which
+Every check that can fail is made before any model is loaded (inputs.py: sizes, the output
+paths, the init image, the prompt file). Images are written to a temporary file beside the target
+and renamed into place, so an interrupted run never leaves a half-written image, and an existing
+file is never overwritten unless --overwrite says so. Each PNG carries its parameters (metadata.py), which
 `--config-from-metadata` reads back.
 """
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 
 from .. import __version__
+from .inputs import UsageError, check_image, check_size, check_writable, output_paths, read_jobs
 from .metadata import replay_arguments, save_png
 
 DEFAULT_MODEL = "tiny-shapes"  # shipped with the package: works offline, straight after install
-DEFAULT_PROMPTS = {"tiny-shapes": "a red circle"}  # the README's first example, a combination seen in training
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,117 +109,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             if dest not in given and hasattr(args, dest):
                 setattr(args, dest, [value] if dest == "seed" else value)
     return args
-
-
-@dataclass
-class Job:
-    """One prompt of the run: its images' seeds and size."""
-
-    prompt: str
-    seeds: list[int]
-    negative_prompt: str
-    width: int | None
-    height: int | None
-    steps: int | None
-    guidance: float | None
-
-
-def read_jobs(args) -> list[Job]:
-    """The prompts of the run (--prompt or --prompt-file) with their seeds, checked."""
-    if args.n_images < 1:
-        raise UsageError(f"--n-images must be at least 1, got {args.n_images}")
-    if args.seed and len(args.seed) > 1 and args.n_images not in (1, len(args.seed)):
-        raise UsageError(f"{len(args.seed)} --seed values and --n-images {args.n_images}: give one or the other")
-    first = args.seed[0] if args.seed else int.from_bytes(os.urandom(4), "little") % 2**31
-    seeds = list(args.seed) if args.seed and len(args.seed) > 1 else [first + i for i in range(args.n_images)]
-    base = dict(negative_prompt=args.negative_prompt, width=args.width, height=args.height, steps=args.steps,
-                guidance=args.guidance)
-    if args.class_label:
-        if args.prompt is not None or args.prompt_file is not None:
-            raise UsageError("give --class-label or --prompt / --prompt-file, not both")
-        return [Job(str(label), seeds, **base) for label in args.class_label]
-    if args.prompt_file is None:
-        prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPTS.get(args.model)
-        if prompt is None or not prompt.strip():
-            raise UsageError("--prompt is empty: say what to draw")
-        return [Job(prompt, seeds, **base)]
-    if args.prompt is not None:
-        raise UsageError("give --prompt or --prompt-file, not both")
-    try:
-        lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise UsageError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
-    jobs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if not line.lstrip().startswith("{"):
-            jobs.append(Job(line.strip(), seeds, **base))
-            continue
-        try:
-            entry = json.loads(line)
-            unknown = set(entry) - {"prompt", "seed", *base}
-            if unknown or not str(entry.get("prompt", "")).strip():
-                raise ValueError(f"needs a non-empty 'prompt'; unknown keys {sorted(unknown)}" if unknown
-                                 else "needs a non-empty 'prompt'")
-            s = entry.get("seed")
-            job_seeds = seeds if s is None else [int(s) + i for i in range(args.n_images)]
-            jobs.append(Job(entry["prompt"], job_seeds, **{k: entry.get(k, v) for k, v in base.items()}))
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"--prompt-file {args.prompt_file} line {n}: {e}") from None
-    if not jobs:
-        raise UsageError(f"--prompt-file {args.prompt_file} holds no prompt")
-    return jobs
-
-
-def check_size(side: str, value: int | None, max_side: int, where: str = "") -> None:
-    if value is not None and (value % 16 or not 16 <= value <= max_side):
-        raise UsageError(f"{where}--{side} {value}: must be a multiple of 16 between 16 and {max_side} "
-                         f"(not rounded, so that the image is the size asked for)")
-
-
-def output_paths(pattern: str, seeds: list[int], overwrite: bool) -> list[Path]:
-    n = len(seeds)
-    if n > 1 and "{" not in pattern:
-        stem, suffix = os.path.splitext(pattern)
-        pattern = f"{stem}-{{i}}{suffix or '.png'}"
-    try:
-        paths = [Path(pattern.format(i=i, seed=s)) for i, s in enumerate(seeds)]
-    except (KeyError, IndexError, ValueError) as e:
-        raise UsageError(f"--output pattern {pattern!r}: only {{i}} and {{seed}} may be used ({e})") from None
-    if len(set(paths)) != n:
-        raise UsageError(f"--output {pattern!r} names the same file for several images: add {{i}} or {{seed}}")
-    for path in paths:
-        if path.suffix.lower() != ".png":
-            raise UsageError(f"--output {path}: images are written as PNG, use a .png name")
-        if path.exists() and not overwrite:
-            raise UsageError(f"{path} exists: choose another --output or pass --overwrite")
-        check_writable(path.parent if str(path.parent) else Path("."), f"cannot write {path}")
-    return paths
-
-
-def check_writable(folder: Path, what: str) -> None:
-    if not folder.is_dir():
-        raise UsageError(f"{what}: folder {folder} does not exist")
-    try:  # really create a file there: permissions, read-only mounts, quotas
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise UsageError(f"{what}: folder {folder} is not writable ({e.strerror})") from None
-
-
-def check_image(path: str | None):
-    if path is None:
-        return None
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        return Image.open(path)
-    except FileNotFoundError:
-        raise UsageError(f"--image {path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise UsageError(f"--image {path}: not a readable image ({e})") from None
 
 
 class ProgressBar:
