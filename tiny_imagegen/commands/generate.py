@@ -3,8 +3,8 @@
 Every check that can fail is made before any model is loaded (inputs.py: sizes, the output
 paths, the init image, the prompt file). Images are written to a temporary file beside the target
 and renamed into place, so an interrupted run never leaves a half-written image, and an existing
-file is never overwritten unless --overwrite says so. Each PNG carries its parameters (metadata.py), which
-`--config-from-metadata` reads back.
+file is never overwritten unless --overwrite says so. Each PNG carries its parameters
+(metadata.py), which `--config-from-metadata` reads back.
 """
 
 import argparse
@@ -15,10 +15,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from .. import __version__
-from .inputs import UsageError, check_image, check_size, check_writable, output_paths, read_jobs
+from .inputs import DEFAULT_MODEL, UsageError, check_image, check_size, check_writable, output_paths, read_jobs
 from .metadata import replay_arguments, save_png
-
-DEFAULT_MODEL = "tiny-shapes"  # shipped with the package: works offline, straight after install
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_PROMPTS = {"tiny-shapes": "a red circle"}  # the README's first example, a combination seen in training
+DEFAULT_MODEL = "tiny-shapes"  # shipped with the package: works offline, straight after install
+DEFAULT_PROMPTS = {DEFAULT_MODEL: "a red circle"}  # the README's first example, a combination seen in training
 
 
 class UsageError(Exception):
