@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx  # noqa: E402
 
-from tiny_imagegen.pipeline import Pipeline  # noqa: E402
+from tiny_imagegen.pipelines.pipeline import Pipeline  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square above a yellow circle", "two green triangles", "a large cyan square"]
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tiny_imagegen.layers.embeddings import pack_latents  # noqa: E402
 from tiny_imagegen.train import tiny_shapes as ts  # noqa: E402
-from tiny_imagegen.train.flow_matching import sample_t  # noqa: E402
+from tiny_imagegen.train.objectives import sample_t  # noqa: E402
 from tiny_imagegen.train.lora import add_lora, concept_scenes, epoch_order, save_lora, shard  # noqa: E402
 from tiny_imagegen.train.shapes_dataset import render, sample_scene, to_float  # noqa: E402
 from tiny_imagegen.train.trainer import Trainer, TrainConfig  # noqa: E402

@@ -1,4 +1,4 @@
-"""The ablation runner (train/ablations.py, commands/ablate.py): a smoke run of every variant.
+"""The ablation runner (train/ablations/runner.py, commands/ablate.py): a smoke run of every variant.
 
 - every backbone is within 10% of the shipped MM-DiT's parameters, and a variant that is not fails;
 - the samplers: with an oracle model (the true velocity / noise of a known x0) flow-matching Euler
@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tiny_imagegen import ddpm
+from tiny_imagegen.diffusion import ddpm
 from tiny_imagegen.commands.ablate import main as ablate, without_jobs
-from tiny_imagegen.train import ablations as ab
-from tiny_imagegen.train.ablation_eval import (
+from tiny_imagegen.train.ablations import runner as ab
+from tiny_imagegen.train.ablations.scoring import (
     DDPM_SCHEDULE, caption_sets, generate, is_binding_case, sample_ddpm, sample_flow,
 )
-from tiny_imagegen.train.ablation_models import AbsolutePositionIn, rope_ids
-from tiny_imagegen.train.ablation_report import beats_reference, cell, format_table, parse_table
+from tiny_imagegen.train.ablations.backbones import AbsolutePositionIn, rope_ids
+from tiny_imagegen.train.ablations.report import beats_reference, cell, format_table, parse_table
 from tiny_imagegen.train.shapes_dataset import parse_caption
 
 WEIGHTS = Path(__file__).parents[1] / "weights" / "tiny-shapes"

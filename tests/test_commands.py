@@ -127,7 +127,7 @@ def test_warnings_for_habits_that_cost(tmp_path):
 
 
 def test_quantize_on_an_already_quantized_folder_is_an_error(tmp_path):
-    from tiny_imagegen.checkpoints.convert import convert
+    from tiny_imagegen.registry.convert import convert
 
     import mlx.core as mx
 
@@ -144,7 +144,7 @@ def test_modulation_bits_on_load_and_in_convert(tmp_path):
     from tiny_imagegen.checkpoints.convert import read_manifest
     from tiny_imagegen.checkpoints.quantize import Quantization
     from tiny_imagegen.commands.metadata import read_parameters
-    from tiny_imagegen.pipeline import Pipeline
+    from tiny_imagegen.pipelines.pipeline import Pipeline
 
     folder = hub_folder(tmp_path, "dev_like")
     pipe = Pipeline.from_pretrained(str(folder), quantize=Quantization(4, group_size=32, modulation_bits=8))  # width 32
@@ -170,8 +170,8 @@ def test_modulation_bits_on_load_and_in_convert(tmp_path):
 
 def test_loading_does_not_import_the_pipeline():
     """The loader and the pipeline no longer import each other."""
-    code = ("import sys, tiny_imagegen.loading, tiny_imagegen.hub, tiny_imagegen.registry; "
-            "assert 'tiny_imagegen.pipeline' not in sys.modules, 'loading imports pipeline'")
+    code = ("import sys, tiny_imagegen.pipelines.loading, tiny_imagegen.registry.hub, tiny_imagegen.registry; "
+            "assert 'tiny_imagegen.pipelines.pipeline' not in sys.modules, 'loading imports pipeline'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
 

@@ -14,11 +14,12 @@ from mlx.utils import tree_flatten
 from conftest import assert_close, fixture_path, load_fixture, relative_l2
 from test_hub import COMMIT, cache_snapshot, needed, repo_files, tiny_flux_repo
 from tiny_imagegen.checkpoints.components import COMPONENTS, import_ref
-from tiny_imagegen.checkpoints.convert import ConvertedModelError, convert, load_component, load_converted, read_manifest, save_converted
+from tiny_imagegen.registry.convert import convert
+from tiny_imagegen.checkpoints.convert import ConvertedModelError, load_component, load_converted, read_manifest, save_converted
 from tiny_imagegen.checkpoints.quantize import quantize_component
 from tiny_imagegen.checkpoints.safetensors_io import write_safetensors
 from tiny_imagegen.checkpoints.flux import load_flux_transformer
-from tiny_imagegen.hub import is_converted, resolve_model
+from tiny_imagegen.registry.hub import is_converted, resolve_model
 from tiny_imagegen.registry import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]

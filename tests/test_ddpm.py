@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, fixture_path, load_fixture
-from tiny_imagegen import ddpm
+from tiny_imagegen.diffusion import ddpm
 
 CASES = {
     "sd15_ddim": ("ddim", {}),

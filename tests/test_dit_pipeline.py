@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import TESTS, assert_bf16_parity, assert_close, fixture_path, load_fixture
-from tiny_imagegen.pipeline import Pipeline
+from tiny_imagegen.pipelines.pipeline import Pipeline
 
 RUNS = {"guided": (["207", "goldfish"], 4.0, 5), "unguided": (["balloon"], 1.0, 3)}  # labels 207, 1 / 417
 
@@ -76,7 +76,8 @@ def test_euler_sampler_runs():
 
 
 def test_converted_folder_gives_the_same_image(tmp_path):
-    from tiny_imagegen.checkpoints.convert import convert, read_manifest
+    from tiny_imagegen.registry.convert import convert
+    from tiny_imagegen.checkpoints.convert import read_manifest
 
     converted = convert(fixture_path("dit_pipeline", "repo"), tmp_path / "converted", dtype=mx.float32)
     manifest = read_manifest(converted)
@@ -104,12 +105,12 @@ def test_quantized_on_load(bits):
 def test_offline_empty_cache_says_what_to_download(tmp_path, name):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "home")}
     env.pop("HF_TOKEN", None)
-    code = f"from tiny_imagegen.hub import resolve_model; print(resolve_model({name!r}))"
+    code = f"from tiny_imagegen.registry.hub import resolve_model; print(resolve_model({name!r}))"
     run = subprocess.run([sys.executable, "-c", code], cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=120)
     message = run.stderr.strip().splitlines()[-1]
     print(message)
     repo = f"facebook/DiT-XL-2-{name[-3:]}"
-    assert run.returncode != 0 and message.startswith(f"tiny_imagegen.hub.ModelNotAvailable: {repo} is not in")
+    assert run.returncode != 0 and message.startswith(f"tiny_imagegen.registry.hub.ModelNotAvailable: {repo} is not in")
     assert (f"hf download {repo} --include model_index.json scheduler/scheduler_config.json 'transformer/*.json' "
             "'transformer/*.safetensors' 'vae/*.json' 'vae/*.safetensors'") in message
 

@@ -14,8 +14,8 @@ import pytest
 from conftest import assert_close, fixture_path, load_fixture, relative_l2
 from test_hub import FakeHub, serve  # noqa: F401  (serve: the fake-hub fixture)
 from tiny_imagegen import registry
-from tiny_imagegen.hub import ModelNotAvailable, download_command, resolve_model
-from tiny_imagegen.pipeline import Pipeline
+from tiny_imagegen.registry.hub import ModelNotAvailable, download_command, resolve_model
+from tiny_imagegen.pipelines.pipeline import Pipeline
 
 PROMPTS = ["a red cat", "two cats on the moon, 8k"]
 SETTINGS = {"distilled": dict(steps=4, guidance=1.0), "base": dict(steps=3, guidance=4.0)}
@@ -73,7 +73,8 @@ def test_pipeline_bf16_within_torch_bf16(tmp_path, io, setting):
 
 
 def test_converted_folder_gives_the_same_image(tmp_path, io):
-    from tiny_imagegen.checkpoints.convert import convert, read_manifest
+    from tiny_imagegen.registry.convert import convert
+    from tiny_imagegen.checkpoints.convert import read_manifest
 
     out = convert(fixture_path("flux2_pipeline", "repo"), tmp_path / "klein-fp32", dtype=mx.float32)
     manifest = read_manifest(out)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, load_fixture
-from tiny_imagegen.sampling import euler_step, euler_step_in_model_dtype, flux2_mu, flux2_schedule
+from tiny_imagegen.diffusion.flow_matching import euler_step, euler_step_in_model_dtype, flux2_mu, flux2_schedule
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from huggingface_hub.utils import filter_repo_objects
 
 from conftest import fixture_path
 from tiny_imagegen import registry
-from tiny_imagegen.hub import (
+from tiny_imagegen.registry.hub import (
     ModelNotAvailable,
     allow_patterns,
     download_command,
@@ -166,7 +166,7 @@ def _resolve_in_subprocess(tmp_path, cache: Path, name: str) -> subprocess.Compl
     would: huggingface_hub reads both when it is imported."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf_home")}
     env.pop("HF_TOKEN", None)
-    code = f"from tiny_imagegen.hub import resolve_model; print(resolve_model({name!r}))"
+    code = f"from tiny_imagegen.registry.hub import resolve_model; print(resolve_model({name!r}))"
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -184,7 +184,7 @@ def test_empty_cache_offline_says_what_to_download_and_where(tmp_path):
     assert run.returncode != 0
     message = run.stderr.strip().splitlines()[-1]
     print(message)
-    assert message.startswith("tiny_imagegen.hub.ModelNotAvailable: black-forest-labs/FLUX.1-schnell is not in")
+    assert message.startswith("tiny_imagegen.registry.hub.ModelNotAvailable: black-forest-labs/FLUX.1-schnell is not in")
     assert "HF_HUB_OFFLINE=1" in message and str(tmp_path / "empty_cache") in message
     assert f"`{download_command(REPO)}`" in message
     assert "hf download black-forest-labs/FLUX.1-schnell --include model_index.json" in message

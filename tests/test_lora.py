@@ -12,7 +12,7 @@ from tiny_imagegen.checkpoints.lora import apply_loras, parse_lora_spec
 from tiny_imagegen.checkpoints.mapping import CheckpointError
 from tiny_imagegen.layers.embeddings import pack_latents
 from tiny_imagegen.layers.lora import LoRALinear
-from tiny_imagegen.pipeline import Pipeline
+from tiny_imagegen.pipelines.pipeline import Pipeline
 
 CASES = {  # as the fixture maker's CASES: (file, weight)
     "diffusers": [("diffusers", 0.7)],

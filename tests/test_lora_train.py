@@ -12,7 +12,7 @@ import numpy as np
 from conftest import assert_close, fixture_path, load_fixture, require_modules, require_reference_stack
 from tiny_imagegen.checkpoints.flux import load_flux_transformer
 from tiny_imagegen.checkpoints.lora import apply_loras
-from tiny_imagegen.train.flow_matching import flow_matching_loss, interpolate
+from tiny_imagegen.train.objectives import flow_matching_loss, interpolate
 from tiny_imagegen.train.lora import add_lora, lora_layers, save_lora
 from tiny_imagegen.train.trainer import Trainer, TrainConfig
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import assert_close, fixture_path, load_fixture
 from tiny_imagegen.layers.embeddings import pack_latents
-from tiny_imagegen.pipeline import Pipeline
+from tiny_imagegen.pipelines.pipeline import Pipeline
 
 PROMPTS = ["a red circle to the left of a blue square", "Ein Café in Tōkyō"]
 
@@ -42,7 +42,7 @@ def test_pipeline_matches_diffusers(tmp_path, variant):
 @pytest.mark.parametrize("layout", ["hub", "converted"])
 def test_text_encoders_are_released_then_reloaded(tmp_path, layout):
     """Released after encoding (before the transformer runs), re-loaded on the next generate."""
-    from tiny_imagegen.checkpoints.convert import convert
+    from tiny_imagegen.registry.convert import convert
 
     folder = hub_folder(tmp_path, "schnell_like")
     if layout == "converted":
@@ -88,7 +88,7 @@ def test_classifier_free_guidance_and_img2img_run(tmp_path):
 
 
 def test_converted_folder_gives_the_same_image(tmp_path):
-    from tiny_imagegen.checkpoints.convert import convert
+    from tiny_imagegen.registry.convert import convert
 
     source = hub_folder(tmp_path, "dev_like")
     converted = convert(source, tmp_path / "converted", dtype=mx.float32)
@@ -160,7 +160,7 @@ def test_conditioning_is_reusable_and_repeated_generations_do_not_grow():
 
 
 def test_vae_tiling_follows_size_and_device_memory():
-    from tiny_imagegen.memory import auto_tiling, untiled_decode_bytes, wired_weights
+    from tiny_imagegen.pipelines.memory import auto_tiling, untiled_decode_bytes, wired_weights
 
     assert untiled_decode_bytes(1024, 1024, 128, mx.float32) == 26 * 2**20 * 128 * 4  # 13 GiB, as measured
     assert auto_tiling(1024, 1024, 128, mx.float32, memory=2**40)  # above 768x768 pixels: always

@@ -1,11 +1,11 @@
-"""Velocity, noise, data and score are affine transforms of each other (prediction_targets.py):
+"""Velocity, noise, data and score are affine transforms of each other (diffusion/prediction_targets.py):
 each map is checked against the definition on random (x0, eps, t), and each pair round-trips."""
 
 import numpy as np
 import pytest
 
-from tiny_imagegen import ddpm
-from tiny_imagegen import prediction_targets as pt
+from tiny_imagegen.diffusion import ddpm
+from tiny_imagegen.diffusion import prediction_targets as pt
 
 rng = np.random.default_rng(0)
 X0, EPS = rng.normal(size=(4, 6, 5, 3)), rng.normal(size=(4, 6, 5, 3))

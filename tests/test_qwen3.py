@@ -224,7 +224,7 @@ def test_memory_of_qwen3_4b():
 
 def test_prompt_encoders_equal_diffusers(tmp_path):
     """qwen_conditioning.QwenPromptEncoder on a repo-shaped folder, as the two pipelines use it."""
-    from tiny_imagegen.qwen_conditioning import QwenPromptEncoder
+    from tiny_imagegen.conditioning.qwen import QwenPromptEncoder
 
     shutil.copytree(folder("deep"), tmp_path / "text_encoder")
     shutil.copytree(fixture_path("qwen3", "tokenizer_small"), tmp_path / "tokenizer")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, load_fixture
-from tiny_imagegen.sampling import (
+from tiny_imagegen.diffusion.flow_matching import (
     classifier_free_guidance, denoise, euler_step, flux_mu, flux_schedule, img2img_schedule, noise_image,
     sample_noise,
 )

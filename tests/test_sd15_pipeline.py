@@ -15,8 +15,8 @@ import pytest
 from conftest import assert_close, fixture_path, load_fixture
 from test_hub import COMMIT, FakeHub, _resolve_in_subprocess, serve  # noqa: F401  (serve is a fixture)
 from tiny_imagegen import registry
-from tiny_imagegen.hub import download_command, resolve_model
-from tiny_imagegen.pipeline import Pipeline
+from tiny_imagegen.registry.hub import download_command, resolve_model
+from tiny_imagegen.pipelines.pipeline import Pipeline
 
 PROMPTS = ["a red circle to the left of a blue square", "Ein Café in Tōkyō"]
 NEGATIVE = ["blurry", "a green triangle"]
@@ -72,7 +72,8 @@ def test_negative_prompt_and_guidance_matter(tmp_path):
 
 
 def test_converted_folder_gives_the_same_image(tmp_path):
-    from tiny_imagegen.checkpoints.convert import convert, read_manifest
+    from tiny_imagegen.registry.convert import convert
+    from tiny_imagegen.checkpoints.convert import read_manifest
 
     io = load_fixture("sd15_pipeline", "io.safetensors")
     folder = hub_folder(tmp_path)

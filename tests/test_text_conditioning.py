@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 from conftest import assert_close, fixture_path, load_fixture
 from tiny_imagegen.models.clip import CLIP_VIT_L14_TEXT, CLIPTextModel
 from tiny_imagegen.models.t5 import T5_V1_1_XXL, T5Encoder
-from tiny_imagegen.text_conditioning import FluxTextEncoders, TextConditioning, encode_prompts
+from tiny_imagegen.conditioning.t5_clip import FluxTextEncoders, TextConditioning, encode_prompts
 
 # fp32, relative to the largest output: the T5 and CLIP parity tests' bound
 RTOL = 5e-6

@@ -22,7 +22,7 @@ from tiny_imagegen.layers.rope import AxialRoPE
 from tiny_imagegen.models.mmdit import MMDiTConfig
 from tiny_imagegen.models.t5 import T5Config
 from tiny_imagegen.train import tiny_shapes as ts
-from tiny_imagegen.train.flow_matching import interpolate, sample_t, velocity_target
+from tiny_imagegen.train.objectives import interpolate, sample_t, velocity_target
 from tiny_imagegen.train.scene_parser import parse_image
 from tiny_imagegen.train.trainer import Trainer, TrainConfig
 

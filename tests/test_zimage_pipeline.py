@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, fixture_path, load_fixture
-from tiny_imagegen.pipeline import Conditioning, Pipeline
-from tiny_imagegen.sampling import (
+from tiny_imagegen.pipelines.pipeline import Conditioning, Pipeline
+from tiny_imagegen.diffusion.flow_matching import (
     torch_linspace_f32, zimage_guidance, zimage_model_time, zimage_sigmas,
 )
 
@@ -116,7 +116,8 @@ def test_guidance_changes_the_image(tmp_path):
 
 
 def test_converted_folder_gives_the_same_image(tmp_path):
-    from tiny_imagegen.checkpoints.convert import convert, read_manifest
+    from tiny_imagegen.registry.convert import convert
+    from tiny_imagegen.checkpoints.convert import read_manifest
 
     io = load_fixture("zimage", "pipeline", "io.safetensors")
     hub = hub_folder(tmp_path)
@@ -155,7 +156,7 @@ def test_quantize_on_load_runs(tmp_path, monkeypatch):
 def test_offline_download_hint(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from tiny_imagegen.hub import ModelNotAvailable, resolve_model
+    from tiny_imagegen.registry.hub import ModelNotAvailable, resolve_model
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelNotAvailable) as e:

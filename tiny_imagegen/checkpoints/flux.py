@@ -24,6 +24,14 @@ _D = "transformer_blocks.{i}."
 _S = "single_transformer_blocks.{i}."
 
 
+def embedder_rules(theirs: str, *pairs: tuple[str, str], p: str) -> list[Rule]:
+    """The conditioning MLPs (in_layer -> SiLU -> out_layer): ours `time_in.in_layer` is diffusers'
+    `<theirs>.timestep_embedder.linear_1`, and so on for each (ours, their embedder) pair. FLUX.1
+    groups them under time_text_embed, FLUX.2 under time_guidance_embed."""
+    return [Rule(f"{ours}.{layer}.{p}", f"{theirs}.{embedder}.linear_{n}.{p}")
+            for ours, embedder in pairs for n, layer in ((1, "in_layer"), (2, "out_layer"))]
+
+
 def joint_attention_rules(p: str) -> list[Rule]:
     """The double blocks' attention in diffusers' names, both streams: q, k, v fused into our qkv
     (text: the `add_*` projections), the QK-norm scales, the output projection. FLUX.1 (p = "{p}":
@@ -46,12 +54,8 @@ DIFFUSERS = KeyTable(
     [
         Rule("img_in.{p}", "x_embedder.{p}"),
         Rule("txt_in.{p}", "context_embedder.{p}"),
-        Rule("time_in.in_layer.{p}", "time_text_embed.timestep_embedder.linear_1.{p}"),
-        Rule("time_in.out_layer.{p}", "time_text_embed.timestep_embedder.linear_2.{p}"),
-        Rule("vector_in.in_layer.{p}", "time_text_embed.text_embedder.linear_1.{p}"),
-        Rule("vector_in.out_layer.{p}", "time_text_embed.text_embedder.linear_2.{p}"),
-        Rule("guidance_in.in_layer.{p}", "time_text_embed.guidance_embedder.linear_1.{p}"),
-        Rule("guidance_in.out_layer.{p}", "time_text_embed.guidance_embedder.linear_2.{p}"),
+        *embedder_rules("time_text_embed", ("time_in", "timestep_embedder"), ("vector_in", "text_embedder"),
+                        ("guidance_in", "guidance_embedder"), p="{p}"),
         # double-stream blocks: the joint attention's projections, then each stream's modulation and MLP
         *joint_attention_rules("{p}"),
         Rule("double_blocks.{i}.img_mod.lin.{p}", _D + "norm1.linear.{p}"),

@@ -31,10 +31,8 @@ DIFFUSERS = KeyTable(
     [
         Rule("img_in.weight", "x_embedder.weight"),
         Rule("txt_in.weight", "context_embedder.weight"),
-        Rule("time_in.in_layer.weight", "time_guidance_embed.timestep_embedder.linear_1.weight"),
-        Rule("time_in.out_layer.weight", "time_guidance_embed.timestep_embedder.linear_2.weight"),
-        Rule("guidance_in.in_layer.weight", "time_guidance_embed.guidance_embedder.linear_1.weight"),
-        Rule("guidance_in.out_layer.weight", "time_guidance_embed.guidance_embedder.linear_2.weight"),
+        *flux.embedder_rules("time_guidance_embed", ("time_in", "timestep_embedder"),
+                             ("guidance_in", "guidance_embedder"), p="weight"),
         # the shared modulation, once per model
         Rule("double_stream_modulation_img.lin.weight", "double_stream_modulation_img.linear.weight"),
         Rule("double_stream_modulation_txt.lin.weight", "double_stream_modulation_txt.linear.weight"),

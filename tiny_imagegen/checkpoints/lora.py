@@ -296,21 +296,19 @@ def sha256_file(path: Path) -> str:
 
 
 def apply_loras(components: dict[str, nn.Module] | nn.Module, loras, merge: bool | None = None,
-                skip_clip: bool = False, only: tuple[str, ...] | None = None) -> list[dict]:
+                skip_clip: bool = False, only: tuple[str, ...] | None = None, resolve=Path) -> list[dict]:
     """Apply LoRA files to a transformer (or {"transformer": ..., "clip": ...}) in place.
 
-    loras: [(path, weight), ...]; a path may be a local file or a hub file `org/name/file.safetensors`
-    (hub.resolve_file). All files are read and checked before any layer changes. Returns one record
+    loras: [(path, weight), ...]; `resolve` turns a name into a local file (the pipeline passes
+    registry.hub.resolve_file, so a name may be a hub file `org/name/file.safetensors`). All files are read and checked before any layer changes. Returns one record
     per file (name, weight, format, sha256, how many layers merged / branched) for the metadata.
     `only`: change these components alone (e.g. ("clip",) for a re-loaded text encoder)."""
-    from ..hub import resolve_file
-
     if isinstance(components, nn.Module):
         components = {"transformer": components}
     components = {k: v for k, v in components.items() if v is not None}
     records, all_updates, all_replaced = [], defaultdict(list), {}
     for source, weight in loras:
-        path = resolve_file(str(source))
+        path = resolve(str(source))
         tensors, metadata = read_lora(path)
         fmt, updates, replaced = lora_updates(tensors, metadata, components, weight, str(source), skip_clip)
         for layer, ups in updates.items():

@@ -15,7 +15,7 @@ COMMANDS = {
     "convert": ("convert", "convert a model to our format, optionally 4/8-bit"),
     "train": ("train", "train the tiny-shapes model from scratch"),
     "evaluate": ("evaluate", "score tiny-shapes with the scene parser"),
-    "ablate": ("ablate", "the tiny-shapes ablation table (README: Ablations on tiny-shapes)"),
+    "ablate": ("ablate", "the tiny-shapes ablation table (docs/ablations.md)"),
     "info": ("metadata:info_main", "print the parameters stored in generated PNGs"),
     "models": ("models", "list the registered models, their licences, sizes and whether they are here"),
 }

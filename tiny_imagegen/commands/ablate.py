@@ -1,4 +1,4 @@
-"""Train and score the tiny-shapes ablation table (train/ablations.py), one run at a time.
+"""Train and score the tiny-shapes ablation table (train/ablations/runner.py), one run at a time.
 
     python examples/ablate.py                        # every run not yet in the results file
     python examples/ablate.py --only unet            # one row (both seeds)
@@ -26,11 +26,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..train import ablations as ab
-from ..train.ablation_report import format_table, legend, write_grid
+from ..train.ablations import runner as ab
+from ..train.ablations.report import format_table, legend, write_grid
 
 DEFAULT_RESULTS = "benchmarks/ablations/results.json"
-SHIPPED_SECONDS_PER_STEP = 99.6 * 60 / 5000  # the shipped MM-DiT's training on 2 unshared cores (README)
+SHIPPED_SECONDS_PER_STEP = 99.6 * 60 / 5000  # the shipped MM-DiT's training on 2 unshared cores (docs/tiny-shapes.md)
 
 
 def budget_verdict(records: list[dict], budget: ab.Budget) -> bool | None:
@@ -97,7 +97,7 @@ def time_steps(args, budget: ab.Budget, work: Path, n: int) -> None:
 
     import mlx.core as mx
 
-    from ..train.ablation_eval import LOSSES, caption_sets, generate
+    from ..train.ablations.scoring import LOSSES, caption_sets, generate
     from ..train.trainer import Trainer, TrainConfig
 
     data = ab.load_data(args.weights, work, budget.batch)  # one batch is enough to time a step
@@ -153,7 +153,7 @@ def without_jobs(argv: list[str]) -> list[str]:
 def run_jobs(argv: list[str], jobs: int) -> int:
     """`jobs` copies of this command, each with one BLAS thread, sharing the table through the run
     locks. MLX's CPU kernels other than matmul run on one thread, so on a small CPU two one-thread
-    processes train ~1.8x the steps per second of one process using every core (README)."""
+    processes train ~1.8x the steps per second of one process using every core (docs/ablations.md)."""
     package_root = str(Path(__file__).resolve().parents[2])  # a checkout runs without installing
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))

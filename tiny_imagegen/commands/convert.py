@@ -15,11 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..checkpoints.convert import DTYPES, convert, read_manifest
+from ..registry.convert import convert
+from ..checkpoints.convert import DTYPES, read_manifest
 from ..checkpoints.quantize import GROUP_SIZES
 from ..checkpoints.mapping import CheckpointError
 from .. import registry
-from ..hub import ModelNotAvailable, resolve_model
+from ..registry.hub import ModelNotAvailable, resolve_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,8 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, type=Path, help="the folder to write, e.g. weights/schnell-q4")
     p.add_argument("--quantize", type=int, choices=(4, 8), help="bits per weight of the quantized layers")
     p.add_argument("--modulation-bits", type=int, choices=(4, 8),
-                   help="with --quantize 4: keep the MM-DiT's adaLN modulation Linears at 8 bits (README: "
-                        "bf16, float16, quantized models; FLUX.1: 8.37 instead of 6.75 GB, error 0.099 vs 0.130)")
+                   help="with --quantize 4: keep the MM-DiT's adaLN modulation Linears at 8 bits (docs/quantization-and-memory.md: "
+                        "FLUX.1: 8.37 instead of 6.75 GB, error 0.099 vs 0.130)")
     p.add_argument("--group-size", type=int, default=64, choices=GROUP_SIZES,
                    help="weights sharing one scale and bias (default %(default)s)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",

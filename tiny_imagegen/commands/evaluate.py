@@ -44,8 +44,9 @@ def main(argv=None):
     pipe = load_pipeline(args.weights)
     if args.lora:
         from ..checkpoints.lora import apply_loras, parse_lora_spec
+        from ..registry.hub import resolve_file
 
-        for r in apply_loras(pipe.transformer, [parse_lora_spec(s) for s in args.lora]):
+        for r in apply_loras(pipe.transformer, [parse_lora_spec(s) for s in args.lora], resolve=resolve_file):
             print(f"LoRA {r['name']} x {r['weight']} ({r['format']}, {r['layers']} layers {r['applied']}, "
                   f"sha256 {r['sha256'][:12]})")
     if args.reconstruct:

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", type=int, choices=(4, 8), help="quantize the transformer and text encoder on load")
     p.add_argument("--modulation-bits", type=int, choices=(4, 8),
                    help="with --quantize 4: the MM-DiT's adaLN modulation at these bits (8: closer to full "
-                        "precision, README: bf16, float16, quantized models)")
+                        "precision; docs/quantization-and-memory.md)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="compute dtype; auto: bfloat16 on GPUs, float32 on the CPU")
     p.add_argument("--image", help="init image for image-to-image")
@@ -162,8 +162,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     from ..checkpoints.quantize import Quantization
     from ..checkpoints.lora import lora_metadata, parse_lora_spec
     from ..checkpoints.mapping import CheckpointError
-    from ..hub import ModelNotAvailable
-    from ..pipeline import MAX_SIDE, Pipeline
+    from ..registry.hub import ModelNotAvailable
+    from ..pipelines.pipeline import MAX_SIDE, Pipeline
 
     if args.model == "list":
         from .models import print_models

@@ -3,13 +3,13 @@ size on disk per dtype / quantization, and whether the weights are already here.
 
 from .. import registry
 from ..checkpoints.convert import read_manifest
-from ..loading import shipped
-from ..sizes import model_bytes
+from ..registry.where import shipped
+from ..registry.sizes import model_bytes
 
 
 def availability(spec: registry.ModelSpec) -> str:
     """"shipped", "cached" (complete in the Hugging Face cache), or "not downloaded"."""
-    from ..hub import ModelNotAvailable, resolve_model
+    from ..registry.hub import ModelNotAvailable, resolve_model
 
     if shipped(spec.name) is not None:
         return "shipped" if spec.shipped else "converted in weights/"

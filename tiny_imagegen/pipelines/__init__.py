@@ -1,1 +1,6 @@
-"""One module per family: what is its own of the pipeline (pipeline.py holds the shared loop)."""
+"""Encode -> denoise -> decode. pipeline.py holds the loop every family shares (loading.py: a converted
+folder's components; memory.py: tiling and wired weights); one module per family holds what is its own."""
+
+from .pipeline import Conditioning, Pipeline
+
+__all__ = ["Conditioning", "Pipeline"]

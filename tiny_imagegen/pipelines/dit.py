@@ -6,7 +6,7 @@ DiTPipeline does it. The shared loop is pipeline.py's.
   DiTPipeline.get_label_ids, here also case-insensitively). The empty prompt is the null class
   (index 1000), the unconditional branch of classifier-free guidance.
 - noise: latents (1, H/8, W/8, 4) of the SD VAE (stabilityai/sd-vae-ft-ema), decoded as z / 0.18215.
-- sampler: DDIM (the hub repos' DDIMScheduler: linear betas 1e-4..0.02) or Euler, ddpm.py.
+- sampler: DDIM (the hub repos' DDIMScheduler: linear betas 1e-4..0.02) or Euler, diffusion/ddpm.py.
 - guidance (> 1): [x; x] with labels [y; null] in one forward; DiTPipeline guides the eps half
   of the output, all `in_channels` = 4 channels of it (the original DiT sample.py guides only the
   first 3, "for exact reproducibility": `cfg_channels=3`), then keeps eps and drops the learned
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .. import ddpm
+from ..diffusion import ddpm
 from ..checkpoints.quantize import quantize_component
 from ..checkpoints.dit import load_dit
 from ..checkpoints.vae import load_vae
-from ..loading import load_converted_parts
-from ..pipeline import Conditioning, Pipeline
+from .loading import load_converted_parts
+from .pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults
 
 QUANTIZED_ON_LOAD = ("dit",)
@@ -77,7 +77,7 @@ class DiTPipeline(Pipeline):
 
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
-        from ..hub import is_converted
+        from ..registry.hub import is_converted
 
         folder = Path(folder)
         if is_converted(folder):

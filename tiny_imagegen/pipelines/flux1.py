@@ -4,7 +4,7 @@ pipeline. The shared loop is pipeline.py's.
 - text: T5-XXL's token states (the MM-DiT's text stream) and CLIP-L's pooled vector (into the
   adaLN conditioning); tiny-shapes: one small T5 and its masked mean (recipe "t5-mean").
 - noise: latents (1, H/8, W/8, 16), packed into 2x2 patches -> (1, HW/256, 64) tokens.
-- sampler: Euler on the flow, FLUX's schedule (resolution-shifted for dev), sampling.py.
+- sampler: Euler on the flow, FLUX's schedule (resolution-shifted for dev), diffusion/flow_matching.py.
 - guidance: FLUX.1-dev's distilled guidance is a model input (`guidance`, one pass per step);
   true classifier-free guidance (`true_cfg` on dev, `guidance` > 1 elsewhere) adds a pass with
   the negative prompt, batched with the positive one into a single forward ([pos; neg]) unless
@@ -21,12 +21,12 @@ from ..checkpoints.flux import load_flux_transformer
 from ..checkpoints.text_encoders import load_clip_text_model, load_t5_encoder
 from ..checkpoints.vae import load_vae
 from ..layers.embeddings import pack_latents, unpack_latents
-from ..loading import load_converted_parts, reloading
-from ..pipeline import Conditioning, Pipeline
+from .loading import load_converted_parts, reloading
+from .pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults, find
-from ..sampling import classifier_free_guidance, euler_step, flux_schedule, img2img_schedule, noise_image
+from ..diffusion.flow_matching import classifier_free_guidance, euler_step, flux_schedule, img2img_schedule, noise_image
 from ..text import CLIPTokenizer, T5Tokenizer
-from ..text_conditioning import FluxTextEncoders, PooledT5Text
+from ..conditioning.t5_clip import FluxTextEncoders, PooledT5Text
 
 QUANTIZED_ON_LOAD = ("transformer", "t5")  # CLIP (0.25 GB) and the VAE stay as they are
 
@@ -68,7 +68,7 @@ class Flux1Pipeline(Pipeline):
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify, loras=None):
         """`loras` are merged into the full-precision transformer before it is quantized on load."""
-        from ..hub import is_converted
+        from ..registry.hub import is_converted
 
         folder = Path(folder)
         on_load = ("t5",) if loras else QUANTIZED_ON_LOAD  # the transformer after the LoRAs are merged

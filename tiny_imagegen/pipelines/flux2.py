@@ -24,10 +24,10 @@ import numpy as np
 
 from ..checkpoints.quantize import quantize_component
 from ..checkpoints.flux2 import load_flux2_transformer, load_flux2_vae
-from ..loading import load_converted_parts, reloading
-from ..pipeline import Conditioning, Pipeline
+from .loading import load_converted_parts, reloading
+from .pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults
-from ..sampling import classifier_free_guidance, euler_step_in_model_dtype, flux2_schedule
+from ..diffusion.flow_matching import classifier_free_guidance, euler_step_in_model_dtype, flux2_schedule
 
 HIDDEN_LAYERS = (9, 18, 27)  # FP:222, text_encoder_out_layers
 QUANTIZED_ON_LOAD = ("flux2_transformer", "qwen3")  # the VAE stays as it is
@@ -76,7 +76,7 @@ class Flux2KleinPipeline(Pipeline):
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
         from ..checkpoints.qwen3 import load_qwen3
-        from ..hub import is_converted
+        from ..registry.hub import is_converted
         from ..text import QwenTokenizer
 
         folder = Path(folder)

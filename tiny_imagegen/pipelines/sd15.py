@@ -5,7 +5,7 @@
   StableDiffusionPipeline; the U-Net cross-attends to all 77 positions.
 - noise: latents (1, H/8, W/8, 4), times the sampler's init_noise_sigma (1 for DDIM, sigma_max
   for Euler).
-- sampler: DDIM (default) or Euler on SD 1.5's DDPM schedule (ddpm.py); the `sampler` option,
+- sampler: DDIM (default) or Euler on SD 1.5's DDPM schedule (diffusion/ddpm.py); the `sampler` option,
   and `karras=True` for Euler on Karras sigmas.
   The hub repo names PNDM, which is not implemented; DDIM and Euler read its config as diffusers
   does when a user swaps them in.
@@ -20,15 +20,15 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .. import ddpm
+from ..diffusion import ddpm
 from ..checkpoints.quantize import quantize_component
 from ..checkpoints.text_encoders import load_clip_text_model
 from ..checkpoints.unet import load_unet
 from ..checkpoints.vae import load_vae
-from ..loading import load_converted_parts, reloading
-from ..pipeline import Conditioning, Pipeline
+from .loading import load_converted_parts, reloading
+from .pipeline import Conditioning, Pipeline
 from ..registry import find
-from ..sampling import classifier_free_guidance
+from ..diffusion.flow_matching import classifier_free_guidance
 from ..text import CLIPTokenizer
 
 QUANTIZED_ON_LOAD = ("unet", "clip")  # the VAE stays as it is
@@ -57,7 +57,7 @@ class SD15Pipeline(Pipeline):
 
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
-        from ..hub import is_converted
+        from ..registry.hub import is_converted
 
         folder = Path(folder)
         defaults = spec.defaults if spec else find("sd15").defaults

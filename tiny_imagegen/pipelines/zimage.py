@@ -26,10 +26,10 @@ import numpy as np
 from ..checkpoints.quantize import quantize_component
 from ..checkpoints.vae import load_vae
 from ..checkpoints.zimage import load_zimage_transformer
-from ..pipeline import Conditioning, Pipeline
-from ..qwen_conditioning import ZIMAGE_HIDDEN_STATES, QwenPromptEncoder
+from .pipeline import Conditioning, Pipeline
+from ..conditioning.qwen import ZIMAGE_HIDDEN_STATES, QwenPromptEncoder
 from ..registry import SamplingDefaults, find
-from ..sampling import euler_step, renormalize_guidance, zimage_guidance, zimage_model_time, zimage_sigmas
+from ..diffusion.flow_matching import euler_step, renormalize_guidance, zimage_guidance, zimage_model_time, zimage_sigmas
 from ..text import QwenTokenizer
 
 TRANSFORMER, TEXT_ENCODER = "zimage_transformer", "qwen3"
@@ -83,8 +83,8 @@ class ZImagePipeline(Pipeline):
 
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
-        from ..hub import is_converted
-        from ..loading import load_converted_parts, reloading
+        from ..registry.hub import is_converted
+        from .loading import load_converted_parts, reloading
 
         folder = Path(folder)
         defaults = spec.defaults if spec else defaults_for_folder(folder)

@@ -12,7 +12,7 @@ The same components and code paths as FLUX.1, each shrunk:
                  the 16x16x4 latent is packed 2x2 as FLUX packs it: 64 tokens of 16 channels
 
 Training (examples/train_tiny.py): the VAE first (L1 + L2 reconstruction, a small KL), then the
-T5 + MM-DiT on the VAE's latents with the flow-matching loss (train/flow_matching.py: logit-normal
+T5 + MM-DiT on the VAE's latents with the flow-matching loss (train/objectives.py: logit-normal
 t), 10% of captions dropped to the empty caption so that classifier-free guidance works.
 
 Sampling: Euler steps on FLUX's unshifted linear schedule (64 tokens is below FLUX's shift range)
@@ -37,8 +37,8 @@ from ..models.mmdit import MMDiT, MMDiTConfig
 from ..models.t5 import T5Config, T5Encoder
 from ..models.vae import AutoencoderKL, VAEConfig
 from ..text.t5_sentencepiece import T5Tokenizer
-from ..text_conditioning import masked_mean
-from .flow_matching import flow_matching_loss, interpolate
+from ..conditioning.t5_clip import masked_mean
+from .objectives import flow_matching_loss, interpolate
 from .shapes_dataset import sample_scene
 
 IMAGE_SIZE = 64
@@ -138,7 +138,7 @@ def init_for_training(denoiser: TinyDenoiser) -> TinyDenoiser:
 # ---- the shipped folder, and sampling it with the generic pipeline -------------------------------
 
 
-# How the generic pipeline samples it (loading.py reads this recipe from model.json).
+# How the generic pipeline samples it (pipelines/pipeline.py reads this recipe from model.json).
 SAMPLING_DEFAULTS = {"steps": 20, "guidance": 4.0, "shift": False, "text_length": MAX_LENGTH,
                      "width": IMAGE_SIZE, "height": IMAGE_SIZE}
 
@@ -162,7 +162,7 @@ def load_pipeline(folder: str | Path = "weights/tiny-shapes"):
     """The shipped model as the generic Pipeline runs it (the CLI's path), in fp32 and with the
     text encoder kept for many prompts. Every file's size and SHA-256 is checked against
     model.json first, so a truncated or altered file fails by name."""
-    from ..pipeline import Pipeline
+    from ..pipelines.pipeline import Pipeline
 
     return Pipeline.from_pretrained(str(folder), dtype=mx.float32, keep_text_encoders=True, verify=True)
 

@@ -2,12 +2,12 @@
 
     flow   flow matching as the shipped model is trained (flow_matching.py: logit-normal t, loss
            ||v_θ(x_t, t) - (ε - x0)||²); sampled with 20 Euler steps on FLUX's unshifted schedule
-           (sampling.py), exactly as the Pipeline samples tiny-shapes (tests/test_ablations.py
+           (diffusion/flow_matching.py), exactly as the Pipeline samples tiny-shapes (tests/test_ablations.py
            checks the two agree on the shipped weights).
     ddpm   DDPM ε-prediction (Ho et al., 2020) on DiT's linear schedule (ddpm.SCHEDULES["dit-ddim"]:
            betas 1e-4..0.02 over 1000 steps): k uniform on 0..999, x_k = sqrt(abar_k) x0 +
            sqrt(1 - abar_k) ε, loss ||ε_θ(x_k, k / 1000) - ε||²; sampled with 20 DDIM steps (eta 0),
-           ddpm.py.
+           diffusion/ddpm.py.
 
 Both are guided the same way: classifier-free guidance on the model output with the empty caption
 as the unconditional branch, [cond; uncond] in one forward (as the Pipeline batches it).
@@ -15,7 +15,7 @@ as the unconditional branch, [cond; uncond] in one forward (as the Pipeline batc
 Scoring, by the scene parser (scene_parser.evaluate), one image per caption, image i from noise seed i:
 
     train      the first n train-split captions of caption stream 2026: the same captions as
-               `tiny-imagegen evaluate --split train`, so the shipped row is comparable to the README
+               `tiny-imagegen evaluate --split train`, so the shipped row is comparable to docs/tiny-shapes.md
     binding    the first m captions of that stream that relate two objects of different colours
                ("a red square to the left of a blue circle"): the colour of each object must be
                tied to the right shape and the right place
@@ -28,12 +28,12 @@ from functools import lru_cache
 import mlx.core as mx
 import numpy as np
 
-from .. import ddpm
-from ..models.vae import to_pil
-from ..sampling import classifier_free_guidance, denoise, flux_schedule, sample_noise
-from .flow_matching import flow_matching_loss, interpolate
-from .scene_parser import evaluate
-from .shapes_dataset import parse_caption, sample_scene
+from ...diffusion import ddpm
+from ...models.vae import to_pil
+from ...diffusion.flow_matching import classifier_free_guidance, denoise, flux_schedule, sample_noise
+from ..objectives import flow_matching_loss, interpolate
+from ..scene_parser import evaluate
+from ..shapes_dataset import parse_caption, sample_scene
 
 OBJECTIVES = ("flow", "ddpm")
 DDPM_SCHEDULE = ddpm.SCHEDULES["dit-ddim"]

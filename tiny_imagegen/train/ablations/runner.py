@@ -34,20 +34,20 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 
-from ..commands.train import encode_pool, make_denoiser_batches, step_key
-from ..models.t5 import T5Encoder
-from ..text.t5_sentencepiece import T5Tokenizer
-from ..train import tiny_shapes as ts
-from .ablation_eval import LOSSES, ddpm_steps, score_denoiser
-from .ablation_models import (
+from ..recipe import encode_pool, make_denoiser_batches, step_key
+from ...models.t5 import T5Encoder
+from ...text.t5_sentencepiece import T5Tokenizer
+from .. import tiny_shapes as ts
+from .scoring import LOSSES, ddpm_steps, score_denoiser
+from .backbones import (
     AblationDenoiser, DiTBackboneConfig, MMDiTBackboneConfig, UNetBackboneConfig, build_backbone, count_parameters,
 )
-from .trainer import Trainer, TrainConfig, load_tree, save_tree
+from ..trainer import Trainer, TrainConfig, load_tree, save_tree
 
 SHIPPED_PARAMETERS = 1_818_768  # the shipped MM-DiT (weights/tiny-shapes/model.json)
 PARAMETER_TOLERANCE = 0.10
 REFERENCE = "mmdit"  # the shipped recipe's variant
-SHIPPED_TRAIN_OBJECT = 0.27  # the shipped model's train-split object accuracy (README); the budget must reach half
+SHIPPED_TRAIN_OBJECT = 0.27  # the shipped model's train-split object accuracy (docs/tiny-shapes.md); the budget must reach half
 SEEDS = (0, 1)
 
 
@@ -59,7 +59,7 @@ def _mmdit(rope: str = "mixed", positions: str = "rope-centred") -> MMDiTBackbon
 
 
 def _dit(conditioning: str, depth: int) -> DiTBackboneConfig:
-    from ..models.dit import DiTConfig
+    from ...models.dit import DiTConfig
 
     return DiTBackboneConfig(DiTConfig(
         in_channels=4, out_channels=4, sample_size=16, patch_size=2, num_heads=2, head_dim=64, depth=depth,
@@ -68,7 +68,7 @@ def _dit(conditioning: str, depth: int) -> DiTBackboneConfig:
 
 
 def _unet() -> UNetBackboneConfig:
-    from ..models.unet import UNetConfig
+    from ...models.unet import UNetConfig
 
     down = ("CrossAttnDownBlock2D",) * 3
     return UNetBackboneConfig(UNetConfig(
@@ -184,7 +184,7 @@ class ShapesData:
 
 def load_data(weights: Path, work: Path, pool: int) -> ShapesData:
     """The shipped VAE and tokenizer, and the pool encoded by that VAE (cached under `work`)."""
-    from ..checkpoints.convert import load_component
+    from ...checkpoints.convert import load_component
 
     weights, work = Path(weights), Path(work)
     vae = load_component(weights, "vae", dtype=mx.float32)

@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from .sampling import classifier_free_guidance  # noqa: F401  (re-exported: one CFG for every sampler)
+from .flow_matching import classifier_free_guidance  # noqa: F401  (re-exported: one CFG for every sampler)
 
 # ---- the training schedule ------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ whose velocity dx_t/dt = ε - x0 is the same at every t. The model v_θ(x_t, t, 
 
     L = E_{t, x0, ε} || v_θ(x_t, t, c) - (ε - x0) ||²                       (Esser et al. 2024, eq. 1-6)
 
-and sampling (sampling.py) integrates dx/dt = v_θ from t = 1 to 0.
+and sampling (diffusion/flow_matching.py) integrates dx/dt = v_θ from t = 1 to 0.
 
 Which t to train on matters more than the loss weighting: SD3 (§3.1, Table 1) found the
 *logit-normal* density best, t = sigmoid(n), n ~ N(m, s²) with m = 0, s = 1, which puts most

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .ablation_eval import caption_sets
+from .scoring import caption_sets
 
 COLUMNS = (  # (caption set, parser metric, header)
     ("train", "object", "train object"),

@@ -45,7 +45,7 @@ class Family:
 
     def hub_folders(self) -> tuple[str, ...]:
         """The repo folders the family reads: component folders, then tokenizer folders."""
-        from .checkpoints.components import COMPONENTS
+        from ..checkpoints.components import COMPONENTS
 
         weights = [COMPONENTS[c].source_folder for c in self.components]
         return tuple(dict.fromkeys(weights + list(self.tokenizers)))
@@ -119,10 +119,10 @@ def _flux1_configs(guidance_embed: bool) -> dict:
     # Black Forest Labs, FLUX.1 [schnell] / [dev]: MM-DiT of 19 double + 38 single blocks, hidden
     # 3072 = 24 heads x 128 (11.89 B / 11.90 B parameters); T5-v1.1-XXL encoder; CLIP ViT-L/14 text;
     # the 16-channel FLUX VAE. Numbers from the repos' config.json files (transformer/, vae/, ...).
-    from .models.clip import CLIP_VIT_L14_TEXT
-    from .models.mmdit import MMDiTConfig
-    from .models.t5 import T5_V1_1_XXL
-    from .models.vae import VAE_PRESETS
+    from ..models.clip import CLIP_VIT_L14_TEXT
+    from ..models.mmdit import MMDiTConfig
+    from ..models.t5 import T5_V1_1_XXL
+    from ..models.vae import VAE_PRESETS
 
     return {"transformer": MMDiTConfig(guidance_embed=guidance_embed), "t5": T5_V1_1_XXL,
             "clip": CLIP_VIT_L14_TEXT, "vae": VAE_PRESETS["flux"]}
@@ -133,9 +133,9 @@ def _zimage_configs() -> dict:
     # x 128 (6.15 B parameters; diffusers' ZImageTransformer2DModel defaults, [unverified] against
     # the repo's transformer/config.json offline); the 16-channel FLUX.1 VAE; Qwen3-4B (36 layers,
     # hidden 2560) as the text encoder, of which Z-Image reads the output of layer 35.
-    from .models.qwen3 import QWEN3_4B
-    from .models.vae import VAE_PRESETS
-    from .models.zimage import PRESETS
+    from ..models.qwen3 import QWEN3_4B
+    from ..models.vae import VAE_PRESETS
+    from ..models.zimage import PRESETS
 
     return {"zimage_transformer": PRESETS["z-image-turbo"], "vae": VAE_PRESETS["flux"], "qwen3": QWEN3_4B}
 
@@ -144,9 +144,9 @@ def _sd15_configs() -> dict:
     # stable-diffusion-v1-5/stable-diffusion-v1-5: unet/config.json (320/640/1280/1280 channels, 2
     # resnets per level, 8 heads, cross-attention to 768-wide CLIP states; 859.5 M parameters),
     # vae/config.json (4 latent channels, quant convs, scale 0.18215), text_encoder/ (CLIP ViT-L/14).
-    from .models.clip import CLIP_VIT_L14_TEXT
-    from .models.unet import UNET_PRESETS
-    from .models.vae import VAE_PRESETS
+    from ..models.clip import CLIP_VIT_L14_TEXT
+    from ..models.unet import UNET_PRESETS
+    from ..models.vae import VAE_PRESETS
 
     return {"unet": UNET_PRESETS["sd15"], "vae": VAE_PRESETS["sd"], "clip": CLIP_VIT_L14_TEXT}
 
@@ -157,9 +157,9 @@ def _flux2_configs(size: str) -> dict:
     # transformer/config.json is what loading reads); text from Qwen3-4B / Qwen3-8B (their hub
     # config.json), of which klein reads hidden states 9, 18 and 27; AutoencoderKLFlux2's
     # defaults (32 latent channels, 128/256/512/512).
-    from .models.flux2 import PRESETS
-    from .models.qwen3 import QWEN3_4B, QWEN3_8B
-    from .models.vae_flux2 import Flux2VAEConfig
+    from ..models.flux2 import PRESETS
+    from ..models.qwen3 import QWEN3_4B, QWEN3_8B
+    from ..models.vae_flux2 import Flux2VAEConfig
 
     return {"flux2_transformer": PRESETS[f"flux2-klein-{size}"], "flux2_vae": Flux2VAEConfig(),
             "qwen3": {"4b": QWEN3_4B, "9b": QWEN3_8B}[size]}
@@ -169,15 +169,36 @@ def _dit_configs(sample_size: int) -> dict:
     # facebook/DiT-XL-2-256 / -512 (Peebles & Xie 2023): DiT-XL/2, 28 blocks, hidden 1152 = 16 x 72,
     # 2x2 patches, learned sigma, 1000 classes, 674.8 M parameters (transformer/config.json); the VAE
     # is stabilityai/sd-vae-ft-ema (vae/config.json), our SD preset.
-    from .models.dit import preset
-    from .models.vae import VAE_PRESETS
+    from ..models.dit import preset
+    from ..models.vae import VAE_PRESETS
 
     return {"dit": preset(f"dit-xl-2-{8 * sample_size}"), "vae": VAE_PRESETS["sd"]}
 
 
-# DiTPipeline's defaults: 50 steps (the hub's DDIMScheduler), guidance_scale 4.0 (the paper's
-# sample images; its FID numbers use 1.5)
 _DIT_LICENCE = "CC-BY-NC-4.0 (facebookresearch/DiT weights; non-commercial)"
+
+
+def _klein(size: str, text_encoder: str, licence: str, **spec) -> ModelSpec:
+    """FLUX.2 [klein] 4B and 9B: the same sampling, another width, text encoder and licence."""
+    return ModelSpec(
+        f"flux2-klein-{size}", "flux2",
+        description=f"FLUX.2 [klein] {size.upper()}, step-distilled (4 steps), {text_encoder} text, 32-channel VAE",
+        licence=licence,
+        defaults=SamplingDefaults(steps=4, guidance=1.0, shift=True, text_length=512),
+        repo_id=f"black-forest-labs/FLUX.2-klein-{size.upper()}", configs=_flux2_configs(size), **spec)
+
+
+def _dit_xl_2(pixels: int) -> ModelSpec:
+    """DiT-XL/2 at 256 or 512 pixels: one architecture, latents of pixels / 8. DiTPipeline's defaults:
+    50 steps (the hub's DDIMScheduler), guidance_scale 4.0 (the paper's sample images; its FID
+    numbers use 1.5)."""
+    return ModelSpec(
+        f"dit-xl-2-{pixels}", "dit",
+        description=f"DiT-XL/2, 675 M, class-conditional ImageNet {pixels}x{pixels} (prompt: a class id or name)",
+        licence=_DIT_LICENCE,
+        defaults=SamplingDefaults(steps=50, guidance=4.0, text_length=0, width=pixels, height=pixels),
+        repo_id=f"facebook/DiT-XL-2-{pixels}", aliases=(f"dit-{pixels}",), configs=_dit_configs(pixels // 8))
+
 
 MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
@@ -222,38 +243,10 @@ MODELS: tuple[ModelSpec, ...] = (
         repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5", aliases=("sd1.5", "stable-diffusion-1.5"),
         configs=_sd15_configs(),
     ),
-    ModelSpec(
-        "flux2-klein-4b", "flux2",
-        description="FLUX.2 [klein] 4B, step-distilled (4 steps), Qwen3-4B text, 32-channel VAE",
-        licence="Apache-2.0",
-        defaults=SamplingDefaults(steps=4, guidance=1.0, shift=True, text_length=512),
-        repo_id="black-forest-labs/FLUX.2-klein-4B", aliases=("klein-4b", "klein"),
-        configs=_flux2_configs("4b"),
-    ),
-    ModelSpec(
-        "flux2-klein-9b", "flux2",
-        description="FLUX.2 [klein] 9B, step-distilled (4 steps), Qwen3-8B text, 32-channel VAE",
-        licence="FLUX Non-Commercial License, non-commercial use only",
-        defaults=SamplingDefaults(steps=4, guidance=1.0, shift=True, text_length=512),
-        repo_id="black-forest-labs/FLUX.2-klein-9B", gated=True, aliases=("klein-9b",),
-        configs=_flux2_configs("9b"),
-    ),
-    ModelSpec(
-        "dit-xl-2-256", "dit",
-        description="DiT-XL/2, 675 M, class-conditional ImageNet 256x256 (prompt: a class id or name)",
-        licence=_DIT_LICENCE,
-        defaults=SamplingDefaults(steps=50, guidance=4.0, text_length=0, width=256, height=256),
-        repo_id="facebook/DiT-XL-2-256", aliases=("dit-256",),
-        configs=_dit_configs(32),
-    ),
-    ModelSpec(
-        "dit-xl-2-512", "dit",
-        description="DiT-XL/2, 675 M, class-conditional ImageNet 512x512 (prompt: a class id or name)",
-        licence=_DIT_LICENCE,
-        defaults=SamplingDefaults(steps=50, guidance=4.0, text_length=0, width=512, height=512),
-        repo_id="facebook/DiT-XL-2-512", aliases=("dit-512",),
-        configs=_dit_configs(64),
-    ),
+    _klein("4b", "Qwen3-4B", "Apache-2.0", aliases=("klein-4b", "klein")),
+    _klein("9b", "Qwen3-8B", "FLUX Non-Commercial License, non-commercial use only", gated=True, aliases=("klein-9b",)),
+    _dit_xl_2(256),
+    _dit_xl_2(512),
 )
 
 _BY_NAME = {n: m for m in MODELS for n in (m.name, *m.aliases)}

@@ -1,7 +1,7 @@
-"""Where a model's weights are, and the loading steps every family shares.
+"""Where is this model? One answer for every way `--model` names one.
 
 `--model` may name:
-  - a registered model (registry.py) or one of its aliases: shipped with the package
+  - a registered model (catalog.py) or one of its aliases: shipped with the package
     (tiny-shapes) or downloaded from its hub repo into the Hugging Face cache (hub.py),
   - a model converted into `weights/<name>/` (our format, checkpoints/convert.py),
   - a folder in our format anywhere, or a local folder laid out like the hub repo,
@@ -14,15 +14,12 @@ The shipped weights sit in the checkout's `weights/` folder, and inside the inst
 
 from pathlib import Path
 
-import mlx.core as mx
-
-from . import registry
-from .checkpoints.convert import load_component, read_manifest
-from .checkpoints.quantize import quantize_component
+from ..checkpoints.convert import read_manifest
+from . import catalog as registry
+from .catalog import ModelSpec
 from .hub import ModelNotAvailable, is_converted, resolve_model
-from .registry import ModelSpec
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]
 WEIGHTS_FOLDERS = (_PACKAGE.parent / "weights", _PACKAGE / "weights")  # checkout, installed package
 
 
@@ -51,35 +48,3 @@ def locate(model: str) -> tuple[Path, ModelSpec | None]:
         source = read_manifest(folder).get("source", {})
         spec = registry.find(source.get("model", "")) or registry.by_repo(source.get("repo_id"))
     return folder, spec
-
-
-def load_converted_parts(folder: Path, dtype: mx.Dtype, quantize: int | None, verify: bool,
-                         quantized_on_load: tuple[str, ...]) -> tuple[dict, dict]:
-    """All components of a converted folder, lazily loaded, -> (name -> model, model.json).
-    `quantize` quantizes `quantized_on_load` (those present); a folder already quantized refuses it."""
-    manifest = read_manifest(folder)
-    if quantize and manifest["quantization"]:
-        q = manifest["quantization"]
-        raise ValueError(f"{folder} is already quantized ({q['bits']}-bit, group {q['group_size']}): "
-                         "drop --quantize, or convert again from the original weights")
-    parts = {n: load_component(folder, n, dtype=dtype, verify=verify) for n in manifest["components"]}
-    if quantize:
-        for n in quantized_on_load:
-            if n in parts:
-                quantize_component(n, parts[n], quantize)
-    return parts, manifest
-
-
-def reloading(parts: dict, folder: Path, dtype: mx.Dtype, quantize: int | None, quantized_on_load: tuple[str, ...]):
-    """name -> that component of a converted folder: first the one `load_converted_parts` loaded
-    (handed over once, so that releasing a text encoder after encoding frees it), then re-read from
-    the folder and quantized as on the first load, each time a pipeline asks for it again."""
-    def component(name: str):
-        if name in parts:
-            return parts.pop(name)
-        model = load_component(folder, name, dtype=dtype)
-        if quantize and name in quantized_on_load:
-            quantize_component(name, model, quantize)
-        return model
-
-    return component

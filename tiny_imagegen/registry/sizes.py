@@ -1,5 +1,5 @@
 """Bytes of a registered model's weights in bf16, 8-bit and 4-bit, computed from its published
-configs (registry.py) without allocating them.
+configs (catalog.py) without allocating them.
 
 MLX initialises parameters lazily: each component is built from its config and quantized by the
 converter's own rule (`stored_tensors`) as a graph that is never evaluated, so every array's
@@ -10,9 +10,9 @@ small headers) and of the loaded weights; activations are not included.
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .checkpoints.components import COMPONENTS, import_ref
-from .checkpoints.convert import stored_tensors
-from .registry import ModelSpec
+from ..checkpoints.components import COMPONENTS, import_ref
+from ..checkpoints.convert import stored_tensors
+from .catalog import ModelSpec
 
 SETTINGS = (("bf16", None), ("8-bit", 8), ("4-bit", 4))
 

@@ -30,9 +30,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
 from .memory import auto_tiling, wired_weights
-from .registry import FAMILIES, ModelSpec, SamplingDefaults
-from .sampling import sample_noise
-from .text_conditioning import default_dtype
+from ..registry import FAMILIES, ModelSpec, SamplingDefaults
+from ..diffusion.flow_matching import sample_noise
+from ..conditioning.t5_clip import default_dtype
 
 MAX_SIDE = 4096  # pixels; FLUX.1 was trained up to ~2 MP, beyond this only memory is gained
 
@@ -89,8 +89,8 @@ class Pipeline:
         `quantize`: 4 or 8 bits for the transformer and the text encoders on load (an error for a
         folder that is already quantized). `verify`: check the SHA-256 of a converted folder's files
         (their sizes are always checked). `loras`: [(file, weight)], see `apply_loras`."""
-        from .hub import family_of_folder
-        from .loading import locate
+        from ..registry.hub import family_of_folder
+        from ..registry.where import locate
 
         folder, spec = locate(model)
         family = FAMILIES[spec.family] if spec else family_of_folder(folder)
@@ -110,16 +110,19 @@ class Pipeline:
         (where the file has them) on CLIP: merged into full-precision weights, a branch beside
         quantized ones (checkpoints/lora.py). A re-loaded text encoder gets its CLIP parts again.
         The records (name, weight, format, sha256, ...) accumulate in `self.loras`."""
-        from .checkpoints.lora import apply_loras
+        from ..checkpoints.lora import apply_loras
+        from ..registry.hub import resolve_file
 
         clip = getattr(getattr(self.text_encoder, "encoders", None), "clip", None)
-        records = apply_loras({"transformer": self.transformer, "clip": clip}, loras, skip_clip=clip is None)
+        records = apply_loras({"transformer": self.transformer, "clip": clip}, loras, skip_clip=clip is None,
+                              resolve=resolve_file)
         self.loras = getattr(self, "loras", []) + records
         load = self._load_text_encoder
         if clip is not None and load is not None:
             def reload():
                 encoder = load()
-                apply_loras({"transformer": self.transformer, "clip": encoder.encoders.clip}, loras, only=("clip",))
+                apply_loras({"transformer": self.transformer, "clip": encoder.encoders.clip}, loras, only=("clip",),
+                            resolve=resolve_file)
                 return encoder
 
             self._load_text_encoder = reload
@@ -160,7 +163,7 @@ class Pipeline:
         """An init image -> the diffusion model's latents (1, h, w, C), for image-to-image."""
         from PIL import Image
 
-        from .models.vae import from_pil
+        from ..models.vae import from_pil
 
         if not isinstance(image, Image.Image):
             image = Image.open(image)
@@ -319,7 +322,7 @@ class Pipeline:
             self._phase("decode", start)
             out.append(pixels)
         self.last_latents = mx.concatenate(finals) if len(finals) > 1 else finals[0]
-        from .models.vae import to_pil
+        from ..models.vae import to_pil
 
         return to_pil(mx.concatenate(out) if len(out) > 1 else out[0])
 

@@ -11,7 +11,7 @@ Memory at full size (parameters x bytes): T5 encoder 4.76 B -> 9.5 GB in bf16, 1
 Weights are read lazily, when first evaluated. `encode_prompts` encodes with CLIP, lets it go,
 then with T5, and lets that go too, so the denoiser can be loaded into the memory they held.
 
-    from tiny_imagegen.text_conditioning import encode_prompts
+    from tiny_imagegen.conditioning.t5_clip import encode_prompts
     t5_sequence, t5_mask, clip_pooled = encode_prompts("FLUX.1-schnell", ["a cat"], max_sequence_length=256)
 """
 
@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from .checkpoints.text_encoders import load_clip_text_model, load_t5_encoder
-from .text import CLIPTokenizer, T5Tokenizer
+from ..checkpoints.text_encoders import load_clip_text_model, load_t5_encoder
+from ..text import CLIPTokenizer, T5Tokenizer
 
 
 class TextConditioning(NamedTuple):

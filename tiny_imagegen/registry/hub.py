@@ -10,7 +10,7 @@ folder per component) and the original single files at the root (flux1-schnell.s
 ae.safetensors). We read the diffusers layout only, so the download is limited by `allow_patterns`
 to the configs, safetensors (and their index jsons) of the component folders and the tokenizer
 files: no root single files, no *.bin, no ONNX. Which folders a model needs is its family's
-(registry.py); a repo the registry does not know is read as the family its model_index.json names.
+(catalog.py); a repo the registry does not know is read as the family its model_index.json names.
 
 Downloads go through `huggingface_hub.snapshot_download`: its cache (HF_HUB_CACHE, default
 ~/.cache/huggingface/hub), its progress bars, its offline mode (HF_HUB_OFFLINE=1: only the cache
@@ -23,8 +23,8 @@ import re
 import shlex
 from pathlib import Path
 
-from . import registry
-from .registry import FAMILIES, Family
+from . import catalog as registry
+from .catalog import FAMILIES, Family
 
 DEFAULT_FAMILY = FAMILIES["flux1"]  # a diffusers folder without model_index.json is read as FLUX.1
 ALL_FOLDERS = DEFAULT_FAMILY.hub_folders()
@@ -107,7 +107,7 @@ def resolve_model(
 ) -> Path:
     """A local folder laid out like the hub repo (or a converted folder) for `name_or_path`.
 
-    `name_or_path`: a registered name (registry.py), an existing folder, or a hub repo id
+    `name_or_path`: a registered name (catalog.py), an existing folder, or a hub repo id
     "org/name". `folders`: the component folders the caller needs (default: all its family
     reads); only their files are downloaded and checked. Hub arguments are snapshot_download's;
     HF_HUB_OFFLINE=1 makes it read the cache only. Raises ModelNotAvailable with a one-line message."""

@@ -5,7 +5,7 @@ Every diffusion model and flow here noises data along a Gaussian path
     x_t = a_t x0 + s_t eps,          eps ~ N(0, I),
 
     DDPM / DDIM (SD 1.5, DiT):    a = sqrt(abar_t),  s = sqrt(1 - abar_t)        (ddpm.py)
-    rectified flow (FLUX, SD3):   a = 1 - t,         s = t                        (sampling.py)
+    rectified flow (FLUX, SD3):   a = 1 - t,         s = t                        (flow_matching.py)
 
 Given x_t, a network that knows any one of these knows all of them, because each is an affine
 function of (x_t, that one):

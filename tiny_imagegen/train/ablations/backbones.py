@@ -34,17 +34,17 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..layers.embeddings import pack_latents, unpack_latents
-from ..layers.positions import (
+from ...layers.embeddings import pack_latents, unpack_latents
+from ...layers.positions import (
     LearnedPositionEmbedding, centred_image_ids, diagonal_text_ids, image_grid, sincos_2d_interpolated,
     text_start_after,
 )
-from ..models.dit import DiT, DiTConfig, initialize_weights
-from ..models.mmdit import MMDiT, MMDiTConfig
-from ..models.t5 import T5Encoder
-from ..models.unet import UNet2DConditionModel, UNetConfig
-from ..text_conditioning import masked_mean
-from .tiny_shapes import PATCH, init_for_training
+from ...models.dit import DiT, DiTConfig, initialize_weights
+from ...models.mmdit import MMDiT, MMDiTConfig
+from ...models.t5 import T5Encoder
+from ...models.unet import UNet2DConditionModel, UNetConfig
+from ...conditioning.t5_clip import masked_mean
+from ..tiny_shapes import PATCH, init_for_training
 
 POSITIONS = ("rope-centred", "rope-corner", "ape-learned", "ape-sincos")
 

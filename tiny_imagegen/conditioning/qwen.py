@@ -24,10 +24,10 @@ from typing import Sequence
 
 import mlx.core as mx
 
-from .checkpoints.qwen3 import load_qwen3
-from .models.qwen3 import Qwen3Config, Qwen3Model, hidden_state_indices
-from .text import QwenTokenizer
-from .text.qwen_bpe import chat_prompt
+from ..checkpoints.qwen3 import load_qwen3
+from ..models.qwen3 import Qwen3Config, Qwen3Model, hidden_state_indices
+from ..text import QwenTokenizer
+from ..text.qwen_bpe import chat_prompt
 
 ZIMAGE_HIDDEN_STATES = (-2,)
 FLUX2_HIDDEN_STATES = (9, 18, 27)
@@ -53,7 +53,7 @@ class QwenPromptEncoder:
         layers = max(hidden_state_indices(hidden_states, config.num_hidden_layers))
         model = load_qwen3(folder / "text_encoder", dtype, num_layers=min(layers, config.num_hidden_layers))
         if bits:
-            from .checkpoints.quantize import quantize_component
+            from ..checkpoints.quantize import quantize_component
 
             quantize_component("qwen3", model, bits)
         tokenizer = QwenTokenizer.from_folder(folder / "tokenizer")

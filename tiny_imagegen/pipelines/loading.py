@@ -1,0 +1,42 @@
+"""The loading steps every family shares: a converted folder's components, lazily loaded and
+quantized as asked, and handed to the pipeline so that a released text encoder can be re-read.
+Which folder to load is registry/where.py's answer."""
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..checkpoints.convert import load_component, read_manifest
+from ..checkpoints.quantize import quantize_component
+
+
+def load_converted_parts(folder: Path, dtype: mx.Dtype, quantize: int | None, verify: bool,
+                         quantized_on_load: tuple[str, ...]) -> tuple[dict, dict]:
+    """All components of a converted folder, lazily loaded, -> (name -> model, model.json).
+    `quantize` quantizes `quantized_on_load` (those present); a folder already quantized refuses it."""
+    manifest = read_manifest(folder)
+    if quantize and manifest["quantization"]:
+        q = manifest["quantization"]
+        raise ValueError(f"{folder} is already quantized ({q['bits']}-bit, group {q['group_size']}): "
+                         "drop --quantize, or convert again from the original weights")
+    parts = {n: load_component(folder, n, dtype=dtype, verify=verify) for n in manifest["components"]}
+    if quantize:
+        for n in quantized_on_load:
+            if n in parts:
+                quantize_component(n, parts[n], quantize)
+    return parts, manifest
+
+
+def reloading(parts: dict, folder: Path, dtype: mx.Dtype, quantize: int | None, quantized_on_load: tuple[str, ...]):
+    """name -> that component of a converted folder: first the one `load_converted_parts` loaded
+    (handed over once, so that releasing a text encoder after encoding frees it), then re-read from
+    the folder and quantized as on the first load, each time a pipeline asks for it again."""
+    def component(name: str):
+        if name in parts:
+            return parts.pop(name)
+        model = load_component(folder, name, dtype=dtype)
+        if quantize and name in quantized_on_load:
+            quantize_component(name, model, quantize)
+        return model
+
+    return component
