@@ -72,3 +72,24 @@ def test_cli_flags_table_matches_the_parser():
     documented = set(re.findall(r"`(--[a-z0-9-]+)", table))
     assert parser_flags - documented == set(), f"flags missing from docs/cli.md: {sorted(parser_flags - documented)}"
     assert documented - parser_flags == set(), f"docs/cli.md names flags the parser lacks: {sorted(documented - parser_flags)}"
+
+
+def test_import_lines_in_the_docs_work():
+    """Every `from tiny_imagegen... import ...` a page shows imports (public paths keep working, or the
+    page changes with them)."""
+    import importlib
+
+    lines = {line for page in PAGES
+             for line in re.findall(r"^\s*(from tiny_imagegen[\w.]* import [\w, ]+)", page.read_text(), flags=re.M)}
+    assert lines, "no import lines found: the pattern is wrong"
+    broken = []
+    for line in sorted(lines):
+        module, names = re.match(r"from ([\w.]+) import ([\w, ]+)", line).groups()
+        mod = importlib.import_module(module)
+        for name in (n.strip() for n in names.split(",") if n.strip()):
+            if not hasattr(mod, name):
+                try:
+                    importlib.import_module(f"{module}.{name}")
+                except ImportError:
+                    broken.append(line)
+    assert not broken, f"import lines in README/docs that fail: {broken}"

@@ -1,7 +1,10 @@
-"""tiny_imagegen: a small, readable FLUX-style text-to-image implementation in MLX.
+"""tiny_imagegen: a small, readable text-to-image implementation in MLX, checked against PyTorch.
 
-    from tiny_imagegen.models.mmdit import MMDiT, preset
-    from tiny_imagegen.checkpoints.flux import load_flux_transformer
+    from tiny_imagegen.pipelines import Pipeline
+    images = Pipeline.from_pretrained("tiny-shapes").generate(["a red circle"], seed=0)
+
+The folders are layers, lowest first: text/, layers/, diffusion/ -> models/ -> checkpoints/ ->
+registry/ -> conditioning/ -> pipelines/ -> train/ -> commands/ (tests/test_layering.py).
 """
 
 __version__ = "0.1.0"
