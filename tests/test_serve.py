@@ -306,3 +306,27 @@ def test_models_and_openapi(client):
     spec = client.get("/openapi.json").json()
     assert spec["openapi"].startswith("3.") and "/v1/images/generations" in spec["paths"]
     assert spec["components"]["schemas"]["JobRequest"]["properties"]["steps"]["maximum"] == 100
+
+
+# ---- the model pool -----------------------------------------------------------------------------
+
+def test_pool_keeps_models_loaded_and_evicts_the_least_recently_used():
+    require_serve()
+    from tiny_imagegen.commands.generate import build_parser
+    from tiny_imagegen.serve.pool import ModelPool, resident_bytes
+
+    fp32, bf16 = build_parser().parse_args([]), build_parser().parse_args(["--dtype", "bfloat16"])
+    pool = ModelPool(budget=1 << 30)
+    a = pool.get(fp32)
+    assert pool.get(fp32) is a and pool.loads == 1  # kept: no reload
+    size = resident_bytes(a)
+    pool.get(bf16)
+    assert [m["dtype"] for m in pool.loaded()] == ["auto", "bfloat16"]  # both fit a large budget
+    pool.get(fp32)  # used last: bf16 is now the least recently used
+    pool.budget = 2 * size + 1  # room for two fp32 pipelines, not for two and the bf16 one
+    pool.get(build_parser().parse_args(["--dtype", "float32"]))  # another key, the size of the first
+    assert [m["dtype"] for m in pool.loaded()] == ["auto", "float32"]  # the least recently used went
+    assert pool.used() <= pool.budget and pool.loads == 3
+    pool.budget = size  # one model larger than what is left still runs, alone
+    pool.get(bf16)
+    assert [m["dtype"] for m in pool.loaded()] == ["bfloat16"]

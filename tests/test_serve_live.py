@@ -100,3 +100,36 @@ def test_forty_jobs_from_eight_clients(server):
     assert fortieth["peak_memory"] <= tenth["peak_memory"] * 1.05 and tenth["peak_memory"] <= fortieth["peak_memory"] * 1.05
     assert fortieth["active_memory"] <= tenth["active_memory"] * 1.02 + (1 << 20)
     assert app.state.pool.loads == 1  # one model, loaded once for all 41 jobs
+
+
+def test_the_command_serves(tmp_path):
+    """`tiny-imagegen serve` itself: it starts, answers, and stops on Ctrl-C."""
+    require_serve()
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tiny_imagegen", "serve", "--port", str(port), "--output",
+                             str(tmp_path / "out"), "--max-steps", "8"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=5)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.2)
+        assert r.status_code == 200 and r.json()["paths"]
+        r = httpx.post(f"http://127.0.0.1:{port}/api/jobs", json={"prompt": "a red circle", "steps": 9})
+        assert r.status_code == 400 and "1 to 8" in r.json()["error"]["message"]  # --max-steps
+    finally:
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    assert "http://127.0.0.1:" in err and "no token" in err and "Traceback" not in err, err

@@ -26,15 +26,21 @@ def resident_bytes(pipe) -> int:
                for _, v in tree_flatten(module.parameters()))
 
 
-def estimated_bytes(model: str, quantize: int | None) -> int:
-    """The registry's estimate of the denoiser and VAE (0 where the model has no published configs)."""
+def estimated_bytes(args, keep_text_encoders: bool) -> int:
+    """The registry's estimate of what stays loaded (0 where the model has no published configs):
+    the denoiser and VAE, and the text encoders only where they are kept."""
     from .. import registry
+    from ..checkpoints.components import COMPONENTS
     from ..sizes import model_bytes
+    from ..text_conditioning import default_dtype
 
-    spec = registry.find(model)
+    spec = registry.find(args.model)
     sizes = model_bytes(spec) if spec else {}
-    setting = {None: "bf16", 8: "8-bit", 4: "4-bit"}[quantize]
-    return sum(b for name, b in sizes.get(setting, {}).items() if "text" not in name)
+    setting = {None: "bf16", 8: "8-bit", 4: "4-bit"}[args.quantize]
+    dtype = default_dtype() if args.dtype == "auto" else getattr(mx, args.dtype)
+    scale = 2 if setting == "bf16" and dtype == mx.float32 else 1  # the estimate is of bf16 weights
+    return scale * sum(b for name, b in sizes.get(setting, {}).items()
+                       if keep_text_encoders or not COMPONENTS[name].source_folder.startswith("text_encoder"))
 
 
 def pipeline_key(args) -> tuple:
@@ -63,7 +69,7 @@ class ModelPool:
             if key in self._loaded:
                 self._loaded.move_to_end(key)
                 return self._loaded[key][0]
-        self._evict(estimated_bytes(args.model, args.quantize))
+        self._evict(estimated_bytes(args, self.keep_text_encoders))
         pipe = load_pipeline(args, keep_text_encoders=self.keep_text_encoders)
         size = resident_bytes(pipe)
         self._evict(size)
