@@ -76,13 +76,19 @@ def test_forty_jobs_from_eight_clients(server):
     assert len(set(ids)) == 40
 
     deadline = time.monotonic() + 300
-    with httpx.Client(base_url=url, timeout=60) as http:
-        while True:
-            jobs = {i: http.get(f"/api/jobs/{i}").json() for i in ids}
-            if all(j["state"] in ("done", "error", "cancelled") for j in jobs.values()) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    assert all(j["state"] == "done" for j in jobs.values()), [j for j in jobs.values() if j["state"] != "done"]
+    jobs = {}
+    with httpx.Client(base_url=url, timeout=60) as http:  # polled gently: the worker shares the CPU
+        while len(jobs) < len(ids) and time.monotonic() < deadline:
+            for i in ids:
+                if i not in jobs:
+                    job = http.get(f"/api/jobs/{i}").json()
+                    if job["state"] not in ("queued", "running"):
+                        jobs[i] = job
+                    else:
+                        break  # the rest next round
+            time.sleep(0.5)
+    assert len(jobs) == 40 and all(j["state"] == "done" for j in jobs.values()), \
+        [j for j in jobs.values() if j["state"] != "done"]
     names = [image["name"] for j in jobs.values() for image in j["images"]]
     assert len(names) == 40 and len(set(names)) == 40  # each image exactly once
     assert {p.name for p in output.iterdir()} - before == set(names)  # and no temporary file left
