@@ -162,8 +162,6 @@ def test_job_runs_with_events_in_order_and_the_model_stays_loaded(client):
 
 
 def test_cancel_a_running_job_stops_it_and_frees_its_memory(client):
-    import mlx.core as mx
-
     done = wait(client, client.post("/api/jobs", json={"prompt": "a red circle", "seed": 0, **FAST}).json()["id"])
     baseline = done["active_memory"]
     job_id = client.post("/api/jobs", json={"prompt": "a red circle", "seed": 9, **FAST, "steps": 100}).json()["id"]
@@ -173,12 +171,12 @@ def test_cancel_a_running_job_stops_it_and_frees_its_memory(client):
     assert rest[-1] == "cancelled"
     job = wait(client, job_id)
     assert job["state"] == "cancelled" and job["images"] == []
+    assert job["active_memory"] <= baseline * 1.05, (job["active_memory"], baseline)  # its arrays are freed
     assert job["progress"]["step"] < 100  # stopped at the next step, not run to the end
     assert not list(client.app.state.config.output.glob(f"{job_id}*"))  # nothing written
     assert client.delete(f"/api/jobs/{job_id}").status_code == 409  # already cancelled
     after = wait(client, client.post("/api/jobs", json={"prompt": "a red circle", "seed": 1, **FAST}).json()["id"])
     assert after["state"] == "done" and after["active_memory"] <= baseline * 1.05, (after, baseline)
-    assert mx.get_active_memory() <= baseline * 1.05
     assert seen[-1][1]["step"] >= 2
 
 

@@ -31,6 +31,8 @@ from ..commands.metadata import read_parameters, save_png
 
 PREVIEW_SIDE = 128  # pixels, the longer side of a step preview
 FINAL = ("done", "error", "cancelled")
+KEEP_JOBS = 1000  # finished jobs GET /api/jobs/{id} still knows (their images stay on disk regardless)
+KEEP_PREVIEWS = 8  # finished jobs whose step previews are kept for late subscribers
 
 
 class Cancelled(Exception):
@@ -144,6 +146,7 @@ class Worker:
 
     def _run(self, job: Job) -> None:
         job.emit({"type": "started"})
+        outcome = ("done", {"type": "done"})
         try:
             pipe = self.pool.get(job.args)
             images, metadata = render(pipe, job.args, job.job, sampler_options(pipe, job.args), None,
@@ -153,23 +156,33 @@ class Worker:
                 job.images.append({"name": path.name, "url": f"/api/images/{path.name}",
                                    "seed": seed, "parameters": read_parameters(path)})
             job.peak_memory = max(pipe.peak_memory.values(), default=0)
-            del pipe, images
-            gc.collect()
-            job.active_memory = mx.get_active_memory()
-            self._finish(job, "done", {"type": "done", "images": job.images})
+            outcome = ("done", {"type": "done", "images": job.images})
         except Cancelled:
-            gc.collect()
-            mx.clear_cache()
-            self._finish(job, "cancelled", {"type": "cancelled"})
+            outcome = ("cancelled", {"type": "cancelled"})
         except UsageError as e:
             job.error, job.error_kind = str(e), "usage"
-            self._finish(job, "error", {"type": "error", "message": str(e)})
+            outcome = ("error", {"type": "error", "message": job.error})
         except Exception as e:  # a job's failure must not end the worker
             print(f"job {job.id} failed: {type(e).__name__}: {e}", file=sys.stderr)
             job.error, job.error_kind = f"{type(e).__name__}: {e}", "internal"
-            gc.collect()
+            outcome = ("error", {"type": "error", "message": job.error})
+        # here, out of the except blocks, the traceback (and the arrays its frames held) is gone
+        pipe = images = None
+        gc.collect()
+        if outcome[0] != "done":
             mx.clear_cache()
-            self._finish(job, "error", {"type": "error", "message": job.error})
+        job.active_memory = mx.get_active_memory()
+        self._finish(job, *outcome)
+        self._forget_old()
+
+    def _forget_old(self) -> None:
+        """Keep the last KEEP_JOBS finished jobs, and step previews only for the last KEEP_PREVIEWS."""
+        finished = [j for j in list(self.jobs.values()) if j.state in FINAL]
+        for old in finished[:-KEEP_PREVIEWS]:
+            if any("preview" in e for e in old.events):
+                old.events = [{k: v for k, v in e.items() if k != "preview"} for e in old.events]
+        for old in finished[:-KEEP_JOBS]:
+            self.jobs.pop(old.id, None)
 
     @staticmethod
     def _progress(job: Job):
