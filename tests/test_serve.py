@@ -264,6 +264,8 @@ BAD = {
     "lora without a folder": ("/api/jobs", {"prompt": "x", "lora": ["a.safetensors"]}, 400),
     "response format": ("/v1/images/generations", {"prompt": "x", "response_format": "jpeg"}, 400),
     "modulation bits without quantize": ("/api/jobs", {"prompt": "x", "modulation_bits": 8}, 400),
+    "guidance not finite": ("/api/jobs", b'{"prompt": "x", "guidance": NaN}', 400),
+    "lone surrogate": ("/v1/images/generations", b'{"prompt": "a \\ud800 circle"}', 400),
     "body too big": ("/api/jobs", {"prompt": "x", "pad": "y" * (1 << 20)}, 413),
 }
 
@@ -328,3 +330,36 @@ def test_pool_keeps_models_loaded_and_evicts_the_least_recently_used():
     pool.budget = size  # one model larger than what is left still runs, alone
     pool.get(bf16)
     assert [m["dtype"] for m in pool.loaded()] == ["bfloat16"]
+
+
+def test_any_json_body_is_accepted_or_a_request_error(tmp_path_factory):
+    """The validation, fuzzed: whatever JSON arrives, the fields either become generate's arguments
+    or one RequestError with a 4xx status and a message (never another exception: a 500)."""
+    require_serve()
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    from tiny_imagegen.serve.params import FIELDS, Limits, RequestError, generate_arguments
+
+    output = tmp_path_factory.mktemp("fuzz")
+    scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=30) \
+        | st.text(st.characters(codec=None, categories=["Cs", "Cc", "Lo"]), max_size=4)
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                          max_leaves=6)
+    keys = st.sampled_from(sorted(FIELDS)) | st.text(max_size=8)
+    interesting = {"width": st.integers(-64, 2048), "height": st.integers(-64, 2048), "steps": st.integers(-3, 200),
+                   "n": st.integers(-2, 9), "seed": st.integers(-5, 2**64)}
+    bodies = st.dictionaries(keys, values, max_size=6) | st.fixed_dictionaries(
+        {"prompt": st.text(max_size=40)}, optional={k: v | values for k, v in interesting.items()}) | values
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(bodies)
+    def check(body):
+        try:
+            generate_arguments(body, limits=Limits(), output=output, models={"tiny-shapes": "tiny-shapes"},
+                               default_model="tiny-shapes")
+        except RequestError as e:
+            assert 400 <= e.status < 500 and e.message
+
+    check()
+    assert hypothesis

@@ -11,6 +11,7 @@ inside its output folder.
 Every problem is a `RequestError` naming the field: a 400 with the OpenAI error shape.
 """
 
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -67,9 +68,15 @@ def typed(field: str, value, kind: type):
             return int(value)
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # JSON parsers accept NaN and Infinity
+                raise RequestError(f"{field}: {value} is not a finite number", field)
             return float(value)
     elif kind is str:
         if isinstance(value, str):
+            try:
+                value.encode("utf-8")  # a lone surrogate ("\\ud800") cannot go into the PNG's text
+            except UnicodeEncodeError:
+                raise RequestError(f"{field}: not valid Unicode text", field) from None
             return value
     elif kind is list:
         if isinstance(value, list):

@@ -53,8 +53,10 @@ async function loadModels() {
   const body = await json("/api/models");
   const select = $("model");
   select.innerHTML = "";
-  for (const m of body.models.filter((m) => m.runnable)) {
-    const option = new Option(`${m.name}${m.loaded ? " (loaded)" : ""}`, m.name, false, m.name === body.default);
+  for (const m of body.models) { // the registry; those not here are listed with their state, not choosable
+    const state = m.loaded ? "loaded" : m.runnable ? m.here : `${m.here}: tiny-imagegen generate --model ${m.name} fetches it`;
+    const option = new Option(`${m.name} (${state})`, m.name, false, m.name === body.default);
+    option.disabled = !m.runnable;
     option.dataset.defaults = JSON.stringify(m.defaults);
     select.add(option);
   }
