@@ -363,3 +363,24 @@ def test_any_json_body_is_accepted_or_a_request_error(tmp_path_factory):
 
     check()
     assert hypothesis
+
+
+def test_a_long_running_server_forgets_old_jobs_and_their_previews(monkeypatch):
+    require_serve()
+    from tiny_imagegen.serve import jobs as jobs_module
+    from tiny_imagegen.serve.jobs import Job, Worker
+
+    monkeypatch.setattr(jobs_module, "KEEP_JOBS", 3)
+    monkeypatch.setattr(jobs_module, "KEEP_PREVIEWS", 1)
+    worker = Worker(pool=None, max_queue=4)
+    try:
+        for i in range(5):
+            job = Job(str(i), None, None, [], {}, state="done",
+                      events=[{"type": "step", "step": 1, "total": 1, "preview": "data:..."}, {"type": "done"}])
+            worker.jobs[job.id] = job
+        worker.jobs["running"] = Job("running", None, None, [], {}, state="running")
+        worker._forget_old()
+        assert list(worker.jobs) == ["2", "3", "4", "running"]  # the last 3 finished, and the running one
+        assert ["preview" in j.events[0] for j in list(worker.jobs.values())[:3]] == [False, False, True]
+    finally:
+        worker.stop()
