@@ -384,3 +384,37 @@ def test_a_long_running_server_forgets_old_jobs_and_their_previews(monkeypatch):
         assert ["preview" in j.events[0] for j in list(worker.jobs.values())[:3]] == [False, False, True]
     finally:
         worker.stop()
+
+
+def tiny_lora(path: Path) -> Path:
+    """A rank-2 LoRA on every linear of the shipped model, with random B so that it shows."""
+    import mlx.core as mx
+
+    from tiny_imagegen.pipeline import Pipeline
+    from tiny_imagegen.train.lora import add_lora, lora_layers, save_lora
+
+    transformer = Pipeline.from_pretrained("tiny-shapes").transformer
+    add_lora(transformer, rank=2, targets=(r".*",))
+    for layer in lora_layers(transformer).values():
+        layer.lora_b = 0.05 * mx.random.normal(layer.lora_b.shape, key=mx.random.key(0))
+    return save_lora(transformer, path)
+
+
+def test_lora_from_the_lora_folder_only(tmp_path):
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    lora = tiny_lora(loras / "wobble.safetensors")
+    with make_client(tmp_path, lora_dir=loras) as c:
+        r = c.post("/v1/images/generations", json={"prompt": "a red circle", "size": "32x32", "steps": 2, "seed": 4,
+                                                   "lora": ["wobble.safetensors:0.8"]})
+        assert r.status_code == 200, r.text
+        served = base64.b64decode(r.json()["data"][0]["b64_json"])
+        assert served == command_png(tmp_path, "--prompt", "a red circle", "--width", 32, "--height", 32,
+                                     "--steps", 2, "--seed", 4, "--lora", f"{lora}:0.8")[0]
+        plain = c.post("/v1/images/generations", json={"prompt": "a red circle", "size": "32x32", "steps": 2,
+                                                       "seed": 4}).json()["data"][0]["b64_json"]
+        assert base64.b64decode(plain) != served
+        for bad in (["../wobble.safetensors"], ["/etc/passwd"], ["missing.safetensors"], [{"name": "wobble.safetensors",
+                                                                                           "weight": "x"}], "wobble"):
+            r = c.post("/api/jobs", json={"prompt": "x", "lora": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "lora", (bad, r.text)
