@@ -59,7 +59,7 @@ def test_forty_jobs_from_eight_clients(server):
                 ids = []
                 for j in range(5):
                     r = http.post("/api/jobs", json={"prompt": ["a red circle", "a blue square"][j % 2],
-                                                     "seed": 100 * k + j, "steps": 1, "width": 32, "height": 32})
+                                                     "seed": 100 * k + j, "steps": 1, "width": 16, "height": 16})
                     r.raise_for_status()
                     ids.append(r.json()["id"])
                 submitted[k] = ids
