@@ -21,8 +21,9 @@ LAYERS = (  # lowest first; a layer may hold several folders that do not depend 
     ("conditioning",),  # prompt -> conditioning, as each family's reference does it
     ("pipelines",),  # encode -> denoise -> decode, shared loop and each family's own parts
     ("train",),  # datasets, trainer, the tiny-shapes recipe, LoRA training, ablations
-    ("commands", "__main__"),  # the command line: parse, validate, call the layers below
-    ("serve",),  # the optional server
+    # the front ends: the command line, and the optional server that keeps models loaded (it runs the
+    # command's own checks and rendering, and the command line starts it)
+    ("commands", "serve", "__main__"),
 )
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -1,4 +1,4 @@
-"""The command line: `tiny-imagegen generate | convert | train | evaluate | ablate | info | models`.
+"""The command line: `tiny-imagegen generate | convert | train | evaluate | ablate | info | models | serve`.
 
 Each subcommand is one module here with a `main(argv)`; examples/*.py are thin entry points that
 call the same functions, so `python examples/generate.py ...` and `tiny-imagegen generate ...`
@@ -18,6 +18,7 @@ COMMANDS = {
     "ablate": ("ablate", "the tiny-shapes ablation table (docs/ablations.md)"),
     "info": ("metadata:info_main", "print the parameters stored in generated PNGs"),
     "models": ("models", "list the registered models, their licences, sizes and whether they are here"),
+    "serve": ("serve", "keep models loaded behind an OpenAI-compatible images API and a web page (extra: [serve])"),
 }
 
 

@@ -158,18 +158,10 @@ def stepwise_writer(pipe, folder: Path, first_index: int):
     return preview
 
 
-def run(args: argparse.Namespace) -> list[Path]:
-    from ..checkpoints.quantize import Quantization
-    from ..checkpoints.lora import lora_metadata, parse_lora_spec
-    from ..checkpoints.mapping import CheckpointError
-    from ..registry.hub import ModelNotAvailable
-    from ..pipelines.pipeline import MAX_SIDE, Pipeline
+def check_inputs(args: argparse.Namespace):
+    """Every check that needs no model: -> (jobs, output paths, init image), or one UsageError."""
+    from ..pipelines.pipeline import MAX_SIDE
 
-    if args.model == "list":
-        from .models import print_models
-
-        print_models()
-        return []
     jobs = read_jobs(args)
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
@@ -187,65 +179,32 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.stepwise_output is not None:
         args.stepwise_output.mkdir(parents=True, exist_ok=True)
         check_writable(args.stepwise_output, f"--stepwise-output {args.stepwise_output}")
-    init_image = check_image(args.image)
-    dtype = None if args.dtype == "auto" else getattr(mx, args.dtype)
+    return jobs, paths, check_image(args.image)
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    if args.model == "list":
+        from .models import print_models
+
+        print_models()
+        return []
+    jobs, paths, init_image = check_inputs(args)
 
     start = time.perf_counter()
-    try:
-        quantize = args.quantize and Quantization(args.quantize, modulation_bits=args.modulation_bits)
-        pipe = Pipeline.from_pretrained(args.model, dtype=dtype, quantize=quantize,
-                                        keep_text_encoders=args.keep_text_encoders or len(jobs) > 1,
-                                        loras=[parse_lora_spec(x) for x in args.lora or []])
-    except (CheckpointError, FileNotFoundError, ModelNotAvailable, ValueError) as e:
-        raise UsageError(str(e)) from None
+    pipe = load_pipeline(args, keep_text_encoders=args.keep_text_encoders or len(jobs) > 1)
     load_time = time.perf_counter() - start
     if args.verbose:
         print(f"model {pipe.name}: device {mx.default_device()}, dtype {pipe.dtype}, "
               f"loaded in {load_time:.1f} s", file=sys.stderr)
 
-    options = family_options(pipe, {"true_cfg": (args.true_cfg, 1.0), "sampler": (args.sampler, None),
-                                    "karras": (args.karras, False), "cfg_channels": (args.cfg_channels, None),
-                                    "shift": (args.shift, None), "cfg_normalization": (args.cfg_normalization, 0.0),
-                                    "cfg_truncation": (args.cfg_truncation, 1.0)})
+    options = sampler_options(pipe, args)
     if init_image is not None and not pipe.img2img:
         raise UsageError(f"--image: {pipe.name} ({pipe.family} models) has no image-to-image here")
     written = []
     for n, job in enumerate(jobs):
-        width, height = job.width or pipe.defaults.width, job.height or pipe.defaults.height
-        steps = job.steps or pipe.defaults.steps
-        guidance = pipe.defaults.guidance if job.guidance is None else job.guidance
-        try:
-            pipe.check_size(width, height)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        if (job.guidance is not None and not job.negative_prompt and pipe.uses_negative(guidance, options)
-                and not pipe.uses_negative(pipe.defaults.guidance, options)):
-            warn(f"--guidance {guidance:g} on {pipe.name} runs classifier-free guidance against an empty negative "
-                 "prompt: a second pass every step, twice the time (this model's default needs none)")
-        cut = pipe.tokens_cut(job.prompt)
-        if cut:
-            warn(f"the prompt is {cut} token(s) longer than {pipe.name}'s text length "
-                 f"({pipe.defaults.text_length}): they are cut off")
         first = len(written)
         preview = stepwise_writer(pipe, args.stepwise_output, first) if args.stepwise_output else None
-        try:  # what only the family can check (e.g. a class name DiT does not know)
-            images = pipe.generate(job.prompt, width=width, height=height, steps=steps, guidance=guidance,
-                                   seed=job.seeds, negative_prompt=job.negative_prompt, image=init_image,
-                                   strength=args.strength, progress=ProgressBar(), batch_size=args.batch_size,
-                                   vae_tiling={"auto": None, "on": True, "off": False}[args.vae_tiling],
-                                   preview=preview, **options)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        metadata = {
-            "prompt": job.prompt, "negative_prompt": job.negative_prompt, "steps": steps, "guidance": guidance,
-            "width": width, "height": height, "model": pipe.name,
-            "quantization": f"{args.quantize}-bit" if args.quantize else "none",
-            **({"modulation_bits": args.modulation_bits} if args.quantize and args.modulation_bits else {}),
-            "dtype": str(pipe.dtype).split(".")[-1], "software": f"tiny_imagegen {__version__}", **options,
-            **(lora_metadata(pipe.loras) if getattr(pipe, "loras", None) else {}),
-        }
-        if init_image is not None:
-            metadata.update(image=args.image, strength=args.strength)
+        images, metadata = render(pipe, args, job, options, init_image, ProgressBar(), preview)
         for image, s in zip(images, job.seeds):
             path = paths[len(written)]
             save_png(image, path, {**metadata, "seed": s})
@@ -260,6 +219,74 @@ def run(args: argparse.Namespace) -> list[Path]:
         print(f"{len(written)} image(s) in {time.perf_counter() - start - load_time:.2f} s after loading, "
               f"peak memory {max(pipe.peak_memory.values()) / 2**30:.2f} GiB", file=sys.stderr)
     return written
+
+
+def load_pipeline(args: argparse.Namespace, keep_text_encoders: bool):
+    """The pipeline that generate's arguments name (model, dtype, quantization, LoRAs); a model or
+    file that cannot be loaded is a UsageError. `tiny-imagegen serve` keeps what this returns loaded."""
+    from ..checkpoints.lora import parse_lora_spec
+    from ..checkpoints.mapping import CheckpointError
+    from ..checkpoints.quantize import Quantization
+    from ..registry.hub import ModelNotAvailable
+    from ..pipelines.pipeline import Pipeline
+
+    dtype = None if args.dtype == "auto" else getattr(mx, args.dtype)
+    try:
+        quantize = args.quantize and Quantization(args.quantize, modulation_bits=args.modulation_bits)
+        return Pipeline.from_pretrained(args.model, dtype=dtype, quantize=quantize,
+                                        keep_text_encoders=keep_text_encoders,
+                                        loras=[parse_lora_spec(x) for x in args.lora or []])
+    except (CheckpointError, FileNotFoundError, ModelNotAvailable, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def sampler_options(pipe, args: argparse.Namespace) -> dict:
+    """The family-specific flags that are set, checked against the pipeline's sampler."""
+    return family_options(pipe, {"true_cfg": (args.true_cfg, 1.0), "sampler": (args.sampler, None),
+                                 "karras": (args.karras, False), "cfg_channels": (args.cfg_channels, None),
+                                 "shift": (args.shift, None), "cfg_normalization": (args.cfg_normalization, 0.0),
+                                 "cfg_truncation": (args.cfg_truncation, 1.0)})
+
+
+def render(pipe, args: argparse.Namespace, job, options: dict, init_image, progress, preview):
+    """One prompt's images (PIL, one per seed) and the metadata every one of them carries (plus its
+    seed): what `generate` writes, and what `serve` writes, byte for byte."""
+    from ..checkpoints.lora import lora_metadata
+
+    width, height = job.width or pipe.defaults.width, job.height or pipe.defaults.height
+    steps = job.steps or pipe.defaults.steps
+    guidance = pipe.defaults.guidance if job.guidance is None else job.guidance
+    try:
+        pipe.check_size(width, height)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if (job.guidance is not None and not job.negative_prompt and pipe.uses_negative(guidance, options)
+            and not pipe.uses_negative(pipe.defaults.guidance, options)):
+        warn(f"--guidance {guidance:g} on {pipe.name} runs classifier-free guidance against an empty negative "
+             "prompt: a second pass every step, twice the time (this model's default needs none)")
+    cut = pipe.tokens_cut(job.prompt)
+    if cut:
+        warn(f"the prompt is {cut} token(s) longer than {pipe.name}'s text length "
+             f"({pipe.defaults.text_length}): they are cut off")
+    try:  # what only the family can check (e.g. a class name DiT does not know)
+        images = pipe.generate(job.prompt, width=width, height=height, steps=steps, guidance=guidance,
+                               seed=job.seeds, negative_prompt=job.negative_prompt, image=init_image,
+                               strength=args.strength, progress=progress, batch_size=args.batch_size,
+                               vae_tiling={"auto": None, "on": True, "off": False}[args.vae_tiling],
+                               preview=preview, **options)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    metadata = {
+        "prompt": job.prompt, "negative_prompt": job.negative_prompt, "steps": steps, "guidance": guidance,
+        "width": width, "height": height, "model": pipe.name,
+        "quantization": f"{args.quantize}-bit" if args.quantize else "none",
+        **({"modulation_bits": args.modulation_bits} if args.quantize and args.modulation_bits else {}),
+        "dtype": str(pipe.dtype).split(".")[-1], "software": f"tiny_imagegen {__version__}", **options,
+        **(lora_metadata(pipe.loras) if getattr(pipe, "loras", None) else {}),
+    }
+    if init_image is not None:
+        metadata.update(image=args.image, strength=args.strength)
+    return images, metadata
 
 
 def main(argv=None) -> int:
