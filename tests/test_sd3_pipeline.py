@@ -2,6 +2,8 @@
 repo (fixtures from tests/reference/sd3_pipeline.py)."""
 
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 import pytest
 
 from conftest import assert_bf16_parity, assert_close, fixture_path, load_fixture
@@ -58,3 +60,104 @@ def test_encode_prompt_bf16(io):
     out = encoders(mx.bfloat16)(PROMPTS)
     assert_bf16_parity("sd3 prompt_embeds", out["txt"], io["enc.prompt_embeds"], io["enc_bf16.prompt_embeds"])
     assert_bf16_parity("sd3 pooled", out["pooled"], io["enc.pooled"], io["enc_bf16.pooled"])
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------
+
+from tiny_imagegen import registry  # noqa: E402
+from tiny_imagegen.pipeline import Pipeline  # noqa: E402
+from tiny_imagegen.pipelines.sd3 import sd3_sigmas  # noqa: E402
+
+
+def pipeline(dtype=mx.float32, **kw):
+    pipe = Pipeline.from_pretrained(str(fixture_path("sd3_pipeline", "repo")), dtype=dtype, **kw)
+    pipe.text_encoder.encoders.t5_length = T5_LENGTH
+    return pipe
+
+
+def nchw(x):
+    return x.transpose(0, 3, 1, 2)
+
+
+def pixels(images):
+    return np.stack([np.asarray(im) for im in images]).astype(np.int16)
+
+
+def reference_pixels(io, name):
+    return np.round(np.array(io[f"{name}.images"].transpose(0, 2, 3, 1)) * 255).astype(np.int16)
+
+
+def test_schedule_matches_the_reference_double_shift():
+    sig = sd3_sigmas(28)
+    assert len(sig) == 29 and sig[0] == 1.0 and sig[-1] == 0.0
+    assert abs(sig[1] - 0.98738062) < 1e-7 and abs(sig[-2] - 0.00892857) < 1e-7  # notes B3
+
+
+@pytest.mark.parametrize("name, extra", [("cfg", {}), ("slg", {"slg": (1,), "slg_stop": 0.6}), ("nocfg", {})])
+def test_pipeline_matches_diffusers(io, name, extra):
+    pipe = pipeline()
+    assert pipe.family == "sd3" and pipe.defaults.shift == 3.0
+    guidance = 1.0 if name == "nocfg" else 5.0
+    images = pipe.generate(PROMPTS, width=32, height=48, steps=4, guidance=guidance,
+                           latents=io["noise"].transpose(0, 2, 3, 1), **extra)
+    assert_close(f"sd3 pipeline {name}: final latents", nchw(pipe.last_latents), io[f"{name}.latents"], atol=2e-5)
+    if name != "nocfg":
+        assert_close(f"sd3 pipeline {name}: uint8 pixels", pixels(images), reference_pixels(io, name), atol=1)
+
+
+def test_slg_changes_the_result_and_needs_cfg(io):
+    assert float(mx.max(mx.abs(io["slg.latents"] - io["cfg.latents"]))) > 1e-2
+    pipe = pipeline(keep_text_encoders=True)
+    with pytest.raises(ValueError, match="only with classifier-free guidance"):
+        pipe.generate("a cat", width=32, height=32, steps=1, guidance=1.0, slg=True)
+    with pytest.raises(ValueError, match=r"--slg layers \(7, 8, 9\): the transformer has blocks 0\.\.2"):
+        pipe.generate("a cat", width=32, height=32, steps=1, guidance=5.0, slg=True)
+
+
+def test_pipeline_bf16(io):
+    pipe = pipeline(mx.bfloat16)
+    pipe.generate(PROMPTS, width=32, height=48, steps=4, guidance=5.0, latents=io["noise"].transpose(0, 2, 3, 1))
+    assert_bf16_parity("sd3 pipeline cfg: final latents", nchw(pipe.last_latents), io["cfg.latents"],
+                       io["cfg.latents_bf16"])
+
+
+def test_image_to_image_matches_diffusers(io):
+    """StableDiffusion3Img2ImgPipeline from the same init latents and noise: the last 3 of 5 steps."""
+    pipe = pipeline()
+    cond = pipe.condition(PROMPTS, "", 5.0)
+    nhwc = lambda k: io[k].transpose(0, 2, 3, 1)  # noqa: E731
+    seen = []
+    x = pipe.sample(nhwc("img2img.noise"), cond, steps=5, guidance=5.0, width=32, height=48, init=nhwc("img2img.init"),
+                    strength=0.6, run=lambda step, x, n: pipe.run_steps(step, x, n, progress=lambda i, n, s: seen.append(i)))
+    assert seen == [1, 2, 3]
+    assert_close("sd3 img2img: final latents", nchw(x), io["img2img.latents"], atol=2e-5)
+
+
+def test_without_t5_never_loads_it(io):
+    pipe = pipeline(keep_text_encoders=True)
+    cond = pipe.condition(PROMPTS, "", 5.0, t5=False)
+    assert not isinstance(pipe.text_encoder.encoders.t5, nn.Module)  # still the loader
+    assert_close("sd3 pipeline --no-t5 prompt embeds", cond.positive["txt"], io["enc_no_t5.prompt_embeds"], atol=2e-5)
+
+
+def test_clip_skip_through_the_pipeline(io):
+    pipe = pipeline()
+    cond = pipe.condition(PROMPTS, "", 5.0, clip_skip=1)
+    assert_close("sd3 pipeline clip_skip=1", cond.positive["txt"], io["enc_skip1.prompt_embeds"], atol=2e-5)
+    assert_close("sd3 pipeline clip_skip=1, negatives", cond.negative["txt"], io["enc_skip1.negative_embeds"], atol=2e-5)
+
+
+def test_too_large_image_is_refused_early():
+    pipe = pipeline(keep_text_encoders=True)
+    with pytest.raises(ValueError, match="position table covers images up to 192 pixels a side"):
+        pipe.generate("a cat", width=208, height=32, steps=1)
+
+
+def test_registry_entries():
+    for name in ("sd3.5-large", "sd3.5-large-turbo", "sd3.5-medium"):
+        spec = registry.find(name)
+        assert spec.gated and "Stability AI Community License" in spec.licence and spec.family == "sd3"
+    turbo = registry.find("sd3.5-large-turbo").defaults
+    assert (turbo.steps, turbo.guidance) == (4, 0.0)
+    assert registry.FAMILIES["sd3"].hub_folders() == ("transformer", "vae", "text_encoder", "text_encoder_2",
+                                                      "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")

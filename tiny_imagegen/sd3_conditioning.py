@@ -15,6 +15,7 @@ for a small loss of prompt following (what the reference allows, hence `--no-t5`
 """
 
 import mlx.core as mx
+import mlx.nn as nn
 
 
 class SD3TextEncoders:
@@ -24,7 +25,7 @@ class SD3TextEncoders:
                  t5_length: int = 256):
         self.clip_l_tokenizer, self.clip_l = clip_l_tokenizer, clip_l
         self.clip_g_tokenizer, self.clip_g = clip_g_tokenizer, clip_g
-        self.t5_tokenizer, self.t5 = t5_tokenizer, t5  # t5 None: zeros in its place
+        self.t5_tokenizer, self.t5 = t5_tokenizer, t5  # a model, a function loading it when first needed, or None
         self.joint_dim, self.t5_length = joint_dim, t5_length  # the pipeline's max_sequence_length
 
     def clip_states(self, tokenizer, model, prompts: list[str], clip_skip: int | None):
@@ -36,7 +37,8 @@ class SD3TextEncoders:
             raise ValueError(f"clip_skip {clip_skip}: CLIP has only {len(hidden) - 1} layers")
         return hidden[-k], pooled
 
-    def __call__(self, prompts: list[str], clip_skip: int | None = None) -> dict:
+    def __call__(self, prompts: list[str], clip_skip: int | None = None, use_t5: bool = True) -> dict:
+        """`use_t5=False` (or no T5 given) puts zeros where T5's states go, without loading it."""
         l_states, l_pooled = self.clip_states(self.clip_l_tokenizer, self.clip_l, prompts, clip_skip)
         g_states, g_pooled = self.clip_states(self.clip_g_tokenizer, self.clip_g, prompts, clip_skip)
         dtype = l_states.dtype  # both sequences in CLIP-L's dtype (SP:331)
@@ -45,7 +47,9 @@ class SD3TextEncoders:
             raise ValueError(f"CLIP widths {l_states.shape[-1]} + {g_states.shape[-1]} exceed the transformer's "
                              f"text width {self.joint_dim}")
         clip = mx.pad(clip, [(0, 0), (0, 0), (0, self.joint_dim - clip.shape[-1])])  # SP:459
-        if self.t5 is None:
+        if self.t5 is not None and use_t5 and not isinstance(self.t5, nn.Module):
+            self.t5 = self.t5()  # loaded when first needed
+        if self.t5 is None or not use_t5:
             t5 = mx.zeros((len(prompts), self.t5_length, self.joint_dim), dtype)
         else:
             ids, _ = self.t5_tokenizer(prompts, max_length=self.t5_length)
