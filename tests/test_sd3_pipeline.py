@@ -6,7 +6,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from conftest import assert_bf16_parity, assert_close, fixture_path, load_fixture
+from conftest import assert_bf16_parity, assert_close, fixture_path, load_fixture, relative_l2
 from tiny_imagegen.checkpoints.text_encoders import load_clip_text_model, load_t5_encoder
 from tiny_imagegen.models.clip import CLIPTextModelWithProjection
 from tiny_imagegen.sd3_conditioning import SD3TextEncoders
@@ -161,3 +161,70 @@ def test_registry_entries():
     assert (turbo.steps, turbo.guidance) == (4, 0.0)
     assert registry.FAMILIES["sd3"].hub_folders() == ("transformer", "vae", "text_encoder", "text_encoder_2",
                                                       "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+# ---- convert, quantize, the command line, the hub --------------------------------------------------
+
+from test_hub import FakeHub, _resolve_in_subprocess, serve  # noqa: E402,F401  (serve is a fixture)
+from tiny_imagegen.hub import ModelNotAvailable, resolve_model  # noqa: E402
+
+
+def test_converted_folder_gives_the_same_latents(io, tmp_path):
+    from tiny_imagegen.checkpoints.convert import convert, read_manifest
+
+    out = convert(fixture_path("sd3_pipeline", "repo"), tmp_path / "sd3-converted", dtype=mx.float32)
+    manifest = read_manifest(out)
+    assert sorted(manifest["components"]) == ["clip_g", "clip_l", "sd3_t5", "sd3_transformer", "vae"]
+    assert manifest["pipeline"]["family"] == "sd3" and (out / "tokenizer_3" / "spiece.model").is_file()
+    pipe = Pipeline.from_pretrained(str(out), dtype=mx.float32)
+    pipe.text_encoder.encoders.t5_length = T5_LENGTH
+    pipe.generate(PROMPTS, width=32, height=48, steps=4, guidance=5.0, latents=io["noise"].transpose(0, 2, 3, 1))
+    assert_close("sd3 converted folder: final latents", nchw(pipe.last_latents), io["cfg.latents"], atol=2e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_on_load_and_convert(io, tmp_path, bits):
+    from tiny_imagegen.checkpoints.convert import convert
+
+    pipe = pipeline(quantize=bits)
+    assert any(type(m).__name__ == "QuantizedLinear" for _, m in pipe.transformer.named_modules())
+    pipe.generate(PROMPTS, width=32, height=48, steps=4, guidance=5.0, latents=io["noise"].transpose(0, 2, 3, 1))
+    err = relative_l2(nchw(pipe.last_latents), io["cfg.latents"])
+    print(f"[quantization] sd3 tiny {bits}-bit on load: latents relative L2 {err:.3f}")
+    assert err < {8: 0.05, 4: 0.5}[bits]
+    out = convert(fixture_path("sd3_pipeline", "repo"), tmp_path / f"sd3-q{bits}", bits=bits, group_size=32)
+    assert Pipeline.from_pretrained(str(out)).family == "sd3"
+
+
+def test_command_line_options_and_metadata(tmp_path):
+    from tiny_imagegen.commands.generate import main
+    from tiny_imagegen.commands.metadata import read_parameters, replay_arguments
+
+    path = tmp_path / "sd3.png"
+    argv = ["--model", str(fixture_path("sd3_pipeline", "repo")), "--prompt", "a cat", "--width", "32", "--height", "32",
+            "--steps", "2", "--guidance", "4", "--slg", "1,2", "--slg-scale", "2", "--clip-skip", "1", "--no-t5",
+            "--seed", "3", "--output", str(path), "--dtype", "float32"]
+    assert main(argv) == 0
+    stored = read_parameters(path)
+    assert (stored["slg"], stored["slg_scale"], stored["clip_skip"], stored["t5"]) == ("[1, 2]", "2.0", "1", "False")
+    assert {k: v for k, v in replay_arguments(path).items() if k in ("slg", "clip_skip", "no_t5")} == {
+        "slg": "1,2", "clip_skip": 1, "no_t5": True}
+    assert main(["--model", "tiny-shapes", "--prompt", "x", "--slg", "--output", str(tmp_path / "x.png")]) == 2
+
+
+def test_gated_repo_names_the_stability_licence(tmp_path, serve):
+    serve(FakeHub("stabilityai/stable-diffusion-3.5-medium", {"model_index.json": b"{}"}, gated=True))
+    with pytest.raises(ModelNotAvailable) as e:
+        resolve_model("sd3.5-medium", cache_dir=tmp_path / "cache")
+    message = str(e.value)
+    print(message)
+    assert "stabilityai/stable-diffusion-3.5-medium is gated (Stability AI Community License" in message
+
+
+def test_offline_hint_names_what_to_download(tmp_path):
+    run = _resolve_in_subprocess(tmp_path, tmp_path / "empty_cache", "sd3.5-large-turbo")
+    message = run.stderr.strip().splitlines()[-1]
+    print(message)
+    assert run.returncode != 0 and "HF_HUB_OFFLINE=1" in message
+    assert "hf download stabilityai/stable-diffusion-3.5-large-turbo --include model_index.json" in message
+    assert "text_encoder_3/" in message and "tokenizer_3/" in message
