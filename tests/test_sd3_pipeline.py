@@ -153,7 +153,12 @@ def test_too_large_image_is_refused_early():
         pipe.generate("a cat", width=208, height=32, steps=1)
 
 
-def test_registry_entries():
+def test_registry_entries(capsys):
+    from tiny_imagegen.commands.models import print_models
+
+    print_models()
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| sd3.5-")]
+    assert len(listed) == 3 and all("Stability AI Community License" in line and "(gated)" in line for line in listed)
     for name in ("sd3.5-large", "sd3.5-large-turbo", "sd3.5-medium"):
         spec = registry.find(name)
         assert spec.gated and "Stability AI Community License" in spec.licence and spec.family == "sd3"
