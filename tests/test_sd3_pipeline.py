@@ -56,6 +56,19 @@ def test_without_t5_zeros(io):
     assert float(mx.max(mx.abs(out["txt"][:, 77:]))) == 0.0
 
 
+@pytest.mark.parametrize("name, count", [("clip_l", 123_650_304), ("clip_g", 694_659_840)])
+def test_full_size_clip_manifests_map(name, count):
+    import json
+
+    from tiny_imagegen.checkpoints.mapping import map_checkpoint, parameter_shapes, shape_placeholders
+    from tiny_imagegen.checkpoints.text_encoders import clip_table
+
+    manifest = shape_placeholders(json.loads(fixture_path("sd3_pipeline", f"manifest_{name}.json").read_text()))
+    ours = parameter_shapes(CLIPTextModelWithProjection(registry.find("sd3.5-medium").configs[name]))
+    mapped = map_checkpoint(clip_table(manifest, projection=True), ours, manifest)  # raises on any gap
+    assert set(mapped) == set(ours) and sum(v.size for v in mapped.values()) == count
+
+
 def test_encode_prompt_bf16(io):
     out = encoders(mx.bfloat16)(PROMPTS)
     assert_bf16_parity("sd3 prompt_embeds", out["txt"], io["enc.prompt_embeds"], io["enc_bf16.prompt_embeds"])
@@ -103,6 +116,13 @@ def test_pipeline_matches_diffusers(io, name, extra):
     assert_close(f"sd3 pipeline {name}: final latents", nchw(pipe.last_latents), io[f"{name}.latents"], atol=2e-5)
     if name != "nocfg":
         assert_close(f"sd3 pipeline {name}: uint8 pixels", pixels(images), reference_pixels(io, name), atol=1)
+
+
+def test_unbatched_guidance_gives_the_same_latents(io):
+    pipe = pipeline()
+    pipe.generate(PROMPTS, width=32, height=48, steps=4, guidance=5.0, latents=io["noise"].transpose(0, 2, 3, 1),
+                  batch_cfg=False, slg=(1,), slg_stop=0.6)
+    assert_close("sd3 pipeline slg, negative as a second pass", nchw(pipe.last_latents), io["slg.latents"], atol=2e-5)
 
 
 def test_slg_changes_the_result_and_needs_cfg(io):

@@ -14,6 +14,7 @@ shift 0.0609) and FlowMatchEulerDiscreteScheduler(shift=3.0). Writes under out/s
                         images), CFG + skip-layer guidance (layers [1], 0.01-0.6), no CFG, CFG in
                         bf16 (latents); StableDiffusion3Img2ImgPipeline from given init latents,
                         strength 0.6 of 5 steps (its noise drawn from seed 7 as the pipeline draws it)
+  manifest_clip_{l,g}.json   key -> shape of the full-size CLIPTextModelWithProjection checkpoints
 """
 
 import json
@@ -25,7 +26,7 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transf
                        StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-from ._common import bf16, randomize, save, save_json, seeded
+from ._common import bf16, manifest, randomize, save, save_json, seeded
 from .vae import _config as vae_config
 
 TEXT = Path(__file__).resolve().parents[1] / "fixtures" / "text_encoders" / "flux"
@@ -36,6 +37,11 @@ SLG = dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.01, skip_layer_
 TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=16, num_attention_heads=2,
                    joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=40, out_channels=16,
                    pos_embed_max_size=12, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+# full size, as the SD3.5 repos' text_encoder/ and text_encoder_2/ config.json ([unverified] offline):
+# CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text towers with their projections
+FULL_CLIP = {"clip_l": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+             "clip_g": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                              num_attention_heads=20, hidden_act="gelu", projection_dim=1280)}
 CLIP_L = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, projection_dim=16,
               hidden_act="quick_gelu", eos_token_id=2)  # the legacy id: pooled at the argmax id
 CLIP_G = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2, projection_dim=24,
@@ -122,3 +128,7 @@ def make(out: Path) -> None:
                                     guidance_scale=GUIDANCE, max_sequence_length=T5_LENGTH, generator=seeded(7),
                                     output_type="latent").images
     save(root / "io.safetensors", io)
+    for name, cfg in FULL_CLIP.items():
+        with torch.device("meta"):
+            model = CLIPTextModelWithProjection(CLIPTextConfig(**{"projection_dim": 768, **cfg}))
+        save_json(root / f"manifest_{name}.json", manifest(model.state_dict()))
