@@ -4,7 +4,7 @@ Text (CLIP-L + CLIP-G + T5, 333 tokens of width 4096) and image (2x2 latent patc
 streams joined in every block's attention (mmdit.double_stream, over [image; text] as SD3 orders
 it). What SD3 has of its own, beside FLUX's blocks:
 
-- an **absolute** 2-D position table (no RoPE): a learned-free sin-cos vector per patch position,
+- an **absolute** 2-D position table (no RoPE): a fixed sin-cos vector per patch position,
   added to the image tokens once, at the input. The checkpoint stores it for a square grid of
   `pos_embed_max_size` patches a side, and a smaller image takes its centre (`crop_positions`);
   an image wider than the table has no positions at all, so there is a largest size.
@@ -21,7 +21,7 @@ Parameter names are our MM-DiT's (`double_blocks.{i}.img_attn.qkv`), so FLUX's d
 map the joint attention (checkpoints/sd3.py).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -48,7 +48,7 @@ class SD3Config:
     pos_embed_max_size: int = 384  # the stored table's side, in patches
     sample_size: int = 128  # the training latent side: the table's frequencies are scaled to it
     qk_norm: bool = True
-    dual_attention_layers: tuple[int, ...] = field(default=())  # MMDiT-X blocks
+    dual_attention_layers: tuple[int, ...] = ()  # MMDiT-X blocks
 
     @property
     def hidden_size(self) -> int:
