@@ -5,7 +5,6 @@ import json
 from dataclasses import replace
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from conftest import assert_bf16_parity, assert_close, fixture_path, load_fixture, recording_outputs
