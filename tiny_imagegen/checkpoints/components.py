@@ -70,6 +70,19 @@ COMPONENTS = {
         f"{_M}.dit:DiT", f"{_M}.dit:DiTConfig", "transformer", f"{_C}.dit:load_dit",
         keep=("x_embedder", "t_embedder.*", "y_embedder", "y_embedder.*", "txt_in", "final_layer.*"),
     ),
+    # ---- SD3 / SD3.5 (pipelines/sd3.py) ----
+    # the transformer keeps the patch embedding, the final layer and the conditioning embedders in
+    # full precision, as FLUX's (0.6 % of SD3.5 Large without the position table, which is no Linear)
+    "sd3_transformer": Component(
+        f"{_M}.sd3:SD3Transformer", f"{_M}.sd3:SD3Config", "transformer", f"{_C}.sd3:load_sd3_transformer",
+        keep=("x_embedder", "final_layer.*", "t_embedder.*", "y_embedder.*"),
+        modulation=("*.img_mod.lin", "*.txt_mod.lin", "*.txt_mod_pre_only.lin", "final_layer.modulation.lin"),
+    ),
+    "clip_l": Component(f"{_M}.clip:CLIPTextModelWithProjection", f"{_M}.clip:CLIPTextConfig", "text_encoder",
+                        f"{_C}.text_encoders:load_clip_text_model"),
+    "clip_g": Component(f"{_M}.clip:CLIPTextModelWithProjection", f"{_M}.clip:CLIPTextConfig", "text_encoder_2",
+                        f"{_C}.text_encoders:load_clip_text_model"),
+    "sd3_t5": Component(f"{_M}.t5:T5Encoder", f"{_M}.t5:T5Config", "text_encoder_3", f"{_C}.text_encoders:load_t5_encoder"),
 }
 
 

@@ -37,7 +37,7 @@ from .safetensors_io import write_safetensors
 
 FORMAT, FORMAT_VERSION, MODEL_JSON = "tiny_imagegen", 1, "model.json"
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-COPIED_FOLDERS = ("tokenizer", "tokenizer_2", "scheduler")
+COPIED_FOLDERS = ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")
 COPIED_FILES = ("model_index.json",)  # the pipeline's own config (DiT: the class names, id2label)
 
 

@@ -1,4 +1,4 @@
-"""LoRA files as they are shared for FLUX.1, mapped onto our transformer (and its CLIP encoder).
+"""LoRA files as they are shared for FLUX.1 (and SD3.5), mapped onto our transformer (and its CLIP encoder).
 
 | format | a key of it | scale s |
 |---|---|---|
@@ -15,6 +15,10 @@ its attention processors (XLABS below). A LoRA on one piece of our fused project
 to_q, to_k, to_v, proj_mlp) updates only those rows of the fused weight: a block-structured LoRA.
 A LoRA on diffusers' norm_out.linear has its B rows swapped as the base weight's (scale, shift)
 halves are. The update of one layer is W' = W + s · w · B A, with w the user's weight.
+
+SD3.5 (an SD3Transformer): diffusers/PEFT in its diffusers names, kohya (sd-scripts), ComfyUI and
+lora_A/B files in the names of Stability's single file (`lora_unet_joint_blocks_0_x_block_attn_qkv`),
+through checkpoints/sd3.py's tables; their text-encoder parts are skipped.
 
 T5 parts (`lora_te2_`, `text_encoders.t5xxl.`, `text_encoder_2.`) are skipped with a warning, as
 diffusers does; anything else that is not a LoRA tensor of a layer we have is named in one error.
@@ -90,7 +94,7 @@ def detect_format(keys) -> str:
     if any(k.endswith(".lora_down.weight") for k in keys):
         return "kohya"
     if any(k.endswith(".lora_A.weight") for k in keys):
-        bfl = ("double_blocks.", "single_blocks.", "diffusion_model.", "final_layer.", "img_in.", "txt_in.")
+        bfl = ("double_blocks.", "single_blocks.", "joint_blocks.", "diffusion_model.", "final_layer.", "img_in.", "txt_in.")
         return "bfl" if any(k.startswith(bfl) for k in keys) else "diffusers"
     raise CheckpointError(f"not a LoRA file of a known format ({', '.join(FORMATS)}): keys such as {keys[:3]}")
 
@@ -133,21 +137,31 @@ def _slot_rows(j: int, n: int, out_features: int, in_features: int) -> tuple[int
     return start, (out_features if j == n - 1 else start + in_features)
 
 
+def key_tables(transformer: nn.Module):
+    """(the diffusers table, the original layout's table) of a transformer: FLUX's, or SD3's."""
+    if type(transformer).__name__ == "SD3Transformer":
+        from . import sd3
+
+        return sd3.DIFFUSERS, sd3.STABILITY_BARE
+    return DIFFUSERS, BFL
+
+
 def layer_names(fmt: str, components: dict[str, nn.Module]) -> dict[str, Target]:
     """The layer names a file of format `fmt` uses, for the layers of our `components`."""
     names = {}
     transformer, clip = components.get("transformer"), components.get("clip")
+    diffusers_table, original_table = key_tables(transformer)
     for path, layer in _linears(transformer) if transformer is not None else ():
         out_features, in_features = linear_shape(layer)
         if fmt == "xlabs":
             continue
-        keys, transform = source_keys(DIFFUSERS if fmt == "diffusers" else BFL, path + ".weight")
+        keys, transform = source_keys(diffusers_table if fmt == "diffusers" else original_table, path + ".weight")
         for j, key in enumerate(keys):
             their = key.removesuffix(".weight")
             their = {"diffusers": "transformer." + their, "kohya": "lora_unet_" + their.replace(".", "_")}.get(fmt, their)
             names[their] = Target("transformer", path, *_slot_rows(j, len(keys), out_features, in_features),
                                   swap=transform is swap_halves)
-    if fmt == "xlabs" and transformer is not None:
+    if fmt == "xlabs" and hasattr(transformer, "single_blocks"):
         D = transformer.config.hidden_size
         for n, blocks in (("double", transformer.double_blocks), ("single", transformer.single_blocks)):
             for i in range(len(blocks)):

@@ -7,14 +7,17 @@ full T5 checkpoint are known and left unused.
 
 CLIP (FLUX's `text_encoder/`: CLIPTextModel). Files on the hub name every tensor under
 `text_model.`; transformers 5 saves a CLIPTextModel without that prefix (`clip_table` picks).
-CLIPModel / CLIPTextModelWithProjection extras (vision tower, projections) are left unused.
+CLIPModel / CLIPTextModel extras (vision tower, projections) are left unused; a
+CLIPTextModelWithProjection (SD3's text_encoder/ and text_encoder_2/, by its config's
+`architectures`) loads its `text_projection` (`*_PROJECTION` tables).
 """
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
 
-from ..models.clip import CLIPTextConfig, CLIPTextModel
+from ..models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from ..models.t5 import T5Config, T5Encoder
 from .mapping import KeyTable, Rule, load_checkpoint
 from .safetensors_io import read_checkpoint
@@ -41,7 +44,7 @@ T5_ENCODER_EMBED = KeyTable(
 )
 
 
-def _clip_table(name: str, prefix: str) -> KeyTable:
+def _clip_table(name: str, prefix: str, projection: bool = False) -> KeyTable:
     return KeyTable(
         name,
         [
@@ -49,10 +52,11 @@ def _clip_table(name: str, prefix: str) -> KeyTable:
             Rule("position_embedding.weight", f"{prefix}embeddings.position_embedding.weight"),
             Rule("layers.{rest:*}", f"{prefix}encoder.layers.{{rest}}"),
             Rule("final_layer_norm.{p}", f"{prefix}final_layer_norm.{{p}}"),
+            *([Rule("text_projection.weight", "text_projection.weight")] if projection else []),
         ],
         ignore=(
             f"{prefix}embeddings.position_ids",  # a buffer older checkpoints saved
-            "text_projection.weight",  # CLIPTextModelWithProjection / CLIPModel heads
+            *(() if projection else ("text_projection.weight",)),  # CLIPTextModelWithProjection / CLIPModel heads
             "visual_projection.weight",
             "logit_scale",
             "vision_model.{x:*}",
@@ -62,14 +66,19 @@ def _clip_table(name: str, prefix: str) -> KeyTable:
 
 CLIP_HUB = _clip_table("CLIP text model (hub files, text_model. prefix)", "text_model.")
 CLIP_TRANSFORMERS5 = _clip_table("CLIP text model (transformers 5, no prefix)", "")
+CLIP_HUB_PROJECTION = _clip_table("CLIP text model with projection (text_model. prefix)", "text_model.", True)
+CLIP_TRANSFORMERS5_PROJECTION = _clip_table("CLIP text model with projection (no prefix)", "", True)
 
 
 def t5_table(source: dict) -> KeyTable:
     return T5_SHARED if "shared.weight" in source else T5_ENCODER_EMBED
 
 
-def clip_table(source: dict) -> KeyTable:
-    return CLIP_HUB if any(k.startswith("text_model.") for k in source) else CLIP_TRANSFORMERS5
+def clip_table(source: dict, projection: bool = False) -> KeyTable:
+    hub = any(k.startswith("text_model.") for k in source)
+    if projection:
+        return CLIP_HUB_PROJECTION if hub else CLIP_TRANSFORMERS5_PROJECTION
+    return CLIP_HUB if hub else CLIP_TRANSFORMERS5
 
 
 def load_t5_encoder(folder: str | Path, dtype: mx.Dtype | None = None) -> T5Encoder:
@@ -82,11 +91,14 @@ def load_t5_encoder(folder: str | Path, dtype: mx.Dtype | None = None) -> T5Enco
 
 
 def load_clip_text_model(folder: str | Path, dtype: mx.Dtype | None = None) -> CLIPTextModel:
-    """A CLIPTextModel folder (config.json + safetensors), lazily."""
+    """A CLIPTextModel or CLIPTextModelWithProjection folder (config.json + safetensors), lazily;
+    which one its config's `architectures` says."""
     folder = Path(folder)
-    model = CLIPTextModel(CLIPTextConfig.from_config_json(_config_file(folder)))
+    config = json.loads(_config_file(folder).read_text())
+    projection = "CLIPTextModelWithProjection" in config.get("architectures", ())
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig.from_dict(config))
     source = read_checkpoint(folder)
-    return load_checkpoint(model, clip_table(source), source, dtype)
+    return load_checkpoint(model, clip_table(source, projection), source, dtype)
 
 
 def _config_file(folder: Path) -> Path:

@@ -20,6 +20,9 @@ REPLAYED = {
     "modulation_bits": ("modulation_bits", int),
     "dtype": ("dtype", str), "strength": ("strength", float), "image": ("image", str),
     "loras": ("lora", json.loads),
+    # SD3.5's options
+    "slg": ("slg", lambda v: ",".join(map(str, json.loads(v)))), "slg_scale": ("slg_scale", float),
+    "clip_skip": ("clip_skip", int), "t5": ("no_t5", lambda v: v == "False"),
 }
 
 

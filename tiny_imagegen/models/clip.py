@@ -5,7 +5,9 @@ position embeddings, causal self-attention (each token sees itself and the token
 an MLP with quick-GELU x·σ(1.702x) (or exact GELU where the config says `gelu`), a final
 LayerNorm. The *pooled* output is the final hidden state at the end-of-text token: with causal
 attention that position has read the whole prompt, and nothing after it (padding) can change it.
-FLUX uses it without CLIP's projection head (768 numbers for ViT-L/14).
+FLUX uses it without CLIP's projection head (768 numbers for ViT-L/14); SD3 with it
+(`CLIPTextModelWithProjection`, CLIP-L and OpenCLIP bigG), and reads a layer's hidden states too
+(`encode`: the penultimate layer's, before the final LayerNorm).
 
 Which position is "the end-of-text token" follows transformers 5.24 (`CLIPTextModel.forward`):
 - configs with `eos_token_id == 2` (the value openai/clip-vit-large-patch14 and FLUX's
@@ -40,6 +42,7 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407  # transformers' default; see CLIP_VIT_L14_TEXT
+    projection_dim: int = 768  # the width of CLIPTextModelWithProjection's text_projection
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
@@ -113,6 +116,13 @@ class CLIPTextModel(nn.Module):
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> tuple[mx.array, mx.array]:
         """input_ids (B, L) -> (hidden states (B, L, D), pooled (B, D)). An `attention_mask`
         (B, L) additionally hides keys where it is 0 (FLUX passes none)."""
+        _, x, pooled = self.encode(input_ids, attention_mask)
+        return x, pooled
+
+    def encode(self, input_ids: mx.array, attention_mask: mx.array | None = None):
+        """-> (hidden_states, last, pooled): hidden_states as transformers' `output_hidden_states`
+        gives them, the embeddings then every layer's output (N + 1 of (B, L, D); the last entry is
+        *not* final-normed), `last` the final LayerNorm's output, `pooled` its end-of-text row."""
         B, L = input_ids.shape
         if L > self.config.max_position_embeddings:
             raise ValueError(f"CLIP: {L} tokens, more than the {self.config.max_position_embeddings} positions it has")
@@ -121,10 +131,12 @@ class CLIPTextModel(nn.Module):
         if attention_mask is not None:
             visible = visible & attention_mask[:, None, None, :].astype(mx.bool_)
         mask = mx.where(visible, 0.0, -mx.inf).astype(x.dtype)  # additive, in the weights' dtype
+        hidden_states = [x]
         for layer in self.layers:
             x = layer(x, mask)
+            hidden_states.append(x)
         x = self.final_layer_norm(x)
-        return x, x[mx.arange(B), self.end_of_text_positions(input_ids)]
+        return hidden_states, x, x[mx.arange(B), self.end_of_text_positions(input_ids)]
 
     def end_of_text_positions(self, input_ids: mx.array) -> mx.array:
         """(B,) index of the token the pooled output is read from (see the module docstring)."""
@@ -135,3 +147,16 @@ class CLIPTextModel(nn.Module):
         if not mx.all(mx.any(found, axis=-1)).item():
             raise ValueError(f"CLIP: a prompt has no end-of-text token (id {eos}) to pool from")
         return mx.argmax(found.astype(mx.int32), axis=-1)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """CLIP's text model with its projection head (no bias): pooled -> text_projection(pooled),
+    the `text_embeds` SD3 pools (CLIP-L 768, OpenCLIP bigG 1280)."""
+
+    def __init__(self, config: CLIPTextConfig = CLIP_VIT_L14_TEXT):
+        super().__init__(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def encode(self, input_ids: mx.array, attention_mask: mx.array | None = None):
+        hidden_states, last, pooled = super().encode(input_ids, attention_mask)
+        return hidden_states, last, self.text_projection(pooled)

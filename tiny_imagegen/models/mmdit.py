@@ -103,25 +103,36 @@ class SelfAttention(nn.Module):
         return q, k, v
 
 
-def double_stream(block, img: mx.array, txt: mx.array, img_mod, txt_mod, rope, eps: float = 1e-6):
-    """The double block's body, shared by FLUX.1 and FLUX.2 (whose blocks differ in their MLP and
-    where the modulation comes from). Each stream has its own weights, `block.{img,txt}_{attn,mlp}`;
-    the attention is joint over [txt; img].
+def double_stream(block, img: mx.array, txt: mx.array, img_mod, txt_mod, rope, eps: float = 1e-6,
+                  text_first: bool = True, after_attention=None):
+    """The double block's body, shared by FLUX.1, FLUX.2 and SD3 (whose blocks differ in their MLP,
+    where the modulation comes from and what SD3.5 adds). Each stream has its own weights,
+    `block.{img,txt}_{attn,mlp}`; the attention is joint over [txt; img] (`text_first=False`:
+    [img; txt], SD3's order: without RoPE the same function, summed in another order).
 
     img (B, L_img, D), txt (B, L_txt, D); *_mod: (shift1, scale1, gate1, shift2, scale2, gate2), each
-    (B, D): the attention branch's, then the MLP's; rope: (cos, sin) for [txt; img]."""
+    (B, D): the attention branch's, then the MLP's; rope: (cos, sin) for the joint sequence, or None.
+    A `txt_mod` of only (shift1, scale1) is a text stream that feeds the attention and ends there
+    (SD3's last block, `context_pre_only`): txt comes back None. `after_attention(img, LN(img))`
+    adds a branch between the attention and the MLP (SD3.5's MMDiT-X second attention)."""
     img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mod
-    txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = txt_mod
+    txt_shift1, txt_scale1 = txt_mod[:2]
 
-    img_q, img_k, img_v = block.img_attn.qkv_heads(modulate(layer_norm(img, eps), img_shift1, img_scale1))
+    img_normed = layer_norm(img, eps)
+    img_q, img_k, img_v = block.img_attn.qkv_heads(modulate(img_normed, img_shift1, img_scale1))
     txt_q, txt_k, txt_v = block.txt_attn.qkv_heads(modulate(layer_norm(txt, eps), txt_shift1, txt_scale1))
-    q, k, v = (mx.concatenate(pair, axis=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-    joint = attention(q, k, v, rope)  # (B, L_txt + L_img, D)
-    n_txt = txt.shape[1]
-    txt_out, img_out = joint[:, :n_txt], joint[:, n_txt:]
+    pairs = ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)) if text_first else ((img_q, txt_q), (img_k, txt_k), (img_v, txt_v))
+    joint = attention(*(mx.concatenate(pair, axis=2) for pair in pairs), rope)  # (B, L_txt + L_img, D)
+    n_txt, n_img = txt.shape[1], img.shape[1]
+    txt_out, img_out = (joint[:, :n_txt], joint[:, n_txt:]) if text_first else (joint[:, n_img:], joint[:, :n_img])
 
     img = img + img_gate1[:, None] * block.img_attn.proj(img_out)
+    if after_attention is not None:
+        img = after_attention(img, img_normed)
     img = img + img_gate2[:, None] * block.img_mlp(modulate(layer_norm(img, eps), img_shift2, img_scale2))
+    if len(txt_mod) == 2:
+        return img, None
+    txt_gate1, txt_shift2, txt_scale2, txt_gate2 = txt_mod[2:]
     txt = txt + txt_gate1[:, None] * block.txt_attn.proj(txt_out)
     txt = txt + txt_gate2[:, None] * block.txt_mlp(modulate(layer_norm(txt, eps), txt_shift2, txt_scale2))
     return img, txt

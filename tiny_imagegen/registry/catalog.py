@@ -14,7 +14,7 @@ The hub (what to download), the loader (what a folder is), the pipeline (how to 
 command line (`--model list`) all read these. Adding a family is one Family entry plus its
 modules; adding a published model of a known family is one ModelSpec.
 
-    from tiny_imagegen import registry
+    from tiny_imagegen.registry import catalog as registry
     spec = registry.find("schnell")                 # aliases work; None for a folder or repo id
     registry.FAMILIES[spec.family].hub_folders()    # what to fetch from spec.repo_id
 """
@@ -101,6 +101,14 @@ FAMILIES = {
             pipeline_classes=("Flux2KleinPipeline",),
             components=("flux2_transformer", "flux2_vae", "qwen3"),
             tokenizers={"tokenizer": ("tokenizer_config.json",)},  # + tokenizer.json or vocab.json/merges.txt
+        ),
+        Family(  # SD3 / SD3.5: CLIP-L + OpenCLIP bigG + T5-XXL (text_encoder_3, left out with --no-t5)
+            "sd3",
+            pipeline="tiny_imagegen.pipelines.sd3:SD3Pipeline",
+            pipeline_classes=("StableDiffusion3Pipeline",),
+            components=("sd3_transformer", "vae", "clip_l", "clip_g", "sd3_t5"),
+            tokenizers={"tokenizer": ("vocab.json", "merges.txt"), "tokenizer_2": ("vocab.json", "merges.txt"),
+                        "tokenizer_3": ("spiece.model",)},
         ),
         Family(  # class-conditioned: the "prompt" is an ImageNet class id or name (model_index.json id2label)
             "dit",
@@ -200,6 +208,58 @@ def _dit_xl_2(pixels: int) -> ModelSpec:
         repo_id=f"facebook/DiT-XL-2-{pixels}", aliases=(f"dit-{pixels}",), configs=_dit_configs(pixels // 8))
 
 
+# ---- SD3.5 (pipelines/sd3.py) --------------------------------------------------------------------
+
+
+def _sd3_configs(transformer_preset: str) -> dict:
+    # stabilityai/stable-diffusion-3.5-*: the transformer (models/sd3.py presets), CLIP-L/14 and
+    # OpenCLIP bigG/14 text models with projections (123.7 M, 694.7 M), T5-v1.1-XXL's encoder, the
+    # 16-channel SD3 VAE (scale 1.5305, shift 0.0609; what loading reads is the repo's vae/config.json).
+    # Counts from diffusers/transformers on the meta device; the gated configs are [unverified] offline.
+    from dataclasses import replace
+
+    from ..models import sd3
+    from ..models.clip import CLIPTextConfig
+    from ..models.t5 import T5_V1_1_XXL
+    from ..models.vae import VAE_PRESETS
+
+    return {"sd3_transformer": getattr(sd3, transformer_preset), "sd3_t5": T5_V1_1_XXL,
+            "vae": replace(VAE_PRESETS["flux"], scaling_factor=1.5305, shift_factor=0.0609),
+            "clip_l": CLIPTextConfig(projection_dim=768, eos_token_id=2),
+            "clip_g": CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                                     hidden_act="gelu", projection_dim=1280, eos_token_id=2)}
+
+
+_SD3_LICENCE = "Stability AI Community License (free below USD 1M annual revenue; an enterprise licence above)"
+# steps and guidance from the model cards' examples; the shift 3.0 of their scheduler_config.json;
+# StableDiffusion3Pipeline's max_sequence_length 256
+_SD3_MODELS = (
+    ModelSpec(
+        "sd3.5-large", "sd3",
+        description="Stable Diffusion 3.5 Large, 8.1 B MM-DiT, CLIP-L + bigG + T5-XXL text",
+        licence=_SD3_LICENCE,
+        defaults=SamplingDefaults(steps=28, guidance=3.5, shift=3.0, text_length=256),
+        repo_id="stabilityai/stable-diffusion-3.5-large", gated=True, aliases=("sd35-large",),
+        configs=_sd3_configs("SD35_LARGE"),
+    ),
+    ModelSpec(
+        "sd3.5-large-turbo", "sd3",
+        description="Stable Diffusion 3.5 Large Turbo, 8.1 B, distilled for 4 steps without guidance",
+        licence=_SD3_LICENCE,
+        defaults=SamplingDefaults(steps=4, guidance=0.0, shift=3.0, text_length=256),
+        repo_id="stabilityai/stable-diffusion-3.5-large-turbo", gated=True, aliases=("sd35-turbo",),
+        configs=_sd3_configs("SD35_LARGE"),
+    ),
+    ModelSpec(
+        "sd3.5-medium", "sd3",
+        description="Stable Diffusion 3.5 Medium, 2.5 B MMDiT-X (dual attention in blocks 0-12)",
+        licence=_SD3_LICENCE,
+        defaults=SamplingDefaults(steps=40, guidance=4.5, shift=3.0, text_length=256),
+        repo_id="stabilityai/stable-diffusion-3.5-medium", gated=True, aliases=("sd35-medium",),
+        configs=_sd3_configs("SD35_MEDIUM"),
+    ),
+)
+
 MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
         "tiny-shapes", "flux1",
@@ -247,6 +307,7 @@ MODELS: tuple[ModelSpec, ...] = (
     _klein("9b", "Qwen3-8B", "FLUX Non-Commercial License, non-commercial use only", gated=True, aliases=("klein-9b",)),
     _dit_xl_2(256),
     _dit_xl_2(512),
+    *_SD3_MODELS,
 )
 
 _BY_NAME = {n: m for m in MODELS for n in (m.name, *m.aliases)}
