@@ -22,7 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..layers.activations import GELUTanh, gelu_tanh
-from ..layers.attention import QKNorm, attention, split_heads
+from ..layers.attention import QKNorm, TextSpan, attention, split_heads
 from ..layers.embeddings import MLPEmbedder, timestep_embedding
 from ..layers.modulation import Modulation, layer_norm, modulate
 from ..layers.positions import (
@@ -103,6 +103,11 @@ class SelfAttention(nn.Module):
         return q, k, v
 
 
+def text_first(n_txt: int) -> TextSpan:
+    """The joint sequence [text; image]: where attention maps read image queries and text keys."""
+    return TextSpan(slice(n_txt, None), slice(0, n_txt))
+
+
 def double_stream(block, img: mx.array, txt: mx.array, img_mod, txt_mod, rope, eps: float = 1e-6):
     """The double block's body, shared by FLUX.1 and FLUX.2 (whose blocks differ in their MLP and
     where the modulation comes from). Each stream has its own weights, `block.{img,txt}_{attn,mlp}`;
@@ -116,8 +121,8 @@ def double_stream(block, img: mx.array, txt: mx.array, img_mod, txt_mod, rope, e
     img_q, img_k, img_v = block.img_attn.qkv_heads(modulate(layer_norm(img, eps), img_shift1, img_scale1))
     txt_q, txt_k, txt_v = block.txt_attn.qkv_heads(modulate(layer_norm(txt, eps), txt_shift1, txt_scale1))
     q, k, v = (mx.concatenate(pair, axis=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-    joint = attention(q, k, v, rope)  # (B, L_txt + L_img, D)
     n_txt = txt.shape[1]
+    joint = attention(q, k, v, rope, text_first(n_txt))  # (B, L_txt + L_img, D)
     txt_out, img_out = joint[:, :n_txt], joint[:, n_txt:]
 
     img = img + img_gate1[:, None] * block.img_attn.proj(img_out)
@@ -151,14 +156,15 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
         self.norm = QKNorm(dim // num_heads)
 
-    def __call__(self, x: mx.array, c: mx.array, rope: mx.array) -> mx.array:
-        """x (B, L, D) -> (B, L, D)."""
+    def __call__(self, x: mx.array, c: mx.array, rope: mx.array, n_txt: int | None = None) -> mx.array:
+        """x (B, L, D) = [text; image] -> (B, L, D); n_txt: the text tokens (for attention maps)."""
         shift, scale, gate = self.modulation(c)
         h = self.linear1(modulate(layer_norm(x), shift, scale))
         qkv, mlp_in = h[..., : 3 * x.shape[-1]], h[..., 3 * x.shape[-1] :]
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k)
-        out = mx.concatenate([attention(q, k, v, rope), gelu_tanh(mlp_in)], axis=-1)
+        span = None if n_txt is None else text_first(n_txt)
+        out = mx.concatenate([attention(q, k, v, rope, span), gelu_tanh(mlp_in)], axis=-1)
         return x + gate[:, None] * self.linear2(out)
 
 
@@ -259,7 +265,7 @@ class MMDiT(nn.Module):
             img, txt = block(img, txt, c, rope)
         x = mx.concatenate([txt, img], axis=1)
         for block in self.single_blocks:
-            x = block(x, c, rope)
+            x = block(x, c, rope, txt.shape[1])
         return self.final_layer(x[:, txt.shape[1] :], c)
 
 
