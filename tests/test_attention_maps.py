@@ -242,3 +242,21 @@ def test_pipeline_maps_on_tiny_shapes(tiny):
     _, chosen = am.generate_with_attention_maps(tiny, prompt, seed=3, steps=4, blocks=[0, 3], at_steps=[1, 2])
     kept = [p for s, b, p in maps.each if b in (0, 3) and s in (1, 2)]
     assert np.allclose(chosen.maps, np.mean(kept, axis=0), atol=1e-6)
+
+
+def test_generate_command_writes_word_maps(tmp_path, capsys):
+    from tiny_imagegen.commands.generate import main
+
+    out, maps = tmp_path / "img.png", tmp_path / "maps"
+    assert main(["--model", "weights/tiny-shapes", "--prompt", "a blue circle above a green square", "--seed", "2",
+                 "--steps", "3", "--output", str(out), "--attention-maps", str(maps), "--attention-blocks", "0,1"]) == 0
+    from PIL import Image
+
+    names = sorted(p.name for p in maps.iterdir())
+    assert names == [f"img-{k:02d}-{w}.png" for k, w in enumerate("a blue circle above a green square".split())] + \
+        ["img-sheet.png"]
+    info = Image.open(maps / "img-01-blue.png").text
+    assert info["word"] == "blue" and info["blocks"] == "[0, 1]" and 0 < float(info["share"]) < 1
+    assert main(["--model", "weights/tiny-shapes", "--prompt", "x", "--output", str(tmp_path / "b.png"),
+                 "--attention-maps", str(maps), "--attention-steps", "1,x"]) == 2
+    assert "--attention-steps takes comma-separated indices" in capsys.readouterr().err

@@ -221,7 +221,7 @@ def find_tokenizer(pipe):
             obj = getattr(obj, name, None)
         if isinstance(obj, (T5Tokenizer, CLIPTokenizer, QwenTokenizer)):
             return obj
-    raise TypeError(f"{pipe.family or type(pipe).__name__}: attention maps need a text-conditioned model "
+    raise ValueError(f"{pipe.name}: attention maps need a text-conditioned model "
                     "(FLUX.1, FLUX.2, Z-Image, SD 1.5)")
 
 
@@ -300,3 +300,28 @@ def contact_sheet(image, labels: list[str], heats: np.ndarray, tile: int = 192, 
         sheet.paste(im, (x, y + 16))
         draw.text((x + 3, y + 2), text, fill="black")
     return sheet
+
+
+def save_word_maps(folder, stem: str, image, maps: AttentionMaps, i: int) -> list:
+    """Write image i's maps: `<stem>-<k>-<word>.png` per word (scaled to its own maximum; its share
+    of the image's attention to the prompt's words in the PNG text) and `<stem>-sheet.png`."""
+    from pathlib import Path
+
+    from PIL.PngImagePlugin import PngInfo
+
+    folder = Path(folder)
+    labels, heats = maps.word_maps(i)
+    total = max(float(heats.sum()), 1e-12)
+    written = []
+    for k, (word, heat) in enumerate(zip(labels, heats)):
+        info = PngInfo()
+        for key, value in (("prompt", maps.prompts[i]), ("word", word), ("share", f"{heat.sum() / total:.4f}"),
+                           ("blocks", str(maps.blocks or "all")), ("steps", str(maps.steps or "all"))):
+            info.add_text(key, value)
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in word)[:40]
+        path = folder / f"{stem}-{k:02d}-{safe}.png"
+        overlay(image, heat).save(path, pnginfo=info)
+        written.append(path)
+    sheet = folder / f"{stem}-sheet.png"
+    contact_sheet(image, labels, heats).save(sheet)
+    return written + [sheet]

@@ -10,6 +10,7 @@ file is never overwritten unless --overwrite says so. Each PNG carries its param
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take every parameter stored in an image written by generate; flags given override them")
     p.add_argument("--stepwise-output", type=Path, metavar="DIR",
                    help="also write the decoded latents after every step into DIR (the denoising made visible)")
+    p.add_argument("--attention-maps", type=Path, metavar="DIR",
+                   help="also write, per image, a heatmap per prompt word of where the image attends to it "
+                        "(text-conditioned models; docs/attention-maps.md) and a contact sheet into DIR")
+    p.add_argument("--attention-blocks", metavar="I,J,...",
+                   help="--attention-maps: average these attention blocks only (0-based, model order; default all)")
+    p.add_argument("--attention-steps", metavar="I,J,...",
+                   help="--attention-maps: average these denoising steps only (0-based; default all)")
     p.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
                    help="decode in overlapping tiles to bound memory; auto: above 768x768 pixels")
     p.add_argument("--keep-text-encoders", action="store_true", help="do not free the text encoders after encoding")
@@ -158,7 +166,21 @@ def stepwise_writer(pipe, folder: Path, first_index: int):
     return preview
 
 
+def index_list(text: str | None, flag: str) -> list[int] | None:
+    """"0,2,5" -> [0, 2, 5]; None -> None (all)."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated indices such as 0,2,5, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise UsageError(f"{flag}: indices start at 0, got {text!r}")
+    return values
+
+
 def run(args: argparse.Namespace) -> list[Path]:
+    from ..attention_maps import generate_with_attention_maps, save_word_maps
     from ..checkpoints.quantize import Quantization
     from ..checkpoints.lora import lora_metadata, parse_lora_spec
     from ..checkpoints.mapping import CheckpointError
@@ -187,6 +209,11 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.stepwise_output is not None:
         args.stepwise_output.mkdir(parents=True, exist_ok=True)
         check_writable(args.stepwise_output, f"--stepwise-output {args.stepwise_output}")
+    if args.attention_maps is not None:
+        args.attention_maps.mkdir(parents=True, exist_ok=True)
+        check_writable(args.attention_maps, f"--attention-maps {args.attention_maps}")
+    map_choice = {name: index_list(getattr(args, f"attention_{name}"), f"--attention-{name}")
+                  for name in ("blocks", "steps")}
     init_image = check_image(args.image)
     dtype = None if args.dtype == "auto" else getattr(mx, args.dtype)
 
@@ -228,14 +255,20 @@ def run(args: argparse.Namespace) -> list[Path]:
                  f"({pipe.defaults.text_length}): they are cut off")
         first = len(written)
         preview = stepwise_writer(pipe, args.stepwise_output, first) if args.stepwise_output else None
+        generate = pipe.generate
+        if args.attention_maps is not None:
+            generate = partial(generate_with_attention_maps, pipe, blocks=map_choice["blocks"],
+                               at_steps=map_choice["steps"])
         try:  # what only the family can check (e.g. a class name DiT does not know)
-            images = pipe.generate(job.prompt, width=width, height=height, steps=steps, guidance=guidance,
+            images = generate(job.prompt, width=width, height=height, steps=steps, guidance=guidance,
                                    seed=job.seeds, negative_prompt=job.negative_prompt, image=init_image,
                                    strength=args.strength, progress=ProgressBar(), batch_size=args.batch_size,
                                    vae_tiling={"auto": None, "on": True, "off": False}[args.vae_tiling],
                                    preview=preview, **options)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if args.attention_maps is not None:
+            images, maps = images
         metadata = {
             "prompt": job.prompt, "negative_prompt": job.negative_prompt, "steps": steps, "guidance": guidance,
             "width": width, "height": height, "model": pipe.name,
@@ -251,6 +284,10 @@ def run(args: argparse.Namespace) -> list[Path]:
             save_png(image, path, {**metadata, "seed": s})
             written.append(path)
             print(f"wrote {path}")
+            if args.attention_maps is not None:
+                j = len(written) - first - 1
+                sheet = save_word_maps(args.attention_maps, path.stem, image, maps, j)[-1]
+                print(f"wrote {len(maps.words[j])} word maps and {sheet}")
         if args.verbose:
             t, m = pipe.timings, pipe.peak_memory
             print(f"prompt {n + 1}/{len(jobs)}: text {t.get('text', 0):.2f} s ({m.get('text', 0) / 2**30:.2f} GiB peak), "
