@@ -44,22 +44,34 @@ ROOT = Path(__file__).resolve().parents[1]
 BLOCK_NAMES = ["double 0", "double 1", "single 0", "single 1"]
 
 
-def regions(caption: str, image: np.ndarray, grid: int) -> np.ndarray | None:
-    """(2, grid, grid) coverage of each caption object's detected region per token cell, objects
-    assigned by the relation; None unless exactly two objects are found."""
+def assign(caption: str, found) -> tuple:
+    """The two detected objects in the caption's order: the ordering that agrees with the caption
+    on more of (shape of object 0, shape of object 1, the relation's direction); a tie goes to the
+    relation. Colour is never used, so that a colour word's object is defined without its colour."""
+    spec = parse_caption(caption)
+    a, b = found
+
+    def agreement(first, second):
+        along = relation_offsets(spec.relation, first.x - second.x, first.y - second.y)[0]
+        shapes = (first.shape == spec.objects[0].shape) + (second.shape == spec.objects[1].shape)
+        return shapes + 1.5 * (along >= 0)  # the relation outweighs one shape, not both
+
+    return (a, b) if agreement(a, b) >= agreement(b, a) else (b, a)
+
+
+def regions(caption: str, image: np.ndarray, grid: int):
+    """((2, grid, grid) coverage of each caption object's detected region per token cell, the two
+    objects in caption order), or None unless exactly two objects are found."""
     found = parse_image(image)
     if len(found) != 2:
         return None
-    relation = parse_caption(caption).relation
-    a, b = found
-    along = relation_offsets(relation, a.x - b.x, a.y - b.y)[0]
-    first, second = (a, b) if along >= 0 else (b, a)  # object 0 is the one the relation puts first
+    objects = assign(caption, found)
     h, w = image.shape[:2]
     cover = []
-    for f in (first, second):
+    for f in objects:
         mask = ideal_mask(f.shape if f.shape in SHAPES else "square", f.x, f.y, f.extent, h, w)
         cover.append(mask.reshape(grid, h // grid, grid, w // grid).mean(axis=(1, 3)))
-    return np.stack(cover), (first, second)
+    return np.stack(cover), objects
 
 
 def word_slots(words) -> dict[str, int]:
@@ -92,6 +104,7 @@ def analyse(pipe, captions, batch: int):
                 mass = np.einsum("wsbyx,oyx->wsbo", w, cover)  # (slot, step, block, object)
                 rec.update(mass=mass, area=cover.sum(axis=(1, 2)), colours=[o.colour for o in objects],
                            shapes=[o.shape for o in objects], slots=list(slots))
+            rec["calls"] = per_call[j]  # (steps, blocks, rows, cols, L_txt)
             rec["map"] = per_call[j].mean(axis=0)  # (blocks, rows, cols, L_txt): the mean over steps
             rec["words"] = maps.words[j]
             rec["image"] = image
@@ -111,10 +124,35 @@ def prefers(mass, area, slot_objects):
 SLOT_OBJECT = [0, 0, 1, 1]  # colour 0 and shape 0 name object 0
 
 
+def bound(r) -> bool:
+    """Both objects, in caption order (assign), have the colour and shape the caption names. Unlike
+    the scorer's "object" (a multiset), "a red circle right of a yellow circle" drawn with the red
+    one on the left is not bound right here: for two circles only the place says which is which."""
+    want = parse_caption(r["caption"]).objects
+    return all(c == w.colour and s == w.shape for c, s, w in zip(r["colours"], r["shapes"], want))
+
+
+def colour_table(group, block: int | None) -> dict:
+    """Per colour word: its attention (density on its object above the other's; in `block`, or
+    over all blocks; over all steps) against its colour (the object it names has that colour)."""
+    table = {f"attention {a}, colour {c}": 0 for a in ("right", "wrong") for c in ("right", "wrong")}
+    table["colour wrong: the named colour is on the other object"] = 0
+    for r in group:
+        mass = r["mass"] if block is None else r["mass"][:, :, block : block + 1]
+        pref, _ = prefers(mass.mean(axis=(1, 2), keepdims=True), r["area"], SLOT_OBJECT)
+        want = parse_caption(r["caption"]).objects
+        for k, o in ((0, 0), (2, 1)):  # the two colour words
+            colour_ok = r["colours"][o] == want[o].colour
+            table[f"attention {'right' if pref[k].item() else 'wrong'}, colour {'right' if colour_ok else 'wrong'}"] += 1
+            table["colour wrong: the named colour is on the other object"] += int(
+                not colour_ok and r["colours"][1 - o] == want[o].colour)
+    return table
+
+
 def summarise(records) -> dict:
     usable = [r for r in records if "mass" in r]
-    right = [r for r in usable if r["score"]["object"]]
-    wrong = [r for r in usable if not r["score"]["object"]]
+    right = [r for r in usable if bound(r)]
+    wrong = [r for r in usable if not bound(r)]
     out = {"images": len(records), "two objects found": len(usable), "binding right": len(right),
            "binding wrong": len(wrong),
            "scores": {k: float(np.mean([r["score"][k] for r in records if r["score"][k] is not None]))
@@ -128,8 +166,11 @@ def summarise(records) -> dict:
         area_share = np.stack([[r["area"][o] / r["area"].sum() for o in SLOT_OBJECT] for r in group])  # (N, slot)
         excess = share - area_share[:, :, None, None]  # own share above what a uniform map would give
         colour, shape = [0, 2], [1, 3]
+        per_image = pref[:, colour].mean(axis=(1, 2))  # (N, block)
         out[name] = {
             "n": len(group),
+            "colour words prefer their object, per block: standard error over images": (
+                per_image.std(axis=0, ddof=1) / np.sqrt(len(group))).round(3).tolist() if len(group) > 1 else None,
             "colour words prefer their object, per block (mean over steps)": pref[:, colour].mean(axis=(0, 1, 2)).round(3).tolist(),
             "shape words prefer their object, per block": pref[:, shape].mean(axis=(0, 1, 2)).round(3).tolist(),
             "colour words prefer their object, per step (mean over blocks)": pref[:, colour].mean(axis=(0, 1, 3)).round(3).tolist(),
@@ -140,19 +181,10 @@ def summarise(records) -> dict:
                 np.mean([prefers(r["mass"].mean(axis=(1, 2), keepdims=True), r["area"], SLOT_OBJECT)[0][colour]
                          for r in group]).round(3)),
         }
-    # the wrong ones: is the colour word's attention on the right object (the failure comes later),
-    # and where did its colour actually land?
-    kinds = {"attention right, colour right": 0, "attention right, colour wrong": 0,
-             "attention wrong, colour right": 0, "attention wrong, colour wrong": 0,
-             "colour wrong: the named colour is on the other object": 0}
-    for r in wrong:
-        pref, _ = prefers(r["mass"].mean(axis=(1, 2), keepdims=True), r["area"], SLOT_OBJECT)  # over steps and blocks
-        want = parse_caption(r["caption"]).objects
-        for k, o in ((0, 0), (2, 1)):  # the two colour words
-            colour_ok = r["colours"][o] == want[o].colour
-            kinds[f"attention {'right' if pref[k].item() else 'wrong'}, colour {'right' if colour_ok else 'wrong'}"] += 1
-            kinds["colour wrong: the named colour is on the other object"] += (not colour_ok) and r["colours"][1 - o] == want[o].colour
-    out["wrong: colour words"] = kinds
+    # binding failures: attention failures (the colour word attends to the other object) or later
+    # (it attends to its object, and the object still gets another colour)?
+    for name, block in (("all blocks", None), *((n, i) for i, n in enumerate(BLOCK_NAMES))):
+        out[f"colour words, every usable image, {name}"] = colour_table(usable, block)
     return out
 
 
@@ -162,13 +194,13 @@ def figure(records, path: Path, block: int, cell: int = 112):
     from PIL import Image, ImageDraw
 
     usable = [r for r in records if "mass" in r]
-    right = next((r for r in usable if r["score"]["object"]), None)
-    wrong = next(r for r in usable if not r["score"]["object"] and r["score"]["count"])
+    right = next((r for r in usable if bound(r)), None)
+    wrong = next(r for r in usable if not bound(r))
     if right is None:  # none bound right: the other row is the wrong sample whose colour words prefer their objects most
         right = max((r for r in usable if r is not wrong), key=lambda r: prefers(r["mass"], r["area"], SLOT_OBJECT)[1][[0, 2]].mean())
     sheet = Image.new("RGB", (5 * cell, 2 * (cell + 30)), "white")
     draw = ImageDraw.Draw(sheet)
-    for row, (r, label) in enumerate(((right, "binding right" if right["score"]["object"] else "best attended"),
+    for row, (r, label) in enumerate(((right, "binding right" if bound(right) else "best attended"),
                                       (wrong, "binding wrong"))):
         y = row * (cell + 30)
         draw.text((3, y + 2), f"{label}: {r['caption']} (seed {r['seed']}), block {BLOCK_NAMES[block]}", fill="black")
@@ -192,14 +224,17 @@ def main(argv=None):
     ap.add_argument("--figure", type=Path, default=ROOT / "docs" / "images" / "attention-binding.png")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "attention_binding.json")
     ap.add_argument("--raw", type=Path, help="also pickle the per-image records here")
+    ap.add_argument("--from-raw", type=Path, help="summarise records pickled by --raw instead of generating")
     args = ap.parse_args(argv)
     start = time.perf_counter()
-    pipe = Pipeline.from_pretrained(str(ROOT / "weights" / "tiny-shapes"), progress=False, keep_text_encoders=True)
-    captions = caption_sets(0, args.n)["binding"]
-    records = analyse(pipe, captions, args.batch)
-    if args.raw:  # everything the summary reads, to re-summarise without regenerating
-        import pickle
+    import pickle
 
+    if args.from_raw:
+        records = pickle.loads(args.from_raw.read_bytes())
+    else:
+        pipe = Pipeline.from_pretrained(str(ROOT / "weights" / "tiny-shapes"), progress=False, keep_text_encoders=True)
+        records = analyse(pipe, caption_sets(0, args.n)["binding"], args.batch)
+    if args.raw:  # everything the summary reads, to re-summarise without regenerating
         args.raw.write_bytes(pickle.dumps(records))
     summary = summarise(records)
     block = int(np.argmax(summary["all"]["colour words prefer their object, per block (mean over steps)"]))
