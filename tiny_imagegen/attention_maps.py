@@ -235,7 +235,10 @@ def generate_with_attention_maps(pipe, prompt: str | list[str], *, blocks: Seque
     tokenizer = find_tokenizer(pipe)
     if "batch_cfg" in inspect.signature(pipe.sample).parameters:
         kwargs["batch_cfg"] = True
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if prompt is None and kwargs.get("conditioning") is not None:
+        prompts = list(kwargs["conditioning"].prompts)
+    else:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     seed = kwargs.get("seed", 0)
     n_images = len(seed) // len(prompts) if isinstance(seed, (list, tuple)) else kwargs.get("n_images", 1)
     per_image = [p for p in prompts for _ in range(n_images)]
