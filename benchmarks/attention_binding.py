@@ -195,7 +195,12 @@ def figure(records, path: Path, block: int, cell: int = 112):
 
     usable = [r for r in records if "mass" in r]
     right = next((r for r in usable if bound(r)), None)
-    wrong = next(r for r in usable if not bound(r))
+    def swapped(r):  # both objects drawn, each in the other's colour: the typical binding failure
+        want = parse_caption(r["caption"]).objects
+        return r["colours"] == [want[1].colour, want[0].colour]
+
+    candidates = [r for r in usable if swapped(r)] or [r for r in usable if not bound(r)]
+    wrong = max(candidates, key=lambda r: r["area"].min())  # the one whose smaller object is largest
     if right is None:  # none bound right: the other row is the wrong sample whose colour words prefer their objects most
         right = max((r for r in usable if r is not wrong), key=lambda r: prefers(r["mass"], r["area"], SLOT_OBJECT)[1][[0, 2]].mean())
     sheet = Image.new("RGB", (5 * cell, 2 * (cell + 30)), "white")
