@@ -246,7 +246,8 @@ def main(argv=None):
     right, wrong = figure(records, args.figure, block)
     summary["figure"] = {"block": BLOCK_NAMES[block], "right": [right["caption"], right["seed"]], "wrong": [wrong["caption"], wrong["seed"]],
                          "wrong colours found (object 0, 1)": wrong["colours"]}
-    summary["seconds"] = round(time.perf_counter() - start, 1)
+    if not args.from_raw:
+        summary["seconds"] = round(time.perf_counter() - start, 1)
     args.json.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
 
