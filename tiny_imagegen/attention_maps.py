@@ -161,7 +161,9 @@ class Recorder:
 
     def __call__(self, probs: mx.array) -> None:  # (B', L_img, L_txt) from layers/attention.py
         block, self._block = self._block, self._block + 1
-        if (self.blocks is not None and block not in self.blocks) or (self.steps is not None and self._step not in self.steps):
+        if self.blocks is not None and block not in self.blocks:
+            return
+        if self.steps is not None and self._step not in self.steps:
             return
         p = np.array(probs[: self.group_sizes[self._group]], dtype=np.float32)
         p = p.reshape(p.shape[0], *token_grid(p.shape[1], self.width, self.height), p.shape[2])
