@@ -10,6 +10,7 @@ file is never overwritten unless --overwrite says so. Each PNG carries its param
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -83,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take every parameter stored in an image written by generate; flags given override them")
     p.add_argument("--stepwise-output", type=Path, metavar="DIR",
                    help="also write the decoded latents after every step into DIR (the denoising made visible)")
+    p.add_argument("--attention-maps", type=Path, metavar="DIR",
+                   help="also write, per image, a heatmap per prompt word of where the image attends to it "
+                        "(text-conditioned models; docs/attention-maps.md) and a contact sheet into DIR")
+    p.add_argument("--attention-blocks", metavar="I,J,...",
+                   help="--attention-maps: average these attention blocks only (0-based, model order; default all)")
+    p.add_argument("--attention-steps", metavar="I,J,...",
+                   help="--attention-maps: average these denoising steps only (0-based; default all)")
     p.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
                    help="decode in overlapping tiles to bound memory; auto: above 768x768 pixels")
     p.add_argument("--keep-text-encoders", action="store_true", help="do not free the text encoders after encoding")
@@ -175,6 +183,19 @@ def stepwise_writer(pipe, folder: Path, first_index: int):
     return preview
 
 
+def index_list(text: str | None, flag: str) -> list[int] | None:
+    """"0,2,5" -> [0, 2, 5]; None -> None (all)."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated indices such as 0,2,5, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise UsageError(f"{flag}: indices start at 0, got {text!r}")
+    return values
+
+
 def check_inputs(args: argparse.Namespace):
     """Every check that needs no model: -> (jobs, output paths, init image), or one UsageError."""
     from ..pipelines.pipeline import MAX_SIDE
@@ -196,6 +217,9 @@ def check_inputs(args: argparse.Namespace):
     if args.stepwise_output is not None:
         args.stepwise_output.mkdir(parents=True, exist_ok=True)
         check_writable(args.stepwise_output, f"--stepwise-output {args.stepwise_output}")
+    if args.attention_maps is not None:
+        args.attention_maps.mkdir(parents=True, exist_ok=True)
+        check_writable(args.attention_maps, f"--attention-maps {args.attention_maps}")
     return jobs, paths, check_image(args.image)
 
 
@@ -206,6 +230,12 @@ def run(args: argparse.Namespace) -> list[Path]:
         print_models()
         return []
     jobs, paths, init_image = check_inputs(args)
+    generate = None  # the pipeline's own
+    if args.attention_maps is not None:
+        from ..conditioning.attention_maps import generate_with_attention_maps, save_word_maps
+
+        generate = partial(generate_with_attention_maps, blocks=index_list(args.attention_blocks, "--attention-blocks"),
+                           at_steps=index_list(args.attention_steps, "--attention-steps"))
 
     start = time.perf_counter()
     pipe = load_pipeline(args, keep_text_encoders=args.keep_text_encoders or len(jobs) > 1)
@@ -221,12 +251,18 @@ def run(args: argparse.Namespace) -> list[Path]:
     for n, job in enumerate(jobs):
         first = len(written)
         preview = stepwise_writer(pipe, args.stepwise_output, first) if args.stepwise_output else None
-        images, metadata = render(pipe, args, job, options, init_image, ProgressBar(), preview)
+        images, metadata = render(pipe, args, job, options, init_image, ProgressBar(), preview, generate)
+        if args.attention_maps is not None:
+            images, maps = images
         for image, s in zip(images, job.seeds):
             path = paths[len(written)]
             save_png(image, path, {**metadata, "seed": s})
             written.append(path)
             print(f"wrote {path}")
+            if args.attention_maps is not None:
+                j = len(written) - first - 1
+                sheet = save_word_maps(args.attention_maps, path.stem, image, maps, j)[-1]
+                print(f"wrote {len(maps.words[j])} word maps and {sheet}")
         if args.verbose:
             t, m = pipe.timings, pipe.peak_memory
             print(f"prompt {n + 1}/{len(jobs)}: text {t.get('text', 0):.2f} s ({m.get('text', 0) / 2**30:.2f} GiB peak), "
@@ -267,9 +303,10 @@ def sampler_options(pipe, args: argparse.Namespace) -> dict:
                                  "t5": (not args.no_t5, True)})
 
 
-def render(pipe, args: argparse.Namespace, job, options: dict, init_image, progress, preview):
+def render(pipe, args: argparse.Namespace, job, options: dict, init_image, progress, preview, generate=None):
     """One prompt's images (PIL, one per seed) and the metadata every one of them carries (plus its
-    seed): what `generate` writes, and what `serve` writes, byte for byte."""
+    seed): what `generate` writes, and what `serve` writes, byte for byte. `generate(pipe, prompt,
+    **kw)` stands in for `pipe.generate` (the attention-map read-out: it returns (images, maps))."""
     from ..checkpoints.lora import lora_metadata
 
     width, height = job.width or pipe.defaults.width, job.height or pipe.defaults.height
@@ -288,11 +325,12 @@ def render(pipe, args: argparse.Namespace, job, options: dict, init_image, progr
         warn(f"the prompt is {cut} token(s) longer than {pipe.name}'s text length "
              f"({pipe.defaults.text_length}): they are cut off")
     try:  # what only the family can check (e.g. a class name DiT does not know)
-        images = pipe.generate(job.prompt, width=width, height=height, steps=steps, guidance=guidance,
-                               seed=job.seeds, negative_prompt=job.negative_prompt, image=init_image,
-                               strength=args.strength, progress=progress, batch_size=args.batch_size,
-                               vae_tiling={"auto": None, "on": True, "off": False}[args.vae_tiling],
-                               preview=preview, **options)
+        generate_images = partial(generate, pipe) if generate else pipe.generate
+        images = generate_images(job.prompt, width=width, height=height, steps=steps, guidance=guidance,
+                                 seed=job.seeds, negative_prompt=job.negative_prompt, image=init_image,
+                                 strength=args.strength, progress=progress, batch_size=args.batch_size,
+                                 vae_tiling={"auto": None, "on": True, "off": False}[args.vae_tiling],
+                                 preview=preview, **options)
     except ValueError as e:
         raise UsageError(str(e)) from None
     metadata = {

@@ -7,6 +7,8 @@ bounded at large widths.
 """
 
 import os
+from contextlib import contextmanager
+from typing import Callable, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -89,10 +91,73 @@ def split_heads(qkv: mx.array, num_heads: int) -> tuple[mx.array, mx.array, mx.a
     return qkv[0], qkv[1], qkv[2]
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array, rope: tuple[mx.array, mx.array] | None = None) -> mx.array:
-    """q, k, v (B, H, L, d), RoPE (cos, sin) table (see layers/rope.py) -> (B, L, H d)."""
+class TextSpan(NamedTuple):
+    """Where a sequence's image queries and text keys sit: [text; image] joint attention (FLUX)
+    is TextSpan(slice(n_txt, None), slice(0, n_txt)); cross-attention is all queries to all keys."""
+
+    image: slice
+    text: slice
+
+
+CROSS = TextSpan(slice(None), slice(None))
+
+# The attention-probability read-out (conditioning/attention_maps.py): None on the normal path,
+# which keeps the fused kernel; while `reading_out(fn)` is active, every call that names a TextSpan
+# also hands fn the image-to-text probabilities (text_attention). Not traced by mx.compile: run uncompiled then.
+_readout: Callable[[mx.array], None] | None = None
+
+
+@contextmanager
+def reading_out(fn: Callable[[mx.array], None]):
+    """Within the block, fn receives text_attention(...) (B, L_img, L_txt) from every attention
+    call that names a TextSpan, in the order the model makes them."""
+    global _readout
+    previous, _readout = _readout, fn
+    try:
+        yield
+    finally:
+        _readout = previous
+
+
+def reading_out_active() -> bool:
+    return _readout is not None
+
+
+def text_attention(q: mx.array, k: mx.array, span: TextSpan, scale: float,
+                   key_mask: mx.array | None = None) -> mx.array:
+    """The attention probabilities of the image queries to the text keys, averaged over heads:
+    mean_h softmax(q_h k_h^T scale)[span.image, span.text] -> (B, L_img, L_txt) float32.
+
+    q (B, H, Lq, d), k (B, H_kv, Lk, d) after RoPE; key_mask (B, Lk) bool, True where a key may be
+    attended. The softmax runs over *all* keys (the image's own tokens too), so a row sums over the
+    text keys to the image token's text share of attention (1 for cross-attention). Computed one
+    head at a time in float32: the extra memory is one head's scores, B x L_img x Lk x 4 bytes
+    (FLUX.1 at 1024x1024: 4096 x 4608 x 4 = 75 MB per sample), plus the (B, L_img, L_txt) result."""
+    H, H_kv = q.shape[1], k.shape[1]
+    qi = q[:, :, span.image].astype(mx.float32)
+    total = None
+    for h in range(H):
+        logits = (qi[:, h] @ k[:, h // (H // H_kv)].astype(mx.float32).swapaxes(-1, -2)) * scale  # (B, L_img, Lk)
+        if key_mask is not None:
+            logits = mx.where(key_mask[:, None, :], logits, -mx.inf)
+        p = mx.exp(logits[..., span.text] - mx.logsumexp(logits, axis=-1, keepdims=True))
+        total = p if total is None else total + p
+        mx.eval(total)  # one head's scores alive at a time
+    return total / H
+
+
+def _read_out(q, k, span: TextSpan | None, key_mask=None) -> None:
+    if _readout is not None and span is not None:
+        _readout(text_attention(q, k, span, q.shape[-1] ** -0.5, key_mask))
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, rope: tuple[mx.array, mx.array] | None = None,
+              span: TextSpan | None = None) -> mx.array:
+    """q, k, v (B, H, L, d), RoPE (cos, sin) table (see layers/rope.py) -> (B, L, H d). `span`:
+    where image queries and text keys sit, for the attention-map read-out (else unused)."""
     if rope is not None:
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+    _read_out(q, k, span)
     out = sdpa(q, k, v, scale=q.shape[-1] ** -0.5)
     B, H, L, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(B, L, H * d)
@@ -100,12 +165,13 @@ def attention(q: mx.array, k: mx.array, v: mx.array, rope: tuple[mx.array, mx.ar
 
 def masked_attention(
     q: mx.array, k: mx.array, v: mx.array, rope: tuple[mx.array, mx.array] | None = None,
-    key_mask: mx.array | None = None,
+    key_mask: mx.array | None = None, span: TextSpan | None = None,
 ) -> mx.array:
     """`attention` where some keys are batch padding: key_mask (B, L) bool, True for keys that may
     be attended (None: all). The table may also be per sample, (B, 1, L, d/2). -> (B, L, H d)."""
     if rope is not None:
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+    _read_out(q, k, span, key_mask)
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, L): broadcast over heads, queries
     out = sdpa(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
     B, H, L, d = out.shape

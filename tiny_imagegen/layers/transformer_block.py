@@ -13,7 +13,7 @@ Names follow diffusers (to_q, to_k, to_v, to_out; ff), so a checkpoint maps almo
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import attention
+from .attention import CROSS, attention
 
 
 class Attention(nn.Module):
@@ -38,7 +38,9 @@ class Attention(nn.Module):
         def heads(t):  # (B, L, D) -> (B, H, L, D/H)
             return t.reshape(B, t.shape[1], self.heads, -1).transpose(0, 2, 1, 3)
 
-        return self.to_out(attention(heads(self.to_q(x)), heads(self.to_k(context)), heads(self.to_v(context))))
+        span = None if context is x else CROSS  # cross-attention: every query reads the text
+        return self.to_out(attention(heads(self.to_q(x)), heads(self.to_k(context)), heads(self.to_v(context)),
+                                     span=span))
 
 
 class FeedForward(nn.Module):

@@ -34,7 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..layers.attention import attention, split_heads
+from ..layers.attention import CROSS, attention, split_heads
 from ..layers.embeddings import MLPEmbedder, ddpm_timestep_embedding, pack_latents, unpatchify
 from ..layers.modulation import Modulation, layer_norm, modulate
 from ..layers.positions import sincos_2d_interpolated
@@ -142,7 +142,7 @@ class Attention(nn.Module):
             k, v = kv[0], kv[1]
         else:
             q, k, v = split_heads(self.qkv(x), self.num_heads)
-        return self.proj(attention(q, k, v))
+        return self.proj(attention(q, k, v, span=CROSS if self.cross else None))
 
 
 class DiTBlock(nn.Module):

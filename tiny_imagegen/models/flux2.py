@@ -36,7 +36,7 @@ from ..layers.modulation import Modulation, layer_norm, modulate
 from ..layers.norms import QKNormRoundedOnce
 from ..layers.positions import flux2_image_ids, flux2_text_ids
 from ..layers.rope import AxialRoPE
-from .mmdit import LastLayer, SelfAttention, double_stream
+from .mmdit import LastLayer, SelfAttention, double_stream, joint_span
 
 
 @dataclass(frozen=True)
@@ -137,14 +137,16 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
         self.norm = QKNormRoundedOnce(dim // num_heads, eps)
 
-    def __call__(self, x: mx.array, mod, rope) -> mx.array:
-        """x (B, L, D); mod: (shift, scale, gate) each (B, D) -> (B, L, D)."""
+    def __call__(self, x: mx.array, mod, rope, n_txt: int | None = None) -> mx.array:
+        """x (B, L, D) = [text; image]; mod: (shift, scale, gate) each (B, D); n_txt: the text
+        tokens (for attention maps) -> (B, L, D)."""
         shift, scale, gate = mod
         h = self.linear1(modulate(layer_norm(x, self.eps), shift, scale))
         qkv, mlp_in = h[..., : 3 * x.shape[-1]], h[..., 3 * x.shape[-1] :]
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k)
-        out = mx.concatenate([attention(q, k, v, rope), swiglu(mlp_in)], axis=-1)
+        span = None if n_txt is None else joint_span(n_txt)
+        out = mx.concatenate([attention(q, k, v, rope, span), swiglu(mlp_in)], axis=-1)
         return x + gate[:, None] * self.linear2(out)
 
 
@@ -228,7 +230,7 @@ class Flux2Transformer(nn.Module):
                 intermediates.append((img, txt))
         x = mx.concatenate([txt, img], axis=1)
         for block in self.single_blocks:
-            x = block(x, single_mod, rope)
+            x = block(x, single_mod, rope, txt.shape[1])
             if intermediates is not None:
                 intermediates.append(x)
         return self.final_layer(x[:, txt.shape[1] :], c)

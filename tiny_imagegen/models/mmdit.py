@@ -22,7 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..layers.activations import GELUTanh, gelu_tanh
-from ..layers.attention import QKNorm, attention, split_heads
+from ..layers.attention import QKNorm, TextSpan, attention, split_heads
 from ..layers.embeddings import MLPEmbedder, timestep_embedding
 from ..layers.modulation import Modulation, layer_norm, modulate
 from ..layers.positions import (
@@ -103,6 +103,14 @@ class SelfAttention(nn.Module):
         return q, k, v
 
 
+def joint_span(n_txt: int, n_img: int | None = None, text_first: bool = True) -> TextSpan:
+    """Where attention maps read image queries and text keys in a joint sequence: [text; image]
+    (FLUX), or [image; text] (SD3, `text_first=False`, which needs n_img)."""
+    if text_first:
+        return TextSpan(slice(n_txt, None), slice(0, n_txt))
+    return TextSpan(slice(0, n_img), slice(n_img, None))
+
+
 def double_stream(block, img: mx.array, txt: mx.array, img_mod, txt_mod, rope, eps: float = 1e-6,
                   text_first: bool = True, after_attention=None):
     """The double block's body, shared by FLUX.1, FLUX.2 and SD3 (whose blocks differ in their MLP,
@@ -122,8 +130,9 @@ def double_stream(block, img: mx.array, txt: mx.array, img_mod, txt_mod, rope, e
     img_q, img_k, img_v = block.img_attn.qkv_heads(modulate(img_normed, img_shift1, img_scale1))
     txt_q, txt_k, txt_v = block.txt_attn.qkv_heads(modulate(layer_norm(txt, eps), txt_shift1, txt_scale1))
     pairs = ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)) if text_first else ((img_q, txt_q), (img_k, txt_k), (img_v, txt_v))
-    joint = attention(*(mx.concatenate(pair, axis=2) for pair in pairs), rope)  # (B, L_txt + L_img, D)
     n_txt, n_img = txt.shape[1], img.shape[1]
+    joint = attention(*(mx.concatenate(pair, axis=2) for pair in pairs), rope,
+                      joint_span(n_txt, n_img, text_first))  # (B, L_txt + L_img, D)
     txt_out, img_out = (joint[:, :n_txt], joint[:, n_txt:]) if text_first else (joint[:, n_img:], joint[:, :n_img])
 
     img = img + img_gate1[:, None] * block.img_attn.proj(img_out)
@@ -162,14 +171,15 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
         self.norm = QKNorm(dim // num_heads)
 
-    def __call__(self, x: mx.array, c: mx.array, rope: mx.array) -> mx.array:
-        """x (B, L, D) -> (B, L, D)."""
+    def __call__(self, x: mx.array, c: mx.array, rope: mx.array, n_txt: int | None = None) -> mx.array:
+        """x (B, L, D) = [text; image] -> (B, L, D); n_txt: the text tokens (for attention maps)."""
         shift, scale, gate = self.modulation(c)
         h = self.linear1(modulate(layer_norm(x), shift, scale))
         qkv, mlp_in = h[..., : 3 * x.shape[-1]], h[..., 3 * x.shape[-1] :]
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k)
-        out = mx.concatenate([attention(q, k, v, rope), gelu_tanh(mlp_in)], axis=-1)
+        span = None if n_txt is None else joint_span(n_txt)
+        out = mx.concatenate([attention(q, k, v, rope, span), gelu_tanh(mlp_in)], axis=-1)
         return x + gate[:, None] * self.linear2(out)
 
 
@@ -270,7 +280,7 @@ class MMDiT(nn.Module):
             img, txt = block(img, txt, c, rope)
         x = mx.concatenate([txt, img], axis=1)
         for block in self.single_blocks:
-            x = block(x, c, rope)
+            x = block(x, c, rope, txt.shape[1])
         return self.final_layer(x[:, txt.shape[1] :], c)
 
 

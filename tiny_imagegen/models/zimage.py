@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..layers.attention import RMSNorm, masked_attention, split_heads
+from ..layers.attention import RMSNorm, TextSpan, masked_attention, split_heads
 from ..layers.embeddings import pack_latents, timestep_embedding, unpack_latents
 from ..layers.mlp import SwiGLUMLP
 from ..layers.modulation import layer_norm
@@ -217,9 +217,9 @@ class Attention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(dim // n_heads, eps), RMSNorm(dim // n_heads, eps)
         self.to_out = nn.Linear(dim, dim, bias=False)
 
-    def __call__(self, x: mx.array, rope, key_mask: mx.array | None) -> mx.array:
+    def __call__(self, x: mx.array, rope, key_mask: mx.array | None, span: TextSpan | None = None) -> mx.array:
         q, k, v = split_heads(self.qkv(x), self.n_heads)  # (B, H, L, d)
-        return self.to_out(masked_attention(self.norm_q(q), self.norm_k(k), v, rope, key_mask))
+        return self.to_out(masked_attention(self.norm_q(q), self.norm_k(k), v, rope, key_mask, span))
 
 
 class ZImageBlock(nn.Module):
@@ -236,15 +236,17 @@ class ZImageBlock(nn.Module):
         if modulated:  # a plain Linear of the timestep embedding: no SiLU before it (ZT:226)
             self.adaLN_modulation = nn.Linear(config.adaln_dim, 4 * D)
 
-    def __call__(self, x: mx.array, rope, key_mask: mx.array | None, c: mx.array | None = None) -> mx.array:
-        """x (B, L, D), c (B, adaln_dim) or None for an unmodulated block -> (B, L, D)."""
+    def __call__(self, x: mx.array, rope, key_mask: mx.array | None, c: mx.array | None = None,
+                 span: TextSpan | None = None) -> mx.array:
+        """x (B, L, D), c (B, adaln_dim) or None for an unmodulated block -> (B, L, D); span: where
+        image queries and caption keys sit (for attention maps)."""
         if not self.modulated:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, key_mask))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
         scale_msa, gate_msa, scale_mlp, gate_mlp = mx.split(self.adaLN_modulation(c)[:, None], 4, axis=-1)
         # `1 + scale` first, in the model dtype, as the reference rounds it (ZT:263-264)
         scale_msa, scale_mlp, gate_msa, gate_mlp = 1 + scale_msa, 1 + scale_mlp, mx.tanh(gate_msa), mx.tanh(gate_mlp)
-        x = x + gate_msa * self.attention_norm2(self.attention(self.attention_norm1(x) * scale_msa, rope, key_mask))
+        x = x + gate_msa * self.attention_norm2(self.attention(self.attention_norm1(x) * scale_msa, rope, key_mask, span))
         return x + gate_mlp * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * scale_mlp))
 
 
@@ -322,8 +324,9 @@ class ZImageTransformer(nn.Module):
 
         # one sequence [image; caption]: the image part has one length, so batch padding is at the end
         h = mx.concatenate([x, cap], axis=1)
+        span = TextSpan(slice(0, layout.n_img), slice(layout.img_len, None))  # real image tokens -> caption
         for i, block in enumerate(self.layers):
-            h = block(h, layout.rope, layout.mask, c)
+            h = block(h, layout.rope, layout.mask, c, span)
             keep(f"layers.{i}", h)
         out = self.final_layer(h[:, : layout.n_img], c)  # the final layer is per token: image tokens only
         return unpatchify(out, H, W, p)

@@ -20,6 +20,7 @@ from ..checkpoints.quantize import quantize_component
 from ..checkpoints.flux import load_flux_transformer
 from ..checkpoints.text_encoders import load_clip_text_model, load_t5_encoder
 from ..checkpoints.vae import load_vae
+from ..layers.attention import reading_out_active
 from ..layers.embeddings import pack_latents, unpack_latents
 from .loading import load_converted_parts, reloading
 from .pipeline import Conditioning, Pipeline
@@ -138,6 +139,8 @@ class Flux1Pipeline(Pipeline):
         The weights are inputs of the compiled function, not constants, so LoRAs merged or
         quantization applied later are seen; a new transformer object gets a new trace."""
         tr = self.transformer
+        if reading_out_active():  # attention maps: the read-out is Python, which a trace would skip
+            return lambda img, txt, t, y, g, rope: tr(img, None, txt, None, t, y, g, rope=rope)
         if getattr(self, "_forward", (None,))[0] is not tr:
             fn = mx.compile(lambda img, txt, t, y, g, rope: tr(img, None, txt, None, t, y, g, rope=rope),
                             inputs=tr.state)
