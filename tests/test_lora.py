@@ -209,9 +209,10 @@ def test_hub_file_from_the_cache_offline(tmp_path):
            "PYTHONPATH": root}
     code = ("from tiny_imagegen.checkpoints.flux import load_flux_transformer\n"
             "from tiny_imagegen.checkpoints.lora import apply_loras\n"
+            "from tiny_imagegen.registry.hub import resolve_file\n"
             f"m = load_flux_transformer({str(fixture_path('flux_pipeline', 'dev_like', 'transformer'))!r})\n"
-            "print(apply_loras(m, [('someone/tiny-lora/style.safetensors', 0.5)])[0])\n"
-            "apply_loras(m, [('someone/tiny-lora/missing.safetensors', 1.0)])\n")
+            "print(apply_loras(m, [('someone/tiny-lora/style.safetensors', 0.5)], resolve=resolve_file)[0])\n"
+            "apply_loras(m, [('someone/tiny-lora/missing.safetensors', 1.0)], resolve=resolve_file)\n")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                        cwd=root)
     assert "'format': 'xlabs'" in r.stdout and "'weight': 0.5" in r.stdout, r.stdout + r.stderr
