@@ -41,20 +41,23 @@ def repo(tmp_path, setting: str):
     return copy
 
 
-def generate(folder, io, setting, dtype=mx.float32, **kw):
+def generate(folder, io, setting, dtype=mx.float32, options=None, **kw):
     pipe = Pipeline.from_pretrained(str(folder), dtype=dtype, **kw)
-    images = pipe.generate(PROMPTS, width=48, height=32, latents=io["noise"], **SETTINGS[setting])
+    images = pipe.generate(PROMPTS, width=48, height=32, latents=io["noise"], **SETTINGS[setting], **(options or {}))
     z = pipe.vae.from_latents(pipe.last_latents.astype(dtype))  # as output_type="latent": BN undone, unpatchified
     return pipe, np.stack([np.asarray(im) for im in images]), z
 
 
-@pytest.mark.parametrize("setting", ["distilled", "base"])
-def test_pipeline_matches_diffusers_fp32(tmp_path, io, setting):
-    pipe, pixels, z = generate(repo(tmp_path, setting), io, setting)
+@pytest.mark.parametrize("setting, batch_cfg", [("distilled", True), ("base", True), ("base", False)])
+def test_pipeline_matches_diffusers_fp32(tmp_path, io, setting, batch_cfg):
+    """The base setting's CFG both ways: [pos; neg] in one forward, and a second forward
+    (`batch_cfg=False`, the path a memory-bound user takes)."""
+    pipe, pixels, z = generate(repo(tmp_path, setting), io, setting, options={"batch_cfg": batch_cfg})
     assert pipe.family == "flux2" and pipe.distilled == (setting == "distilled")
     assert pipe.uses_negative(SETTINGS[setting]["guidance"], {}) == (setting == "base")
-    assert_close(f"flux2 pipeline {setting} final latents", z, io[f"{setting}.latents"], atol=2e-5)
-    assert_close(f"flux2 pipeline {setting} uint8 pixels", pixels.astype(np.float32), io[f"{setting}.pixels"], atol=1)
+    name = f"flux2 pipeline {setting} (batch_cfg={batch_cfg})"
+    assert_close(f"{name} final latents", z, io[f"{setting}.latents"], atol=2e-5)
+    assert_close(f"{name} uint8 pixels", pixels.astype(np.float32), io[f"{setting}.pixels"], atol=1)
 
 
 @pytest.mark.parametrize("setting", ["distilled", "base"])
