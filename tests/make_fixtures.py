@@ -65,9 +65,16 @@ def make(name: str, out: Path) -> None:
     importlib.import_module(f"reference.{name}").make(out)
 
 
-def compare_trees(made: Path, stored: Path) -> list[str]:
-    """Differences between a freshly made fixture tree and the stored one (empty when equal)."""
+def compare_trees(made: Path, stored: Path, name: str | None = None) -> list[str]:
+    """Differences between a freshly made fixture tree and the stored one (empty when equal).
+    Both ways: a made file that is not stored, and (with the maker's `name`: each maker writes
+    under out/<name>/) a stored file under <name>/ that the maker no longer writes."""
     problems = []
+    if name is not None:
+        fresh = {p.relative_to(made) for p in (made / name).rglob("*") if p.is_file()}
+        problems += [f"{rel}: stored, but {name}.py does not make it" for rel in
+                     sorted(p.relative_to(stored) for p in (stored / name).rglob("*") if p.is_file())
+                     if rel not in fresh]
     for new in sorted(p for p in made.rglob("*") if p.is_file()):
         rel = new.relative_to(made)
         old = stored / rel
@@ -129,7 +136,7 @@ def main() -> int:
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
             make(name, Path(tmp))
-            problems = compare_trees(Path(tmp), FIXTURES)
+            problems = compare_trees(Path(tmp), FIXTURES, name)
         print(f"{name}: {'reproduced' if not problems else 'DIFFERS'}")
         for p in problems:
             print(f"  {p}")

@@ -22,6 +22,10 @@ from tiny_imagegen.checkpoints.mapping import CheckpointError, map_checkpoint, p
 from tiny_imagegen.layers.embeddings import timestep_embedding
 from tiny_imagegen.models.unet import UNET_PRESETS, UNetConfig, resize_nearest, unet_from_preset
 
+# bf16: ours / torch's relative L2 to the fp32 reference, at most this. Measured 1.22 and 1.29;
+# the float32 islands are checked one by one in test_bf16_islands.py
+BF16_FACTOR = 1.45
+
 RTOL = 1e-5
 
 
@@ -62,7 +66,7 @@ def test_bf16(name):
         dtypes.update({f"down {i}": h.dtype, **{f"down {i} skip {j}": o.dtype for j, o in enumerate(outputs)}})
     dtypes["mid"] = model.mid_block(h, emb, ctx).dtype
     assert set(dtypes.values()) == {mx.bfloat16}, {k: v for k, v in dtypes.items() if v != mx.bfloat16}
-    assert_bf16_parity(f"unet {name}", model(x, io["t"], ctx), io["out"], io["out_bf16"])
+    assert_bf16_parity(f"unet {name}", model(x, io["t"], ctx), io["out"], io["out_bf16"], BF16_FACTOR)
 
 
 # ---- config and checkpoints ------------------------------------------------------------------------
