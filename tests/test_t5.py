@@ -128,3 +128,5 @@ def test_quantized_linears_stay_close(bits, min_cosine, mean_cosine):
     print(f"[quantized T5] {bits}-bit: relative weight error {weight_error.item():.4f}; cosine similarity "
           f"of the output to fp32 per token: min {cosine.min().item():.5f}, mean {cosine.mean().item():.5f}")
     assert cosine.min().item() >= min_cosine and cosine.mean().item() >= mean_cosine
+    measured = {8: 0.0054, 4: 0.0909}[bits]  # the weights' error is a property of the format: +-20%
+    assert measured / 1.2 <= weight_error.item() <= measured * 1.2

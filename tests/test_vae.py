@@ -140,8 +140,9 @@ def test_tiled_vs_untiled_small_model(flux_io):
         diff = mx.abs(vae.decode(z, tiled=True, tile=tile, overlap=tile // 2) - whole)
         errors.append(diff.mean().item())
         print(f"[tiling] tile {tile} overlap {tile // 2}: mean abs {errors[-1]:.3f}, max {diff.max().item():.3f}")
+        assert diff.max().item() < {4: 3.5, 8: 2.5, 12: 2.5}[tile]  # measured 2.85 for tiles of 4
         if tile == 8:
-            assert errors[-1] < 0.25 and diff.max().item() < 2.5
+            assert errors[-1] < 0.25
     assert errors == sorted(errors, reverse=True)
     one_tile = vae.decode(z, tiled=True, tile=16, overlap=2)  # stride 14 > 13: a single tile
     assert_close("vae one tile == untiled", one_tile, whole, 0, RTOL)
