@@ -1,15 +1,17 @@
 """Plant plausible one-line bugs, one at a time, and see whether the tests catch each of them.
 
-    python tests/mutate.py                 # every mutation (about 15 minutes on 2 cores)
+    python tests/mutate.py                 # every mutation (about 12 minutes on 2 cores)
     python tests/mutate.py --list          # the mutations and the tests each one runs
     python tests/mutate.py rope euler      # only mutations whose id contains one of these words
 
-The tree (tiny_imagegen/, tests/, examples/, weights/, pyproject.toml) is copied once into a
-temporary directory; each mutation replaces one exact line fragment there (it must occur exactly
-once in its file), runs the few test files that should notice it (pytest -x: the first failure
-is enough), and puts the file back. Your checkout is never touched. A mutation is *caught* when
-pytest fails, *missed* when the tests still pass; the script exits 1 if any is missed or if a
-mutation's text no longer occurs (the code moved on: update the list).
+The tree (the package, tests/, examples/, weights/, benchmarks/, docs/ and the top files) is
+copied once into a temporary directory. There each distinct test selection first runs on the
+unmutated copy and must pass (else a "caught" would mean nothing: the script stops). Then each
+mutation replaces one exact line fragment (it must occur exactly once in its file), runs the few
+test files that should notice it (pytest -x: the first failure is enough), and puts the file
+back. Your checkout is never touched. A mutation is *caught* when pytest fails, *missed* when the
+tests still pass; the script exits 1 if any is missed or if a mutation's text no longer occurs
+(the code moved on: update the list).
 
 This is for contributors and reviewers, not CI: when you add a test, add the bug it guards against
 here; when you add code, add the one-line slip a reader could make in it. docs/testing.md says more.
@@ -25,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("tiny_imagegen", "tests", "examples", "weights", "pyproject.toml")
+COPIED = ("tiny_imagegen", "tests", "examples", "weights", "benchmarks", "docs", "pyproject.toml", "README.md",
+          "requirements.txt", "requirements-dev.txt")
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("words", nargs="*", help="run only mutations whose id contains one of these")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
-    parser.add_argument("--baseline", action="store_true", help="first check that the unmutated tests pass")
+    parser.add_argument("--no-baseline", action="store_true", help="skip running the unmutated tests first")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per mutation's test run")
     args = parser.parse_args()
     chosen = [m for m in MUTATIONS if not args.words or any(w in m.id for w in args.words)]
@@ -199,11 +202,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mutate-") as tmp:
         tree = Path(tmp)
         copy_tree(tree)
-        if args.baseline:
+        if not args.no_baseline:
             for tests in dict.fromkeys(m.tests for m in chosen):
-                rc, _ = run_tests(tree, tests, args.timeout)
+                rc, seconds = run_tests(tree, tests, args.timeout)
+                verdict = "passes" if rc == 0 else f"FAILS (exit {rc})"
+                print(f"baseline {verdict}: pytest {' '.join(tests)} ({seconds:.0f} s)", flush=True)
                 if rc != 0:
-                    print(f"BASELINE FAILS: pytest {' '.join(tests)} (exit {rc}): fix the tests first")
+                    print("the unmutated tests must pass first: fix them (or the copied tree, COPIED)")
                     return 1
         for i, m in enumerate(chosen, 1):
             path = tree / m.file
