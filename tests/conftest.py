@@ -71,7 +71,9 @@ def relative_l2(x, ref) -> float:
 
 def assert_bf16_parity(name: str, ours, ref_fp32, torch_bf16, factor: float = 2.0):
     """The bfloat16 rule: ours returns bf16 and is no further from the fp32 reference than
-    torch's own bf16 run of the same weights and inputs is, within `factor` (relative L2)."""
+    torch's own bf16 run of the same weights and inputs is, within `factor` (relative L2). Each
+    model's tests pass the factor measured for it (BF16_FACTOR, 1.2 to 1.45): the default 2 is too
+    loose to notice much; a lost float32 island shows in test_bf16_islands.py."""
     assert isinstance(ours, mx.array) and ours.dtype == mx.bfloat16, (
         f"{name}: returned {getattr(ours, 'dtype', type(ours))}, expected bfloat16")
     ours_err, torch_err = relative_l2(ours, ref_fp32), relative_l2(torch_bf16, ref_fp32)

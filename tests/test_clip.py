@@ -12,6 +12,10 @@ from tiny_imagegen.checkpoints.safetensors_io import read_checkpoint
 from tiny_imagegen.checkpoints.text_encoders import CLIP_HUB, CLIP_TRANSFORMERS5, clip_table, load_clip_text_model
 from tiny_imagegen.models.clip import CLIP_VIT_L14_TEXT, CLIPTextConfig, CLIPTextModel
 
+# bf16: ours / torch's relative L2 to the fp32 reference, at most this. Measured 0.99 to 1.21 (the pooled vector);
+# the float32 islands are checked one by one in test_bf16_islands.py
+BF16_FACTOR = 1.35
+
 # fp32, relative to the largest output (~3): sums in another order through 3 blocks and 7
 # LayerNorms (2.1e-6 measured, ~7 ulp)
 RTOL = 2e-6
@@ -121,13 +125,13 @@ def test_full_size_manifest_maps_completely(layout):
 
 def test_bf16_model_stays_bf16_and_is_as_accurate_as_torch():
     """Loaded in bf16, every layer, the hidden states and the pooled vector are bf16 and no
-    further from the fp32 reference than transformers' bf16 run is (relative L2, factor 2)."""
+    further from the fp32 reference than transformers' bf16 run is (relative L2, within BF16_FACTOR)."""
     ref = load_fixture("text_encoders", "clip.safetensors")
     clip = load_clip_text_model(folder(), dtype=mx.bfloat16)
     with recording_outputs({f"layer.{i}": (clip.layers, i) for i in range(len(clip.layers))}) as seen:
         hidden, pooled = clip(ref["input_ids"])
     assert len(seen) == len(clip.layers)
     for key, ours in seen.items():
-        assert_bf16_parity(f"CLIP {key}", ours, ref[key], ref[f"bf16.{key}"])
-    assert_bf16_parity("CLIP hidden states", hidden, ref["out"], ref["bf16.out"])
-    assert_bf16_parity("CLIP pooled", pooled, ref["pooled"], ref["bf16.pooled"])
+        assert_bf16_parity(f"CLIP {key}", ours, ref[key], ref[f"bf16.{key}"], BF16_FACTOR)
+    assert_bf16_parity("CLIP hidden states", hidden, ref["out"], ref["bf16.out"], BF16_FACTOR)
+    assert_bf16_parity("CLIP pooled", pooled, ref["pooled"], ref["bf16.pooled"], BF16_FACTOR)

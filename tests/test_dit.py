@@ -17,6 +17,10 @@ from tiny_imagegen.layers.embeddings import ddpm_timestep_embedding
 from tiny_imagegen.layers.positions import sincos_2d, sincos_2d_interpolated
 from tiny_imagegen.models.dit import DiT, DiTConfig, initialize_weights, preset
 
+# bf16: ours / torch's relative L2 to the fp32 reference, at most this. Measured 0.97 to 1.11 (the conditioning vector);
+# the float32 islands are checked one by one in test_bf16_islands.py
+BF16_FACTOR = 1.25
+
 # 64 channels through 2 blocks in float32; the timestep sinusoid's two 1-ulp frequencies (see
 # test_timestep_embedding) pass through the timestep MLP into every modulation.
 MODEL_ATOL = 2e-5
@@ -56,10 +60,10 @@ def test_dit_matches_diffusers_fp32():
 def test_dit_matches_diffusers_bf16():
     model, io = _tiny(mx.bfloat16), _io()
     c, blocks, out = _blocks(model, io, mx.bfloat16)
-    assert_bf16_parity("dit conditioning c", c, io["cond"], io["cond_bf16"])
+    assert_bf16_parity("dit conditioning c", c, io["cond"], io["cond_bf16"], BF16_FACTOR)
     for i, b in enumerate(blocks):  # every block computes and returns bf16: no hidden float32 upcast
-        assert_bf16_parity(f"dit block {i}", b, io[f"block{i}"], io[f"block{i}_bf16"])
-    assert_bf16_parity("dit tiny", out, io["out"], io["out_bf16"])
+        assert_bf16_parity(f"dit block {i}", b, io[f"block{i}"], io[f"block{i}_bf16"], BF16_FACTOR)
+    assert_bf16_parity("dit tiny", out, io["out"], io["out_bf16"], BF16_FACTOR)
     # float32 latents into a bf16 model: cast at the entry, the answer is bf16 all the same
     assert model(io["latents"], io["timesteps"], io["labels"]).dtype == mx.bfloat16
 

@@ -117,14 +117,14 @@ def test_offline_empty_cache_says_what_to_download(tmp_path, name):
 
 def test_pipeline_in_bf16():
     """The guided run in bfloat16 (the model and VAE; the DDIM update stays float32, ddpm.py):
-    pixels no further from the fp32 reference than DiTPipeline's own bf16 run, within 2x."""
+    pixels no further from the fp32 reference than DiTPipeline's own bf16 run, within 1.2x."""
     io = load_fixture("dit_pipeline", "io.safetensors")
     prompts, guidance, steps = RUNS["guided"]
     pipe = Pipeline.from_pretrained(str(fixture_path("dit_pipeline", "repo")), dtype=mx.bfloat16)
     pipe.generate(prompts, steps=steps, guidance=guidance, latents=io["guided.noise_bf16"].transpose(0, 2, 3, 1))
     pixels = mx.clip(pipe.decode(pipe.last_latents) * 0.5 + 0.5, 0, 1)
     assert_bf16_parity("dit pipeline guided: pixels", pixels, io["guided.images"].transpose(0, 2, 3, 1),
-                       io["guided.images_bf16"].transpose(0, 2, 3, 1))
+                       io["guided.images_bf16"].transpose(0, 2, 3, 1), factor=1.2)  # measured 0.86
 
 
 def test_negative_prompt_is_a_class_to_steer_away_from():

@@ -20,8 +20,11 @@ from tiny_imagegen.pipelines.pipeline import Pipeline
 PROMPTS = ["a red cat", "two cats on the moon, 8k"]
 SETTINGS = {"distilled": dict(steps=4, guidance=1.0), "base": dict(steps=3, guidance=4.0)}
 # bf16: ours and torch's each differ from the fp32 reference; ours may be at most this many times
-# further (relative L2 of the final latents; measured ratios are printed)
-BF16_FACTOR = 2.0
+# further (relative L2 of the final latents; measured 0.97 distilled, 0.96 base)
+BF16_FACTOR = 1.2
+# and the images at most this many uint8 levels from torch's bf16 images (measured 15 and 32: bf16
+# roundings compound over the steps; torch's own images move by up to 24 levels between CPUs)
+BF16_PIXEL_LEVELS = 48
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +44,23 @@ def repo(tmp_path, setting: str):
     return copy
 
 
-def generate(folder, io, setting, dtype=mx.float32, **kw):
+def generate(folder, io, setting, dtype=mx.float32, options=None, **kw):
     pipe = Pipeline.from_pretrained(str(folder), dtype=dtype, **kw)
-    images = pipe.generate(PROMPTS, width=48, height=32, latents=io["noise"], **SETTINGS[setting])
+    images = pipe.generate(PROMPTS, width=48, height=32, latents=io["noise"], **SETTINGS[setting], **(options or {}))
     z = pipe.vae.from_latents(pipe.last_latents.astype(dtype))  # as output_type="latent": BN undone, unpatchified
     return pipe, np.stack([np.asarray(im) for im in images]), z
 
 
-@pytest.mark.parametrize("setting", ["distilled", "base"])
-def test_pipeline_matches_diffusers_fp32(tmp_path, io, setting):
-    pipe, pixels, z = generate(repo(tmp_path, setting), io, setting)
+@pytest.mark.parametrize("setting, batch_cfg", [("distilled", True), ("base", True), ("base", False)])
+def test_pipeline_matches_diffusers_fp32(tmp_path, io, setting, batch_cfg):
+    """The base setting's CFG both ways: [pos; neg] in one forward, and a second forward
+    (`batch_cfg=False`, the path a memory-bound user takes)."""
+    pipe, pixels, z = generate(repo(tmp_path, setting), io, setting, options={"batch_cfg": batch_cfg})
     assert pipe.family == "flux2" and pipe.distilled == (setting == "distilled")
     assert pipe.uses_negative(SETTINGS[setting]["guidance"], {}) == (setting == "base")
-    assert_close(f"flux2 pipeline {setting} final latents", z, io[f"{setting}.latents"], atol=2e-5)
-    assert_close(f"flux2 pipeline {setting} uint8 pixels", pixels.astype(np.float32), io[f"{setting}.pixels"], atol=1)
+    name = f"flux2 pipeline {setting} (batch_cfg={batch_cfg})"
+    assert_close(f"{name} final latents", z, io[f"{setting}.latents"], atol=2e-5)
+    assert_close(f"{name} uint8 pixels", pixels.astype(np.float32), io[f"{setting}.pixels"], atol=1)
 
 
 @pytest.mark.parametrize("setting", ["distilled", "base"])
@@ -65,11 +71,12 @@ def test_pipeline_bf16_within_torch_bf16(tmp_path, io, setting):
     assert pipe.last_latents.dtype == mx.bfloat16
     ref, torch_bf16 = io[f"{setting}.latents"], io[f"{setting}.latents_bf16"]
     ours_err, torch_err = relative_l2(z, ref), relative_l2(torch_bf16, ref)
-    print(f"[bf16] flux2 pipeline {setting}: ours {ours_err:.3e}, torch bf16 {torch_err:.3e} "
-          f"(ratio {ours_err / torch_err:.2f}); to torch bf16 {relative_l2(z, torch_bf16):.3e}")
+    print(f"[bf16] flux2 pipeline {setting}: ours {ours_err:.3e}, torch bf16 {torch_err:.3e} (allowed {BF16_FACTOR} x)")
     assert ours_err <= BF16_FACTOR * torch_err
     pixel_gap = np.abs(pixels.astype(np.float32) - np.array(io[f"{setting}.pixels_bf16"])).max()
-    print(f"[bf16] flux2 pipeline {setting}: max pixel difference to torch bf16 {pixel_gap:.0f} levels")
+    print(f"[bf16] flux2 pipeline {setting}: max pixel difference to torch bf16 {pixel_gap:.0f} levels "
+          f"(allowed {BF16_PIXEL_LEVELS})")
+    assert pixel_gap <= BF16_PIXEL_LEVELS
 
 
 def test_converted_folder_gives_the_same_image(tmp_path, io):

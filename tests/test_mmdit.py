@@ -129,11 +129,15 @@ def test_wrong_input_shapes_are_named():
 
 # ---- bfloat16: ours against torch's own bf16 run of the same weights and inputs ----------------
 
+# ours / torch's relative L2 to fp32, measured over the four models and every block: 0.99 to 1.20
+# (schnell_tiny's output); a lost float32 island shows alone in test_bf16_islands.py
+BF16_FACTOR = 1.35
+
 @pytest.mark.parametrize("name", ["schnell_tiny", "dev_tiny", "dual_stream_tiny", "single_stream_tiny"])
 def test_bf16_model_stays_bf16_and_is_as_accurate_as_torch(name):
     """A model loaded in bf16, fed bf16 inputs, returns bf16, and so does every block (a hidden
     float32 upcast would show as a float32 block); each block's output and the model's are no
-    further from the fp32 reference than torch's bf16 run is (relative L2, factor 2)."""
+    further from the fp32 reference than torch's bf16 run is (relative L2, within BF16_FACTOR)."""
     model = load_flux_transformer(fixture_path("flux_transformer", name, "diffusers"), dtype=mx.bfloat16)
     io = load_fixture("flux_transformer", name, "io.safetensors")
     bf = {k: v.astype(mx.bfloat16) if k in ("img", "txt", "y", "timesteps", "guidance") else v for k, v in io.items()}
@@ -144,9 +148,9 @@ def test_bf16_model_stays_bf16_and_is_as_accurate_as_torch(name):
     for block, result in seen.items():
         parts = {f"{block}.img": result[0], f"{block}.txt": result[1]} if block.startswith("double") else {block: result}
         for key, ours in parts.items():
-            assert_bf16_parity(f"mmdit {name} {key}", ours, io[key], io[f"bf16.{key}"])
+            assert_bf16_parity(f"mmdit {name} {key}", ours, io[key], io[f"bf16.{key}"], BF16_FACTOR)
     assert len(seen) == len(blocks)
-    assert_bf16_parity(f"mmdit {name} output", out, io["out"], io["bf16.out"])
+    assert_bf16_parity(f"mmdit {name} output", out, io["out"], io["bf16.out"], BF16_FACTOR)
 
 
 def test_bf16_output_with_float32_inputs():

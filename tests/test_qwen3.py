@@ -24,6 +24,10 @@ from tiny_imagegen.checkpoints.qwen3 import QWEN3_CAUSAL_LM, QWEN3_MODEL, load_q
 from tiny_imagegen.models.qwen3 import QWEN3_4B, QWEN3_8B, Qwen3Config, Qwen3Model, rope_inverse_frequencies
 from tiny_imagegen.text import QwenTokenizer
 
+# bf16: ours / torch's relative L2 to the fp32 reference, at most this. Measured 0.99 to 1.11;
+# the float32 islands are checked one by one in test_bf16_islands.py
+BF16_FACTOR = 1.25
+
 DEEP_LAYERS = 28
 
 
@@ -83,8 +87,10 @@ def test_every_hidden_state_bf16():
     ours = model.hidden_states(io["input_ids"], io["attention_mask"], indices=range(DEEP_LAYERS + 1))
     assert all(h.dtype == mx.bfloat16 for h in ours), [h.dtype for h in ours]
     for i in (0, 1, 9, 18, 27, 28):
-        assert_bf16_parity(f"Qwen3 bf16 hidden_states[{i}]", ours[i], io["hidden_states"][i], io["hidden_states_bf16"][i])
-    assert_bf16_parity("Qwen3 bf16 hidden_states[all]", mx.stack(ours), io["hidden_states"], io["hidden_states_bf16"])
+        assert_bf16_parity(f"Qwen3 bf16 hidden_states[{i}]", ours[i], io["hidden_states"][i], io["hidden_states_bf16"][i],
+                           BF16_FACTOR)
+    assert_bf16_parity("Qwen3 bf16 hidden_states[all]", mx.stack(ours), io["hidden_states"], io["hidden_states_bf16"],
+                       BF16_FACTOR)
 
 
 def test_causal_lm_checkpoint_without_rope_theta():

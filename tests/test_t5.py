@@ -12,6 +12,10 @@ from tiny_imagegen.checkpoints.safetensors_io import read_checkpoint
 from tiny_imagegen.checkpoints.text_encoders import T5_ENCODER_EMBED, T5_SHARED, load_t5_encoder, t5_table
 from tiny_imagegen.models.t5 import T5_V1_1_XXL, T5Config, T5Encoder, relative_position_bucket
 
+# bf16: ours / torch's relative L2 to the fp32 reference, at most this. Measured 0.98 to 1.00;
+# the float32 islands are checked one by one in test_bf16_islands.py
+BF16_FACTOR = 1.2
+
 # fp32, relative to the largest output (~4): sums in another order through 3 blocks and 7 norms
 # leave ~20 ulp (7e-6 to 9e-6 measured, with and without OpenBLAS)
 RTOL = 5e-6
@@ -95,7 +99,7 @@ def test_full_size_manifest_maps_completely():
 def test_bf16_model_stays_bf16_and_is_as_accurate_as_torch():
     """Loaded in bf16, every layer returns bf16 (a hidden float32 upcast would show) and each
     layer's output and the encoder's are no further from the fp32 reference than transformers'
-    bf16 run of the same weights is (relative L2, factor 2)."""
+    bf16 run of the same weights is (relative L2, within BF16_FACTOR)."""
     ref = load_fixture("text_encoders", "t5.safetensors")
     model = load_t5_encoder(folder(), dtype=mx.bfloat16)
     assert model.blocks[0].ff.wo.weight.dtype == mx.bfloat16
@@ -103,8 +107,8 @@ def test_bf16_model_stays_bf16_and_is_as_accurate_as_torch():
         out = model(ref["input_ids"])
     assert len(seen) == len(model.blocks)
     for key, ours in seen.items():
-        assert_bf16_parity(f"T5 {key}", ours, ref[key], ref[f"bf16.{key}"])
-    assert_bf16_parity("T5 encoder output", out, ref["out"], ref["bf16.out"])
+        assert_bf16_parity(f"T5 {key}", ours, ref[key], ref[f"bf16.{key}"], BF16_FACTOR)
+    assert_bf16_parity("T5 encoder output", out, ref["out"], ref["bf16.out"], BF16_FACTOR)
 
 
 @pytest.mark.parametrize("bits, min_cosine, mean_cosine", [(8, 0.995, 0.999), (4, 0.6, 0.85)])
@@ -124,3 +128,5 @@ def test_quantized_linears_stay_close(bits, min_cosine, mean_cosine):
     print(f"[quantized T5] {bits}-bit: relative weight error {weight_error.item():.4f}; cosine similarity "
           f"of the output to fp32 per token: min {cosine.min().item():.5f}, mean {cosine.mean().item():.5f}")
     assert cosine.min().item() >= min_cosine and cosine.mean().item() >= mean_cosine
+    measured = {8: 0.0054, 4: 0.0909}[bits]  # the weights' error is a property of the format: +-20%
+    assert measured / 1.2 <= weight_error.item() <= measured * 1.2

@@ -12,6 +12,7 @@ import json
 import math
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
@@ -20,6 +21,10 @@ from tiny_imagegen.checkpoints import unet as ckpt
 from tiny_imagegen.checkpoints.mapping import CheckpointError, map_checkpoint, parameter_shapes, shape_placeholders
 from tiny_imagegen.layers.embeddings import timestep_embedding
 from tiny_imagegen.models.unet import UNET_PRESETS, UNetConfig, resize_nearest, unet_from_preset
+
+# bf16: ours / torch's relative L2 to the fp32 reference, at most this. Measured 1.22 and 1.29;
+# the float32 islands are checked one by one in test_bf16_islands.py
+BF16_FACTOR = 1.45
 
 RTOL = 1e-5
 
@@ -61,7 +66,7 @@ def test_bf16(name):
         dtypes.update({f"down {i}": h.dtype, **{f"down {i} skip {j}": o.dtype for j, o in enumerate(outputs)}})
     dtypes["mid"] = model.mid_block(h, emb, ctx).dtype
     assert set(dtypes.values()) == {mx.bfloat16}, {k: v for k, v in dtypes.items() if v != mx.bfloat16}
-    assert_bf16_parity(f"unet {name}", model(x, io["t"], ctx), io["out"], io["out_bf16"])
+    assert_bf16_parity(f"unet {name}", model(x, io["t"], ctx), io["out"], io["out_bf16"], BF16_FACTOR)
 
 
 # ---- config and checkpoints ------------------------------------------------------------------------
@@ -106,15 +111,16 @@ def test_checkpoint_problems_are_named():
 # ---- pieces and bad input ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n_in, n_out", [(4, 7), (3, 5), (2, 4), (5, 10)])
-def test_resize_nearest_matches_torch(n_in, n_out):
-    """floor(i * in / out), as F.interpolate(size=..., mode="nearest")."""
-    import numpy as np
-
-    x = mx.arange(n_in * 3, dtype=mx.float32).reshape(1, n_in, 3, 1)
-    got = np.array(resize_nearest(x, (n_out, 6)))[0, :, 0, 0] / 3
-    want = [min(int(i * (n_in / n_out)), n_in - 1) for i in range(n_out)]
-    assert got.tolist() == want
+def test_resize_nearest_matches_torch():
+    """F.interpolate(size=..., mode="nearest") on ramps, down and up, both axes at once
+    (tests/reference/resize.py): each output value names the input element it read."""
+    ref = load_fixture("resize", "nearest.safetensors")
+    assert len(ref) == 9
+    for key, want in ref.items():
+        (n_in, m_in), (n_out, m_out) = [tuple(int(v) for v in side.split("x")) for side in key.split("->")]
+        ramp = mx.arange(n_in * m_in, dtype=mx.float32).reshape(1, n_in, m_in, 1)
+        got = resize_nearest(ramp, (n_out, m_out))[0, :, :, 0]
+        assert mx.array_equal(got, want), f"resize {key}: {np.argwhere(np.array(got != want))[:3].tolist()} differ"
 
 
 @pytest.mark.parametrize("x_shape, ctx_shape, message", [

@@ -22,6 +22,10 @@ from tiny_imagegen.models import vae as vae_module
 from tiny_imagegen.models.vae import VAEConfig, from_pil, to_pil, upsample_nearest, vae_from_preset
 from tiny_imagegen.models.vae_tiling import tiled_decode
 
+# bf16: ours / torch's relative L2 to the fp32 reference, at most this. Measured 1.13 to 1.31 (the encoder);
+# the float32 islands are checked one by one in test_bf16_islands.py
+BF16_FACTOR = 1.45
+
 RTOL = 1e-5
 
 
@@ -136,8 +140,9 @@ def test_tiled_vs_untiled_small_model(flux_io):
         diff = mx.abs(vae.decode(z, tiled=True, tile=tile, overlap=tile // 2) - whole)
         errors.append(diff.mean().item())
         print(f"[tiling] tile {tile} overlap {tile // 2}: mean abs {errors[-1]:.3f}, max {diff.max().item():.3f}")
+        assert diff.max().item() < {4: 3.5, 8: 2.5, 12: 2.5}[tile]  # measured 2.85 for tiles of 4
         if tile == 8:
-            assert errors[-1] < 0.25 and diff.max().item() < 2.5
+            assert errors[-1] < 0.25
     assert errors == sorted(errors, reverse=True)
     one_tile = vae.decode(z, tiled=True, tile=16, overlap=2)  # stride 14 > 13: a single tile
     assert_close("vae one tile == untiled", one_tile, whole, 0, RTOL)
@@ -225,7 +230,7 @@ def test_bf16_decode_and_encode_stay_bf16_and_are_as_accurate_as_torch():
     """Loaded in bf16, fed float32 z and images (what the sampler and from_pil hand over): every
     level computes in bf16 (a hidden float32 upcast would show), and decode, encode's mean and
     log-variance and the levels stored in the fixture are no further from the fp32 reference than
-    diffusers' bf16 run of the same weights is (relative L2, factor 2)."""
+    diffusers' bf16 run of the same weights is (relative L2, within BF16_FACTOR)."""
     io = load_fixture("vae", "flux_small", "io.safetensors")
     vae = ckpt.load_vae(fixture_path("vae", "flux_small", "diffusers"), dtype=mx.bfloat16)
     enc, dec = vae.encoder, vae.decoder
@@ -238,7 +243,7 @@ def test_bf16_decode_and_encode_stay_bf16_and_are_as_accurate_as_torch():
     assert len(seen) == len(levels) and all(v.dtype == mx.bfloat16 for v in seen.values()), {
         k: v.dtype for k, v in seen.items()}
     for key in sorted(set(seen) & {k.removeprefix("bf16.") for k in io if k.startswith("bf16.")}):
-        assert_bf16_parity(f"VAE {key}", seen[key], io[key], io[f"bf16.{key}"])
-    assert_bf16_parity("VAE decode", decoded, io["decode"], io["bf16.decode"])
-    assert_bf16_parity("VAE encode mean", q.mean, io["mean"], io["bf16.mean"])
-    assert_bf16_parity("VAE encode logvar", q.logvar, io["logvar"], io["bf16.logvar"])
+        assert_bf16_parity(f"VAE {key}", seen[key], io[key], io[f"bf16.{key}"], BF16_FACTOR)
+    assert_bf16_parity("VAE decode", decoded, io["decode"], io["bf16.decode"], BF16_FACTOR)
+    assert_bf16_parity("VAE encode mean", q.mean, io["mean"], io["bf16.mean"], BF16_FACTOR)
+    assert_bf16_parity("VAE encode logvar", q.logvar, io["logvar"], io["bf16.logvar"], BF16_FACTOR)

@@ -23,7 +23,7 @@ from tiny_imagegen.models.zimage import (
 # products (3e-7, notes A2) with float32 cos/sin 1 ulp off in ~1% of entries (test_rope_table).
 MODEL_ATOL = 5e-5
 BLOCK_RTOL = 1e-5  # block outputs are residual streams up to |6.4|: 5e-5 + 1e-5 x max |ref|
-BF16_FACTOR = 2.0  # ours vs torch's bf16 distance from the fp32 reference (conftest)
+BF16_FACTOR = 1.25  # ours vs torch's bf16 distance from the fp32 reference (conftest); measured up to 1.07
 
 
 def model(dtype=mx.float32):
@@ -81,7 +81,8 @@ def test_block_outputs(dtype):
             if dtype == mx.float32:
                 assert_close(f"zimage {name} sample {i}", ours[i, :n], ref, atol=MODEL_ATOL, rtol=BLOCK_RTOL)
             else:
-                assert_bf16_parity(f"zimage {name} sample {i}", ours[i, :n], ref, io[f"mask.{name}.bf16"][i, :n])
+                assert_bf16_parity(f"zimage {name} sample {i}", ours[i, :n], ref, io[f"mask.{name}.bf16"][i, :n],
+                                   BF16_FACTOR)
 
 
 def test_sample_independent_of_batch():

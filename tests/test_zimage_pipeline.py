@@ -170,7 +170,7 @@ def test_offline_download_hint(tmp_path, monkeypatch):
 def test_bf16_pipeline(tmp_path):
     """bf16 transformer and VAE: t, the noise and the latents between steps stay float32 (as
     ZImagePipeline keeps them), and the final latents are no further from the fp32 reference
-    than torch's bf16 pipeline is (within 2x, relative L2)."""
+    than torch's bf16 pipeline is (within 1.25x, relative L2)."""
     from conftest import relative_l2
 
     io = load_fixture("zimage", "pipeline", "io.safetensors")
@@ -182,8 +182,8 @@ def test_bf16_pipeline(tmp_path):
     assert ours.dtype == mx.float32
     ref, torch_bf16 = io["turbo.latents"], io["turbo.latents.bf16"]
     err, torch_err = relative_l2(ours, ref), relative_l2(torch_bf16, ref)
-    print(f"[bf16] zimage pipeline turbo final latents: ours {err:.3e}, torch bf16 {torch_err:.3e}")
-    assert err <= 2 * torch_err
+    print(f"[bf16] zimage pipeline turbo final latents: ours {err:.3e}, torch bf16 {torch_err:.3e} (allowed 1.25 x)")
+    assert err <= 1.25 * torch_err  # measured 1.09
 
 
 def test_command_line(tmp_path):

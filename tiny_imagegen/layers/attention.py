@@ -64,7 +64,15 @@ def sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | N
     softmax is independent, so a large problem is cut into pieces -- along the heads when they
     divide evenly (k and v keep their grouping), else along the queries -- and each piece runs on
     a CPU stream of its own, which MLX runs concurrently. The result is bit-identical to one call:
-    1.4x faster at 1536 tokens in float32, 2x in bfloat16."""
+    1.4x faster at 1536 tokens in float32, 2x in bfloat16.
+
+    Low precision on the CPU runs in float32, rounded once at the end: MLX's CPU kernel rounds the
+    softmax probabilities to q's dtype before P @ V, where torch's kernels keep them in float32
+    (the softmax's float32 island): in bf16 one call was 3.7x further from the exact result than
+    torch's bf16 (tests/test_bf16_islands.py)."""
+    if q.dtype != mx.float32 and mx.default_device() == mx.cpu:
+        up = (a.astype(mx.float32) for a in (q, k, v))
+        return sdpa(*up, scale=scale, mask=mask).astype(q.dtype)
     B, H, Lq, _ = q.shape
     H_kv, Lk = k.shape[1], k.shape[2]
     cores = os.cpu_count() or 1

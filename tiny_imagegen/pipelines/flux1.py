@@ -127,7 +127,8 @@ class Flux1Pipeline(Pipeline):
         return options.get("true_cfg", 1.0) if self.distilled else guidance
 
     def uses_negative(self, guidance, options) -> bool:
-        return self.cfg_scale(guidance, options) != 1.0
+        # FluxPipeline: do_true_cfg = true_cfg_scale > 1 (a scale of 0, as schnell's docs pass, is off)
+        return self.cfg_scale(guidance, options) > 1.0
 
     def latent_shape(self, width, height):
         f = self.vae.config.downscale
@@ -157,7 +158,8 @@ class Flux1Pipeline(Pipeline):
             x = noise_image(pack_latents(init), x, schedule[0])
         txt, vec = cond.positive["txt"], cond.positive["vec"]
         scale = self.cfg_scale(guidance, {"true_cfg": true_cfg})
-        batched = scale != 1.0 and (self.batch_cfg if batch_cfg is None else batch_cfg)
+        cfg = scale > 1.0  # as uses_negative
+        batched = cfg and (self.batch_cfg if batch_cfg is None else batch_cfg)
         if batched:
             txt = mx.concatenate([txt, cond.negative["txt"]])
             vec = mx.concatenate([vec, cond.negative["vec"]])
@@ -174,7 +176,7 @@ class Flux1Pipeline(Pipeline):
             v = transformer(xs.astype(self.dtype), txt, ts, vec, g, rope)
             if batched:
                 return classifier_free_guidance(v[:B], v[B:], scale)
-            if scale != 1.0:  # unbatched guidance: a second forward
+            if cfg:  # unbatched guidance: a second forward
                 v_neg = transformer(xs.astype(self.dtype), cond.negative["txt"], ts, cond.negative["vec"], g, rope)
                 v = classifier_free_guidance(v, v_neg, scale)
             return v
