@@ -20,7 +20,7 @@ import pytest
 
 from conftest import fixture_path, load_fixture, relative_l2
 from test_rope import ROPE_BF16_MISMATCH, ROTATION_AXES, ROTATION_THETA, rope_bf16_mismatch
-from tiny_imagegen import sampling
+from tiny_imagegen.diffusion import flow_matching as sampling
 from tiny_imagegen.layers import attention, embeddings, modulation, rope
 
 # the fraction of elements that may differ from torch's bf16 result (measured: LayerNorm 0.05%,

@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import assert_close, load_fixture
 from test_pipeline import hub_folder
 from tiny_imagegen.layers.embeddings import pack_latents
-from tiny_imagegen.pipeline import Pipeline
+from tiny_imagegen.pipelines.pipeline import Pipeline
 
 PROMPTS = ["a red circle to the left of a blue square", "Ein Café in Tōkyō"]
 NEGATIVE = "a blurry photo"

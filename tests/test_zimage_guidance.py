@@ -9,8 +9,8 @@ import pytest
 
 from conftest import assert_close, load_fixture
 from test_zimage_pipeline import conditioning, hub_folder
-from tiny_imagegen.pipeline import Pipeline
-from tiny_imagegen.sampling import zimage_model_time, zimage_sigmas
+from tiny_imagegen.pipelines.pipeline import Pipeline
+from tiny_imagegen.diffusion.flow_matching import zimage_model_time, zimage_sigmas
 
 STEPS, GUIDANCE = 4, 1.5
 
