@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import fixture_path
-from tiny_imagegen import attention_maps as am
+from tiny_imagegen.conditioning import attention_maps as am
 from tiny_imagegen.layers import attention as attn
 from tiny_imagegen.text import CLIPTokenizer, QwenTokenizer, T5Tokenizer
 
