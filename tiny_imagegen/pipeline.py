@@ -66,7 +66,13 @@ def expand_seeds(n_prompts: int, n_images: int, seed: int | list[int]) -> list[i
 
 class Pipeline:
     family = ""  # the registry's family name, set by each subclass
-    img2img = True  # whether `generate(image=...)` is supported
+    # what a family takes besides the prompt (the command refuses the rest before loading a model)
+    img2img = True  # `generate(image=..., strength=...)`: start from an init image
+    inpaint = False  # `generate(image=..., mask=...)`: repaint where the mask is white
+    max_references = 0  # `generate(references=[...])`: reference images for editing
+    # the init image's latents: "mode" of the VAE posterior, or a "sample" of it (diffusers'
+    # sample_mode="sample": mean + std·ε with ε drawn per image, before the noise)
+    init_posterior = "mode"
 
     def __init__(self, name: str, transformer, vae, text_encoder, defaults: SamplingDefaults,
                  dtype: mx.Dtype = mx.float32, keep_text_encoders: bool = False,
@@ -156,16 +162,42 @@ class Pipeline:
         """How many tokens of `prompt` the text encoder's length cuts off (0: none)."""
         return 0
 
-    def encode_image(self, image, width: int, height: int) -> mx.array:
-        """An init image -> the diffusion model's latents (1, h, w, C), for image-to-image."""
-        from PIL import Image
+    def output_size(self, width: int | None, height: int | None, image=None, references=None) -> tuple[int, int]:
+        """The size generate makes: as asked; else the init image's (floored to the size
+        multiple); else the family's default. Families with references may say otherwise."""
+        if image is not None and (width is None or height is None):
+            from .editing.images import image_size, open_image
 
+            w, h = image_size(open_image(image, "init image"), self.size_multiple)
+            return width or w, height or h
+        return width or self.defaults.width, height or self.defaults.height
+
+    def encode_image(self, image, width: int, height: int):
+        """An init image -> the VAE's posterior q(z | x) (models/vae.py DiagonalGaussian), the
+        image LANCZOS-resized to (width, height) first (VaeImageProcessor.preprocess)."""
+        from .editing.images import open_image, resize_init
         from .models.vae import from_pil
 
-        if not isinstance(image, Image.Image):
-            image = Image.open(image)
-        image = image.convert("RGB").resize((width, height), Image.LANCZOS)
-        return self.vae.encode_latents(from_pil(image).astype(self.dtype), sample=False).astype(mx.float32)
+        image = resize_init(open_image(image, "init image"), width, height)
+        return self.vae.encode(from_pil(image).astype(self.dtype))
+
+    def init_latents(self, q, eps: mx.array | None) -> mx.array:
+        """The diffusion-space latents of the init image: the posterior's mode, or mean + std·ε
+        (one row per ε), then the VAE's scale and shift; float32 (B, ...) like the noise."""
+        z = q.mode() if eps is None else q.mean + q.std * eps.astype(q.mean.dtype)
+        return self.vae.to_latents(z).astype(mx.float32)
+
+    def latent_mask(self, mask, width: int, height: int) -> mx.array:
+        """The mask on the latent grid (1, h, w, 1), 1 = repaint: nearest (FI:708, SD, Z-Image)."""
+        from .editing import masks
+
+        f = self.vae.config.downscale
+        m = masks.nearest(masks.pixel_mask(mask, width, height), height // f, width // f)
+        return mx.array(m)[None, :, :, None]
+
+    def encode_references(self, references: list, width: int, height: int):
+        """Reference images -> what the family's sampler reads beside the noisy tokens."""
+        raise NotImplementedError(f"{self.family} models take no reference images")
 
     # ---- shared steps -----------------------------------------------------------------------------
 
@@ -259,6 +291,9 @@ class Pipeline:
         negative_prompt: str | list[str] = "",
         image=None,
         strength: float = 0.75,
+        mask=None,
+        references: list | None = None,
+        posterior_noise: mx.array | None = None,
         progress: Progress | None = None,
         latents: mx.array | None = None,
         vae_tiling: bool | None = None,
@@ -270,15 +305,19 @@ class Pipeline:
         """Images (PIL) for each prompt x n_images; image i of a prompt uses seed + i, so any image
         can be remade alone; a list of seeds gives every output image its own (and implies the
         number of images per prompt). `conditioning` (from `condition`) replaces the prompts.
-        `guidance`: the family's guidance knob (see its class). `image`/`strength`: image-to-image.
-        `latents` replaces the seeded noise. `batch_size`: images per denoising pass (default all).
+        `guidance`: the family's guidance knob (see its class). `image`/`strength`: image-to-image;
+        with `mask` (white = repaint): inpainting (editing/masked_sampling.py). `references`:
+        images the model edits from (families with `max_references`). Images are PIL images or
+        paths. `latents` replaces the seeded noise; `posterior_noise` the ε that samples the init
+        image's VAE posterior (families with init_posterior "sample"; default: from each seed). `batch_size`: images per denoising pass (default all).
         `vae_tiling`: None decodes in tiles above 768x768 pixels or where the untiled decode would
         not fit the device's memory (memory.py); True / False force it.
         `preview(step, latents)` is called after every step; `self.decode` turns them into images.
         Family options (e.g. FLUX's `true_cfg`) pass through `options`."""
         self.timings, self.peak_memory = {}, {}
         d = self.defaults
-        width, height = width or d.width, height or d.height
+        self.check_editing(image, mask, references)
+        width, height = self.output_size(width, height, image, references)
         steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance
         self.check_size(width, height)
         if conditioning is None:
@@ -295,7 +334,15 @@ class Pipeline:
         if n_images > 1:  # one row per image
             conditioning = conditioning.rows([r for r in range(len(conditioning.prompts)) for _ in range(n_images)])
         B = len(seeds)
-        init = self.encode_image(image, width, height) if image is not None else None  # once, not per image
+        # the images are encoded once, not per image
+        posterior = self.encode_image(image, width, height) if image is not None else None
+        edit = {}
+        if mask is not None:
+            from .editing.images import open_image
+
+            edit["mask"] = self.latent_mask(open_image(mask, "mask"), width, height)
+        if references:
+            edit["references"] = self.encode_references(references, width, height)
         if vae_tiling is None:
             vae_tiling = auto_tiling(width, height, self.vae.config.block_out_channels[0], self.dtype)
 
@@ -307,10 +354,17 @@ class Pipeline:
             rows = list(range(s, min(s + batch_size, B)))
             noise = (latents[s:rows[-1] + 1] if latents is not None
                      else mx.concatenate([self.noise(seeds[i], width, height) for i in rows]))
+            init = None
+            if posterior is not None:
+                eps = None
+                if self.init_posterior == "sample":
+                    eps = (posterior_noise[s:rows[-1] + 1] if posterior_noise is not None
+                           else mx.concatenate([self.posterior_noise(seeds[i], posterior.mean.shape) for i in rows]))
+                init = self.init_latents(posterior, eps)
             start = self._phase()
             with wired_weights(self.weight_bytes):
                 x = self.sample(noise, conditioning.rows(rows), steps=steps, guidance=guidance, width=width,
-                                height=height, init=init, strength=strength,
+                                height=height, init=init, strength=strength, **edit,
                                 run=lambda step, x, n: self.run_steps(step, x, n, progress, preview), **options)
             finals.append(x)
             start = self._phase("denoise", start)
@@ -322,6 +376,37 @@ class Pipeline:
         from .models.vae import to_pil
 
         return to_pil(mx.concatenate(out) if len(out) > 1 else out[0])
+
+    def check_editing(self, image, mask, references) -> None:
+        """What this family cannot do with these inputs, as one-line errors (the command asks the
+        class before loading: `refusal`)."""
+        problem = self.refusal(image is not None, mask is not None, len(references or []))
+        if problem:
+            raise ValueError(problem)
+
+    @classmethod
+    def refusal(cls, image: bool, mask: bool, references: int) -> str | None:
+        """Why this family refuses these inputs (None: it takes them); needs no weights."""
+        name = f"{cls.family} models"
+        if mask and not image:
+            return "--mask needs --image: the image to inpaint"
+        if mask and not cls.inpaint:
+            return f"--mask: {name} have no inpainting here"
+        if image and not mask and not cls.img2img:
+            hint = " (they inpaint: add --mask)" if cls.inpaint else ""
+            hint += " (reference images for editing: --ref)" if cls.max_references else ""
+            return f"--image: {name} have no image-to-image here{hint}"
+        if references and not cls.max_references:
+            return f"--ref: {name} take no reference images (--image is an init image for image-to-image)"
+        if references > cls.max_references:
+            return f"--ref given {references} times: {name} take at most {cls.max_references} reference image(s)"
+        return None
+
+    def posterior_noise(self, seed: int, shape: tuple[int, ...]) -> mx.array:
+        """The ε that samples the init image's VAE posterior for one image: from its seed alone,
+        a stream apart from the noise's."""
+        key = mx.random.split(mx.random.key(seed))[1]
+        return mx.random.normal((1, *shape[1:]), dtype=mx.float32, key=key)
 
     def noise(self, seed: int, width: int, height: int) -> mx.array:
         """One image's noise (1, ...), from its seed alone."""

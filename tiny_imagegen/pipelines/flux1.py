@@ -20,6 +20,7 @@ from ..checkpoints.quantize import quantize_component
 from ..checkpoints.flux import load_flux_transformer
 from ..checkpoints.text_encoders import load_clip_text_model, load_t5_encoder
 from ..checkpoints.vae import load_vae
+from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
 from ..layers.embeddings import pack_latents, unpack_latents
 from ..loading import load_converted_parts, reloading
 from ..pipeline import Conditioning, Pipeline
@@ -64,6 +65,8 @@ def defaults_for_folder(folder: Path, guidance_embed: bool) -> SamplingDefaults:
 class Flux1Pipeline(Pipeline):
     family = "flux1"
     batch_cfg = True  # positive and negative in one forward
+    inpaint = True  # FluxInpaintPipeline: the mask nearest on the latent grid, no blur
+    init_posterior = "sample"  # FluxImg2ImgPipeline / FluxInpaintPipeline sample the posterior (FI:476)
 
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify, loras=None):
@@ -145,13 +148,17 @@ class Flux1Pipeline(Pipeline):
         return self._forward[1]
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
-               true_cfg: float = 1.0, batch_cfg: bool | None = None):
-        B, h, w, _ = noise.shape
+               true_cfg: float = 1.0, batch_cfg: bool | None = None, mask: mx.array | None = None):
+        B, h, w, C = noise.shape
         x = pack_latents(noise.astype(mx.float32))  # (B, h/2 * w/2, 4C)
         schedule = flux_schedule(steps, x.shape[1], shift=self.defaults.shift)
+        region = None
         if init is not None:
             schedule = img2img_schedule(schedule, strength)
-            x = noise_image(pack_latents(init), x, schedule[0])
+            x0, eps = pack_latents(init), x
+            x = noise_image(x0, eps, schedule[0])  # scale_noise at sigmas[t_start] (FI:678)
+            if mask is not None:  # the mask over every channel, packed like the latents (FI:708-716)
+                region = KnownRegion(x0, eps, pack_latents(mx.broadcast_to(mask, (1, h, w, C))), flow_noised)
         txt, vec = cond.positive["txt"], cond.positive["vec"]
         scale = self.cfg_scale(guidance, {"true_cfg": true_cfg})
         batched = scale != 1.0 and (self.batch_cfg if batch_cfg is None else batch_cfg)
@@ -180,7 +187,7 @@ class Flux1Pipeline(Pipeline):
             return euler_step(x, velocity(x, schedule[i]), schedule[i], schedule[i + 1])
 
         self._grid = (h, w)
-        x = run(step, x, len(schedule) - 1)
+        x = run(masked_steps(step, region, schedule), x, len(schedule) - 1)
         return unpack_latents(x, h, w)
 
     def preview_latents(self, x):

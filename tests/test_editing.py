@@ -1,0 +1,121 @@
+"""Editing against diffusers (fixtures: tests/reference/editing.py): FLUX.2 klein reference images
+(Flux2KleinPipeline(image=[...]), one and two references, not square), klein inpainting
+(Flux2KleinInpaintPipeline) and FLUX.1 inpainting (FluxInpaintPipeline), fp32 and bf16, on the
+tiny repos of the text-to-image tests, with the same noise; then the masks' own rules."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import assert_close, fixture_path, load_fixture, relative_l2
+from test_pipeline import hub_folder
+from tiny_imagegen.editing import masks
+from tiny_imagegen.pipeline import Pipeline
+
+PROMPT = "a red cat"
+BF16_FACTOR = 2.0  # ours no further from the fp32 reference than this x torch's bf16 run (relative L2)
+
+
+@pytest.fixture(scope="module")
+def pics():
+    return {k: Image.fromarray(np.array(v)) for k, v in load_fixture("editing", "images.safetensors").items()}
+
+
+def klein(dtype=mx.float32):
+    return Pipeline.from_pretrained(str(fixture_path("flux2_pipeline", "repo")), dtype=dtype)
+
+
+def tokens(pipe) -> mx.array:
+    B, h, w, C = pipe.last_latents.shape
+    return pipe.last_latents.reshape(B, h * w, C)
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in images]).astype(np.float32)
+
+
+def check_bf16(name, ours, ref, torch_bf16):
+    ours_err, torch_err = relative_l2(ours, ref), relative_l2(torch_bf16, ref)
+    print(f"[bf16] {name}: ours {ours_err:.3e}, torch bf16 {torch_err:.3e} (ratio {ours_err / torch_err:.2f})")
+    assert ours_err <= BF16_FACTOR * torch_err
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_klein_references_match_diffusers(pics, n):
+    io = load_fixture("editing", "klein_edit.safetensors")
+    pipe = klein()
+    refs = [pics["ref1"], pics["ref2"]][:n]
+    images = pipe.generate(PROMPT, steps=4, references=refs, latents=io[f"refs{n}.noise"])
+    assert images[0].size == (64, 80)  # the first reference's size, cropped to multiples of 16
+    assert_close(f"klein {n} reference(s): final packed latents", tokens(pipe), io[f"refs{n}.latents"], atol=2e-5)
+    assert_close(f"klein {n} reference(s): uint8 pixels", pixels(images), io[f"refs{n}.pixels"], atol=1)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_klein_references_bf16(pics, n):
+    io = load_fixture("editing", "klein_edit.safetensors")
+    pipe = klein(mx.bfloat16)
+    images = pipe.generate(PROMPT, steps=4, references=[pics["ref1"], pics["ref2"]][:n], latents=io[f"refs{n}.noise"])
+    assert pipe.last_latents.dtype == mx.bfloat16
+    check_bf16(f"klein {n} reference(s)", tokens(pipe), io[f"refs{n}.latents"], io[f"refs{n}.latents_bf16"])
+    gap = np.abs(pixels(images) - np.array(io[f"refs{n}.pixels_bf16"])).max()
+    print(f"[bf16] klein {n} reference(s): max pixel difference to torch bf16 {gap:.0f} levels")
+
+
+def test_reference_ids_sit_at_their_own_offset(pics):
+    pipe = klein()
+    tokens_, ids = pipe.encode_references([pics["ref1"], pics["ref2"]], 64, 80)
+    assert tokens_.shape == (1, 4 * 5 + 6 * 4, 16)  # 64x80 -> 4x5 tokens, 96x64 -> 6x4
+    assert sorted(set(ids[:, 0].tolist())) == [10.0, 20.0]  # t = 10 + 10 k (FKP:353)
+    assert ids[:20, 1].max() == 4 and ids[:20, 2].max() == 3 and ids[20:, 1].max() == 3 and ids[20:, 2].max() == 5
+
+
+def test_klein_inpaint_matches_diffusers(pics):
+    io = load_fixture("editing", "klein_inpaint.safetensors")
+    pipe = klein()
+    m = pipe.latent_mask(pics["klein_mask"], 64, 80)
+    assert_close("klein inpaint: token-grid mask (bilinear)", m[0, :, :, 0], io["token_mask"], atol=0)
+    images = pipe.generate(PROMPT, steps=5, image=pics["ref1"], mask=pics["klein_mask"], strength=0.8,
+                           latents=io["noise"])
+    assert images[0].size == (64, 80)  # the image's own size, floored to 16
+    assert_close("klein inpaint: final packed latents", tokens(pipe), io["latents"], atol=2e-5)
+    assert_close("klein inpaint: uint8 pixels", pixels(images), io["pixels"], atol=1)
+    # where the mask is 0 on the token grid, the result is the image's own latents exactly
+    x0 = pipe.init_latents(pipe.encode_image(pics["ref1"], 64, 80), None)
+    keep = np.array(m).reshape(-1) == 0
+    assert np.array_equal(np.array(tokens(pipe))[0, keep], np.array(x0.reshape(1, -1, 16))[0, keep])
+
+
+def test_klein_inpaint_bf16(pics):
+    io = load_fixture("editing", "klein_inpaint.safetensors")
+    pipe = klein(mx.bfloat16)
+    pipe.generate(PROMPT, steps=5, image=pics["ref1"], mask=pics["klein_mask"], strength=0.8, latents=io["noise_bf16"])
+    check_bf16("klein inpaint", tokens(pipe), io["latents"], io["latents_bf16"])
+
+
+def test_flux1_inpaint_matches_diffusers(tmp_path, pics):
+    from tiny_imagegen.layers.embeddings import pack_latents
+
+    io = load_fixture("editing", "flux1_inpaint.safetensors")
+    pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path, "dev_like")), dtype=mx.float32)
+    images = pipe.generate(PROMPT, width=48, height=32, steps=5, guidance=3.5, image=pics["flux1_image"],
+                           mask=pics["flux1_mask"], strength=0.6, latents=io["noise"], posterior_noise=io["eps"])
+    assert_close("flux1 inpaint: final packed latents", pack_latents(pipe.last_latents), io["latents"], atol=2e-5)
+    assert_close("flux1 inpaint: uint8 pixels", pixels(images), io["pixels"], atol=1)
+
+
+def test_mask_rules():
+    m = np.zeros((32, 32), np.float32)
+    m[:16] = 1
+    assert masks.nearest(m, 4, 4)[:, 0].tolist() == [1, 1, 0, 0]
+    soft = masks.bilinear(m, 2, 2)  # rows 7/8 and 23/24 averaged: an edge at 16 stays hard
+    assert soft[:, 0].tolist() == [1.0, 0.0]
+    assert masks.bilinear(np.pad(m, ((8, 0), (0, 0)))[:32], 2, 2)[:, 0].tolist() == [0.5, 0.5]  # edges at 8 and 24: soft
+    grey = Image.fromarray(np.full((8, 8, 3), 200, np.uint8))
+    masks.check_mask(grey)  # RGB with equal channels is a grey mask
+    with pytest.raises(ValueError, match="colours"):
+        masks.check_mask(Image.fromarray(np.dstack([np.full((8, 8), 200, np.uint8)] * 2 + [np.zeros((8, 8), np.uint8)])))
+    assert masks.pixel_mask(Image.fromarray(np.full((8, 8), 127, np.uint8)), 8, 8).max() == 0  # 127/255 < 0.5
+    assert "nothing" in masks.coverage(np.zeros((2, 2))) and "everything" in masks.coverage(np.ones((2, 2)))
+    assert masks.coverage(m) is None
