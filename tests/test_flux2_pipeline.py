@@ -95,7 +95,7 @@ def test_image_to_image_is_refused_clearly(io):
     pipe = Pipeline.from_pretrained(str(fixture_path("flux2_pipeline", "repo")), dtype=mx.float32)
     assert not pipe.img2img and pipe.inpaint and pipe.max_references
     with pytest.raises(ValueError, match="no image-to-image.*--mask.*--ref") as e:
-        pipe.generate(PROMPTS[:1], width=48, height=32, image=object())
+        pipe.generate(PROMPTS[:1], width=48, height=32, image=object())  # refused before it is read
     print(e.value)
 
 

@@ -55,6 +55,32 @@ class Conditioning:
         return Conditioning([self.prompts[i] for i in index], take(self.positive), take(self.negative))
 
 
+def pipeline_class(model: str) -> type | None:
+    """The pipeline class that would run `model`, found without reading weights or downloading:
+    a registered name, a shipped model or a local folder; None for a hub repo id the registry
+    does not know (its family is known only once its model_index.json is here)."""
+    from pathlib import Path
+
+    from .hub import family_of_folder
+    from .loading import shipped
+    from .registry import find
+
+    spec = find(model)
+    if spec is not None:
+        family = FAMILIES[spec.family]
+    else:
+        folder = shipped(model) if "/" not in model else None
+        folder = folder or (Path(model).expanduser() if Path(model).expanduser().is_dir() else None)
+        if folder is None:
+            return None
+        try:
+            family = family_of_folder(folder)
+        except Exception:  # an unknown pipeline: from_pretrained says so in its own words
+            return None
+    module, name = family.pipeline.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def expand_seeds(n_prompts: int, n_images: int, seed: int | list[int]) -> list[int]:
     """One seed per output image: image i of a prompt uses seed + i; a list gives each its own."""
     if isinstance(seed, int):
@@ -380,26 +406,27 @@ class Pipeline:
     def check_editing(self, image, mask, references) -> None:
         """What this family cannot do with these inputs, as one-line errors (the command asks the
         class before loading: `refusal`)."""
-        problem = self.refusal(image is not None, mask is not None, len(references or []))
+        problem = self.refusal(image is not None, mask is not None, len(references or []), self.name)
         if problem:
             raise ValueError(problem)
 
     @classmethod
-    def refusal(cls, image: bool, mask: bool, references: int) -> str | None:
+    def refusal(cls, image: bool, mask: bool, references: int, model: str = "") -> str | None:
         """Why this family refuses these inputs (None: it takes them); needs no weights."""
-        name = f"{cls.family} models"
+        name = f"{model} ({cls.family} models)" if model else f"{cls.family} models"
         if mask and not image:
             return "--mask needs --image: the image to inpaint"
         if mask and not cls.inpaint:
-            return f"--mask: {name} have no inpainting here"
+            return f"--mask: {name} has no inpainting here"
         if image and not mask and not cls.img2img:
-            hint = " (they inpaint: add --mask)" if cls.inpaint else ""
-            hint += " (reference images for editing: --ref)" if cls.max_references else ""
-            return f"--image: {name} have no image-to-image here{hint}"
+            can = (["it inpaints (add --mask)"] if cls.inpaint else []) + (
+                ["edits from reference images (--ref)"] if cls.max_references else [])
+            hint = f"; {' and '.join(can)}" if can else ""
+            return f"--image: {name} has no image-to-image here{hint}"
         if references and not cls.max_references:
-            return f"--ref: {name} take no reference images (--image is an init image for image-to-image)"
+            return f"--ref: {name} takes no reference images (--image is an init image for image-to-image)"
         if references > cls.max_references:
-            return f"--ref given {references} times: {name} take at most {cls.max_references} reference image(s)"
+            return f"--ref given {references} times: {name} takes at most {cls.max_references} reference image(s)"
         return None
 
     def posterior_noise(self, seed: int, shape: tuple[int, ...]) -> mx.array:

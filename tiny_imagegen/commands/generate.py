@@ -15,8 +15,9 @@ from pathlib import Path
 import mlx.core as mx
 
 from .. import __version__
-from .inputs import DEFAULT_MODEL, UsageError, check_image, check_size, check_writable, output_paths, read_jobs
-from .metadata import replay_arguments, save_png
+from .inputs import (DEFAULT_MODEL, UsageError, check_size, check_writable, input_hashes, output_paths,
+                     read_edit_inputs, read_jobs)
+from .metadata import check_inputs_unchanged, replay_arguments, save_png
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,9 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "precision, README: bf16, float16, quantized models)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="compute dtype; auto: bfloat16 on GPUs, float32 on the CPU")
-    p.add_argument("--image", help="init image for image-to-image")
+    p.add_argument("--image", metavar="IMAGE",
+                   help="init image: image-to-image with --strength, inpainting with --mask (FLUX.1, SD 1.5: "
+                        "both; FLUX.2 klein: inpainting only); the output size defaults to its own")
     p.add_argument("--strength", type=float, default=0.75,
-                   help="image-to-image: how much of the schedule to run, 0 < s <= 1 (default %(default)s)")
+                   help="image-to-image and inpainting: how much of the schedule to run, 0 < s <= 1; 1 starts "
+                        "from pure noise (default %(default)s)")
+    p.add_argument("--mask", metavar="MASK",
+                   help="inpainting: a greyscale image of --image's size, white = repaint, black = keep")
+    p.add_argument("--ref", action="append", metavar="IMAGE",
+                   help="a reference image to edit from (FLUX.2 klein: up to 10, repeat the flag; the output "
+                        "size defaults to the first's); not an init image: nothing is noised")
     p.add_argument("--output", default="out.png",
                    help="PNG path; with several images a pattern with {i} (index) and/or {seed} "
                         "(default: %(default)s, numbered out-0.png ... when several)")
@@ -103,6 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError as e:
             parser.exit(2, f"error: --config-from-metadata {e}\n")
         given = given_flags(parser, argv)
+        try:  # the input images must be the ones the image was made from
+            check_inputs_unchanged(args.config_from_metadata, skip=given)
+        except ValueError as e:
+            parser.exit(2, f"error: --config-from-metadata {e}\n")
         for dest, value in stored.items():
             if dest not in given and hasattr(args, dest):
                 setattr(args, dest, [value] if dest == "seed" else value)
@@ -187,7 +200,11 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.stepwise_output is not None:
         args.stepwise_output.mkdir(parents=True, exist_ok=True)
         check_writable(args.stepwise_output, f"--stepwise-output {args.stepwise_output}")
-    init_image = check_image(args.image)
+    from ..pipeline import pipeline_class
+
+    edit = read_edit_inputs(args, pipeline_class(args.model))
+    for notice in edit.notices:
+        warn(notice)
     dtype = None if args.dtype == "auto" else getattr(mx, args.dtype)
 
     start = time.perf_counter()
@@ -207,11 +224,16 @@ def run(args: argparse.Namespace) -> list[Path]:
                                     "karras": (args.karras, False), "cfg_channels": (args.cfg_channels, None),
                                     "shift": (args.shift, None), "cfg_normalization": (args.cfg_normalization, 0.0),
                                     "cfg_truncation": (args.cfg_truncation, 1.0)})
-    if init_image is not None and not pipe.img2img:
-        raise UsageError(f"--image: {pipe.name} ({pipe.family} models) has no image-to-image here")
+    problem = pipe.refusal(edit.image is not None, edit.mask is not None, len(edit.references), pipe.name)
+    if problem:  # a hub repo id the registry does not know: its family is known only now
+        raise UsageError(problem)
+    hashes = input_hashes(args)
     written = []
     for n, job in enumerate(jobs):
-        width, height = job.width or pipe.defaults.width, job.height or pipe.defaults.height
+        try:
+            width, height = pipe.output_size(job.width, job.height, edit.image, edit.references)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         steps = job.steps or pipe.defaults.steps
         guidance = pipe.defaults.guidance if job.guidance is None else job.guidance
         try:
@@ -230,8 +252,9 @@ def run(args: argparse.Namespace) -> list[Path]:
         preview = stepwise_writer(pipe, args.stepwise_output, first) if args.stepwise_output else None
         try:  # what only the family can check (e.g. a class name DiT does not know)
             images = pipe.generate(job.prompt, width=width, height=height, steps=steps, guidance=guidance,
-                                   seed=job.seeds, negative_prompt=job.negative_prompt, image=init_image,
-                                   strength=args.strength, progress=ProgressBar(), batch_size=args.batch_size,
+                                   seed=job.seeds, negative_prompt=job.negative_prompt, image=edit.image,
+                                   strength=args.strength, mask=edit.mask, references=edit.references or None,
+                                   progress=ProgressBar(), batch_size=args.batch_size,
                                    vae_tiling={"auto": None, "on": True, "off": False}[args.vae_tiling],
                                    preview=preview, **options)
         except ValueError as e:
@@ -244,8 +267,9 @@ def run(args: argparse.Namespace) -> list[Path]:
             "dtype": str(pipe.dtype).split(".")[-1], "software": f"tiny_imagegen {__version__}", **options,
             **(lora_metadata(pipe.loras) if getattr(pipe, "loras", None) else {}),
         }
-        if init_image is not None:
-            metadata.update(image=args.image, strength=args.strength)
+        metadata.update(hashes)
+        if edit.image is not None:
+            metadata.update(strength=args.strength)
         for image, s in zip(images, job.seeds):
             path = paths[len(written)]
             save_png(image, path, {**metadata, "seed": s})
