@@ -119,3 +119,19 @@ def test_mask_rules():
     assert masks.pixel_mask(Image.fromarray(np.full((8, 8), 127, np.uint8)), 8, 8).max() == 0  # 127/255 < 0.5
     assert "nothing" in masks.coverage(np.zeros((2, 2))) and "everything" in masks.coverage(np.ones((2, 2)))
     assert masks.coverage(m) is None
+
+
+@pytest.mark.parametrize("name", ["img2img", "inpaint"])
+def test_zimage_img2img_and_inpaint_match_diffusers(tmp_path, pics, name):
+    """ZImageImg2ImgPipeline (strength 0.6: 5 of 8 Turbo steps from σ 0.8333) and
+    ZImageInpaintPipeline (0.8: 6 from 0.9); the image 52x36 is floored and resized to 48x32."""
+    from test_zimage_pipeline import hub_folder as zimage_folder
+
+    io = load_fixture("editing", "zimage.safetensors")
+    pipe = Pipeline.from_pretrained(str(zimage_folder(tmp_path)), dtype=mx.float32)
+    extra = dict(mask=pics["zimage_mask"], strength=0.8) if name == "inpaint" else dict(strength=0.6)
+    images = pipe.generate(PROMPT, steps=8, guidance=0.0, image=pics["zimage_image"], latents=io[f"{name}.noise"],
+                           posterior_noise=io[f"{name}.eps"], **extra)
+    assert images[0].size == (48, 32)
+    assert_close(f"zimage {name}: final latents", pipe.last_latents, io[f"{name}.latents"], atol=5e-5)
+    assert_close(f"zimage {name}: uint8 pixels", pixels(images), io[f"{name}.pixels"], atol=1)

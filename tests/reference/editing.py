@@ -11,6 +11,8 @@ Writes under out/editing/:
                          latents, pixels, fp32 and bf16
   flux1_inpaint.safetensors  FluxInpaintPipeline (dev-like transformer): the posterior's ε and the
                          noise (drawn in that order from one generator), final packed latents, pixels
+  zimage.safetensors     ZImageImg2ImgPipeline and ZImageInpaintPipeline (the tiny Z-Image of
+                         tests/fixtures/zimage, from the prompt): ε, noise, final latents (B, h, w, 16), pixels
 """
 
 import shutil
@@ -44,6 +46,10 @@ def images() -> dict[str, np.ndarray]:
     mask = np.zeros((40, 56), np.uint8)
     mask[8:30, 16:44], mask[32:38, 2:10] = 255, 127
     out["flux1_mask"] = mask
+    out["zimage_image"] = rng.integers(0, 256, (36, 52, 3), dtype=np.uint8)  # floored and resized to 48 x 32
+    mask = np.zeros((36, 52), np.uint8)
+    mask[4:20, 20:50] = 255
+    out["zimage_mask"] = mask
     return out
 
 
@@ -112,9 +118,35 @@ def flux1(out: Path, pics: dict) -> None:
                                              "latents": latents, "pixels": pixels})
 
 
+def zimage(out: Path, pics: dict) -> None:
+    from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImageTransformer2DModel
+    from transformers import AutoTokenizer, Qwen3Model
+
+    root = FIXTURES / "zimage" / "pipeline"
+    parts = dict(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
+        vae=AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32).eval(),
+        text_encoder=Qwen3Model.from_pretrained(root / "text_encoder", dtype=torch.float32).eval(),
+        tokenizer=AutoTokenizer.from_pretrained(FIXTURES / "qwen3" / "tokenizer_small"),
+        transformer=ZImageTransformer2DModel.from_pretrained(FIXTURES / "zimage" / "tiny" / "diffusers").eval(),
+    )
+    image, io = pil(pics["zimage_image"]), {}
+    runs = {"img2img": (ZImageImg2ImgPipeline, dict(strength=0.6), 277),
+            "inpaint": (ZImageInpaintPipeline, dict(strength=0.8, mask_image=pil(pics["zimage_mask"])), 278)}
+    for name, (cls, extra, seed) in runs.items():
+        latents, pixels = run(cls(**parts), image=image, num_inference_steps=8, guidance_scale=0.0,
+                              generator=seeded(seed), **extra)
+        g = seeded(seed)  # ZI:327 then ZI:344: the posterior's ε, then the noise
+        io[f"{name}.eps"] = torch.randn(1, 16, 4, 6, generator=g).permute(0, 2, 3, 1)
+        io[f"{name}.noise"] = torch.randn(1, 16, 4, 6, generator=g).permute(0, 2, 3, 1)
+        io[f"{name}.latents"], io[f"{name}.pixels"] = latents.permute(0, 2, 3, 1), pixels
+    save(out / "zimage.safetensors", io)
+
+
 def make(out: Path) -> None:
     folder = out / "editing"
     pics = images()
     save(folder / "images.safetensors", {k: torch.from_numpy(v) for k, v in pics.items()})
     klein(folder, pics)
     flux1(folder, pics)
+    zimage(folder, pics)
