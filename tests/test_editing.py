@@ -135,3 +135,17 @@ def test_zimage_img2img_and_inpaint_match_diffusers(tmp_path, pics, name):
     assert images[0].size == (48, 32)
     assert_close(f"zimage {name}: final latents", pipe.last_latents, io[f"{name}.latents"], atol=5e-5)
     assert_close(f"zimage {name}: uint8 pixels", pixels(images), io[f"{name}.pixels"], atol=1)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_sd15_inpaint_matches_diffusers(tmp_path, pics, sampler):
+    """StableDiffusionInpaintPipeline on the base U-Net: 3 of 5 steps (strength 0.75), CFG 7.5."""
+    from test_sd15_pipeline import hub_folder as sd15_folder
+
+    io = load_fixture("editing", "sd15_inpaint.safetensors")
+    pipe = Pipeline.from_pretrained(str(sd15_folder(tmp_path)), dtype=mx.float32)
+    images = pipe.generate(PROMPT, width=48, height=32, steps=5, guidance=7.5, negative_prompt="blurry",
+                           image=pics["flux1_image"], mask=pics["flux1_mask"], strength=0.75, sampler=sampler,
+                           latents=io[f"{sampler}.noise"], posterior_noise=io[f"{sampler}.eps"])
+    assert_close(f"sd15 inpaint {sampler}: final latents", pipe.last_latents, io[f"{sampler}.latents"], atol=2e-5)
+    assert_close(f"sd15 inpaint {sampler}: uint8 pixels", pixels(images), io[f"{sampler}.pixels"], atol=1)

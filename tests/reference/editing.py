@@ -11,6 +11,9 @@ Writes under out/editing/:
                          latents, pixels, fp32 and bf16
   flux1_inpaint.safetensors  FluxInpaintPipeline (dev-like transformer): the posterior's ε and the
                          noise (drawn in that order from one generator), final packed latents, pixels
+  sd15_inpaint.safetensors  StableDiffusionInpaintPipeline on the tiny 4-channel U-Net of
+                         tests/fixtures/sd15_pipeline, DDIM and Euler, CFG 7.5 with a negative prompt: ε, noise,
+                         final latents (B, h, w, 4), pixels
   zimage.safetensors     ZImageImg2ImgPipeline and ZImageInpaintPipeline (the tiny Z-Image of
                          tests/fixtures/zimage, from the prompt): ε, noise, final latents (B, h, w, 16), pixels
 """
@@ -143,6 +146,31 @@ def zimage(out: Path, pics: dict) -> None:
     save(out / "zimage.safetensors", io)
 
 
+def sd15(out: Path, pics: dict) -> None:
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    from .ddpm import SD15
+
+    root, text = FIXTURES / "sd15_pipeline", FIXTURES / "text_encoders" / "flux"
+    parts = dict(vae=AutoencoderKL.from_pretrained(root / "vae").eval(),
+                 unet=UNet2DConditionModel.from_pretrained(root / "unet").eval(),
+                 text_encoder=CLIPTextModel.from_pretrained(text / "text_encoder").eval(),
+                 tokenizer=CLIPTokenizer.from_pretrained(text / "tokenizer"),
+                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    io = {}
+    for name, cls in (("ddim", DDIMScheduler), ("euler", EulerDiscreteScheduler)):
+        pipe = StableDiffusionInpaintPipeline(scheduler=cls.from_config(SD15), **parts)
+        seed = 279
+        latents, pixels = run(pipe, image=pil(pics["flux1_image"]), mask_image=pil(pics["flux1_mask"]), height=32,
+                              width=48, strength=0.75, num_inference_steps=5, guidance_scale=7.5,
+                              negative_prompt="blurry", generator=seeded(seed))
+        g = seeded(seed)  # the posterior's ε, then the noise (a third draw, for the unused masked image, follows)
+        io[f"{name}.eps"] = torch.randn(1, 4, 4, 6, generator=g).permute(0, 2, 3, 1)
+        io[f"{name}.noise"] = torch.randn(1, 4, 4, 6, generator=g).permute(0, 2, 3, 1)
+        io[f"{name}.latents"], io[f"{name}.pixels"] = latents.permute(0, 2, 3, 1), pixels
+    save(out / "sd15_inpaint.safetensors", io)
+
+
 def make(out: Path) -> None:
     folder = out / "editing"
     pics = images()
@@ -150,3 +178,4 @@ def make(out: Path) -> None:
     klein(folder, pics)
     flux1(folder, pics)
     zimage(folder, pics)
+    sd15(folder, pics)
