@@ -149,3 +149,49 @@ def test_sd15_inpaint_matches_diffusers(tmp_path, pics, sampler):
                            latents=io[f"{sampler}.noise"], posterior_noise=io[f"{sampler}.eps"])
     assert_close(f"sd15 inpaint {sampler}: final latents", pipe.last_latents, io[f"{sampler}.latents"], atol=2e-5)
     assert_close(f"sd15 inpaint {sampler}: uint8 pixels", pixels(images), io[f"{sampler}.pixels"], atol=1)
+
+
+def kontext_folder(tmp_path):
+    """The FLUX.1 test folder (dev-like transformer) marked as a FluxKontextPipeline repo."""
+    import json
+
+    folder = hub_folder(tmp_path, "dev_like")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxKontextPipeline"}))
+    return folder
+
+
+def test_kontext_matches_diffusers(tmp_path, pics):
+    """FluxKontextPipeline: the 72x80 reference resized to 64x80 (auto_resize off: the trained
+    resolutions would make 4071 reference tokens, minutes on a CPU; their choice is checked below),
+    20 reference tokens at ids (1, row, col) beside 16 noisy ones; 3 steps, guidance 2.5."""
+    from tiny_imagegen.layers.embeddings import pack_latents
+
+    io = load_fixture("editing", "kontext.safetensors")
+    pipe = Pipeline.from_pretrained(str(kontext_folder(tmp_path)), dtype=mx.float32)
+    assert pipe.family == "flux1-kontext" and pipe.max_references == 1
+    from tiny_imagegen.editing.images import kontext_reference
+
+    assert pipe.auto_resize and kontext_reference(pics["ref1"]).size == (944, 1104)  # by default
+    assert pipe.output_size(None, None, references=[pics["ref1"]]) == (944, 1104)
+    pipe.auto_resize = False
+    tokens_, ids = pipe.encode_references([pics["ref1"]], 64, 64)
+    assert tokens_.shape == (1, 4 * 5, 16) and set(ids[:, 0].tolist()) == {1.0} and ids[:, 1].max() == 4
+    images = pipe.generate(PROMPT, width=64, height=64, steps=3, guidance=2.5, references=[pics["ref1"]],
+                           latents=io["noise"])
+    assert_close("kontext: final packed latents", pack_latents(pipe.last_latents), io["latents"], atol=2e-5)
+    assert_close("kontext: uint8 pixels", pixels(images), io["pixels"], atol=1)
+
+
+def test_kontext_resolutions_and_registry():
+    from tiny_imagegen import registry
+    from tiny_imagegen.editing.images import KONTEXT_RESOLUTIONS, kontext_size
+
+    ref = load_fixture("editing", "kontext.safetensors")["resolutions"]
+    assert np.array_equal(np.array(KONTEXT_RESOLUTIONS), np.array(ref))
+    # the notes' measured choices (w x h): the nearest aspect ratio among the trained sizes
+    assert kontext_size(72, 80) == (944, 1104) and kontext_size(1920, 1080) == (1392, 752)
+    assert kontext_size(500, 1500) == (672, 1568) and kontext_size(72, 80, auto_resize=False) == (64, 80)
+    spec = registry.find("kontext")
+    assert spec.name == "flux1-kontext-dev" and spec.repo_id == "black-forest-labs/FLUX.1-Kontext-dev"
+    assert spec.gated and "Non-Commercial" in spec.licence and spec.family == "flux1-kontext"
+    assert registry.family_for_pipeline_class("FluxKontextPipeline").name == "flux1-kontext"

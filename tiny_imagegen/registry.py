@@ -81,6 +81,13 @@ FAMILIES = {
             components=("transformer", "vae", "clip", "t5"),
             tokenizers={"tokenizer": ("vocab.json", "merges.txt"), "tokenizer_2": ("spiece.model",)},
         ),
+        Family(  # FLUX.1 with a reference image on the sequence (pipelines/flux1_kontext.py)
+            "flux1-kontext",
+            pipeline="tiny_imagegen.pipelines.flux1_kontext:FluxKontextPipeline",
+            pipeline_classes=("FluxKontextPipeline",),
+            components=("transformer", "vae", "clip", "t5"),
+            tokenizers={"tokenizer": ("vocab.json", "merges.txt"), "tokenizer_2": ("spiece.model",)},
+        ),
         Family(
             "zimage",
             pipeline="tiny_imagegen.pipelines.zimage:ZImagePipeline",
@@ -201,6 +208,16 @@ MODELS: tuple[ModelSpec, ...] = (
         licence="FLUX.1 [dev] Non-Commercial License",
         defaults=SamplingDefaults(steps=28, guidance=3.5, shift=True, text_length=512),
         repo_id="black-forest-labs/FLUX.1-dev", gated=True, aliases=("dev", "flux-dev"),
+        configs=_flux1_configs(guidance_embed=True),
+    ),
+    ModelSpec(
+        "flux1-kontext-dev", "flux1-kontext",
+        description="FLUX.1 Kontext [dev], 12 B, edits a reference image (--ref), guidance-distilled, 28 steps",
+        licence="FLUX.1 [dev] Non-Commercial License",
+        # FluxKontextPipeline's defaults: 28 steps, guidance_scale 3.5, 512 T5 tokens, the resolution
+        # shift as FLUX.1-dev; the size: the reference's (resized to a trained resolution, ~1024²)
+        defaults=SamplingDefaults(steps=28, guidance=3.5, shift=True, text_length=512),
+        repo_id="black-forest-labs/FLUX.1-Kontext-dev", gated=True, aliases=("kontext", "flux1-kontext"),
         configs=_flux1_configs(guidance_embed=True),
     ),
     ModelSpec(

@@ -14,6 +14,10 @@ Writes under out/editing/:
   sd15_inpaint.safetensors  StableDiffusionInpaintPipeline on the tiny 4-channel U-Net of
                          tests/fixtures/sd15_pipeline, DDIM and Euler, CFG 7.5 with a negative prompt: ε, noise,
                          final latents (B, h, w, 4), pixels
+  kontext.safetensors    FluxKontextPipeline (dev-like transformer), 64x64 output (max_area 64²), the
+                         reference at its own size floored to 16 (_auto_resize=False: 72x80 -> 64x80; the
+                         trained resolutions would give 4071 reference tokens, minutes on a CPU): noise,
+                         final packed latents, pixels; the PREFERRED_KONTEXT_RESOLUTIONS table
   zimage.safetensors     ZImageImg2ImgPipeline and ZImageInpaintPipeline (the tiny Z-Image of
                          tests/fixtures/zimage, from the prompt): ε, noise, final latents (B, h, w, 16), pixels
 """
@@ -171,6 +175,28 @@ def sd15(out: Path, pics: dict) -> None:
     save(out / "sd15_inpaint.safetensors", io)
 
 
+def kontext(out: Path, pics: dict) -> None:
+    from diffusers import FluxKontextPipeline
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    text = FIXTURES / "text_encoders" / "flux"
+    pipe = FluxKontextPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS["dev"]),
+        vae=AutoencoderKL.from_pretrained(FIXTURES / "flux_pipeline" / "vae").eval(),
+        transformer=FluxTransformer2DModel.from_pretrained(FIXTURES / "flux_pipeline" / "dev_like" / "transformer").eval(),
+        text_encoder=CLIPTextModel.from_pretrained(text / "text_encoder").eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(text / "tokenizer"),
+        text_encoder_2=T5EncoderModel.from_pretrained(text / "text_encoder_2").eval(),
+        tokenizer_2=T5Tokenizer.from_pretrained(text / "tokenizer_2"),
+    )
+    seed = 280
+    latents, pixels = run(pipe, image=pil(pics["ref1"]), height=64, width=64, max_area=64 * 64, num_inference_steps=3,
+                          guidance_scale=2.5, generator=seeded(seed), max_sequence_length=512, _auto_resize=False)
+    noise = torch.randn(1, 4, 8, 8, generator=seeded(seed))  # the reference is the posterior's mode: no draw
+    save(out / "kontext.safetensors", {"noise": noise.permute(0, 2, 3, 1), "latents": latents, "pixels": pixels,
+                                       "resolutions": torch.tensor(PREFERRED_KONTEXT_RESOLUTIONS)})
+
+
 def make(out: Path) -> None:
     folder = out / "editing"
     pics = images()
@@ -179,3 +205,4 @@ def make(out: Path) -> None:
     flux1(folder, pics)
     zimage(folder, pics)
     sd15(folder, pics)
+    kontext(folder, pics)

@@ -100,3 +100,29 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# FluxKontextPipeline's PREFERRED_KONTEXT_RESOLUTIONS (KX:82-100), (width, height): the sizes
+# Kontext was trained at, all about 1024² pixels
+KONTEXT_RESOLUTIONS = (
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+    (1568, 672),
+)
+
+
+def kontext_size(width: int, height: int, multiple: int = 16, auto_resize: bool = True) -> tuple[int, int]:
+    """The size FluxKontextPipeline gives a reference of width x height (KX:938-945): floored to
+    `multiple`, then (auto_resize) the trained resolution of the nearest aspect ratio (ties: the
+    narrower), floored again. -> (width, height)."""
+    w, h = floor_to(width, multiple), floor_to(height, multiple)
+    if auto_resize:
+        aspect = w / h
+        _, w, h = min((abs(aspect - rw / rh), rw, rh) for rw, rh in KONTEXT_RESOLUTIONS)
+    return floor_to(w, multiple), floor_to(h, multiple)
+
+
+def kontext_reference(image, multiple: int = 16, auto_resize: bool = True):
+    """A Kontext reference: LANCZOS-resized to `kontext_size`, RGB."""
+    w, h = kontext_size(*image.size, multiple, auto_resize)
+    return resize_init(image, w, h)

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from ..checkpoints.quantize import quantize_component
 from ..checkpoints.flux import load_flux_transformer
@@ -148,7 +149,10 @@ class Flux1Pipeline(Pipeline):
         return self._forward[1]
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
-               true_cfg: float = 1.0, batch_cfg: bool | None = None, mask: mx.array | None = None):
+               true_cfg: float = 1.0, batch_cfg: bool | None = None, mask: mx.array | None = None,
+               references=None):
+        """`references` (Kontext, pipelines/flux1_kontext.py): (tokens (1, N_ref, 4C), ids (N_ref, 3)),
+        clean tokens after the noisy ones, the same every step; the output keeps the first N."""
         B, h, w, C = noise.shape
         x = pack_latents(noise.astype(mx.float32))  # (B, h/2 * w/2, 4C)
         schedule = flux_schedule(steps, x.shape[1], shift=self.defaults.shift)
@@ -166,11 +170,21 @@ class Flux1Pipeline(Pipeline):
             txt = mx.concatenate([txt, cond.negative["txt"]])
             vec = mx.concatenate([vec, cond.negative["vec"]])
         txt_ids, img_ids = self.transformer.position_ids(h // 2, w // 2, txt.shape[1])
+        n = x.shape[1]
+        if references is not None:  # KX:962, 1038: tokens [noisy; reference], ids concatenated
+            ref_tokens = references[0].astype(mx.float32)
+            img_ids = np.concatenate([img_ids, references[1]])
         rope = self.transformer.rope_table(img_ids, txt_ids)  # once per generation, not once per forward
         # t and g stay float32: the model takes their sinusoids in float32 before its own cast (a bf16 t
         # would round t * 1000 first, 312.5 -> 312, as diffusers' bf16 FLUX does)
         g = mx.full((txt.shape[0],), guidance, dtype=mx.float32) if self.distilled else None
-        transformer = self.forward()
+        forward = self.forward()
+
+        def transformer(x, *args):
+            if references is None:
+                return forward(x, *args)
+            x = mx.concatenate([x, mx.broadcast_to(ref_tokens, (x.shape[0], *ref_tokens.shape[1:])).astype(x.dtype)], 1)
+            return forward(x, *args)[:, :n]  # the noisy tokens' output (KX:1052)
 
         def velocity(x, t):
             xs = mx.concatenate([x, x]) if batched else x
