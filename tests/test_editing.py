@@ -124,7 +124,7 @@ def test_mask_rules():
 @pytest.mark.parametrize("name", ["img2img", "inpaint"])
 def test_zimage_img2img_and_inpaint_match_diffusers(tmp_path, pics, name):
     """ZImageImg2ImgPipeline (strength 0.6: 5 of 8 Turbo steps from σ 0.8333) and
-    ZImageInpaintPipeline (0.8: 6 from 0.9); the image 52x36 is floored and resized to 48x32."""
+    ZImageInpaintPipeline (0.8: 7 from 0.9545); the image 52x36 is floored and resized to 48x32."""
     from test_zimage_pipeline import hub_folder as zimage_folder
 
     io = load_fixture("editing", "zimage.safetensors")
