@@ -229,3 +229,19 @@ def test_known_region_is_the_input_within_the_vae_round_trip():
     print(f"known region vs input: max {out_max:.0f}, mean {out_mean:.2f} levels; VAE round trip: max {vae_max:.0f}, "
           f"mean {vae_mean:.2f}")
     assert out_mean <= 1.25 * vae_mean and out_max <= vae_max + 8
+
+
+def test_generate_refuses_bad_masks_and_references(pics):
+    """The same one-line errors from the Python API (the command checks before loading)."""
+    pipe = klein()
+    small = Image.new("L", (32, 32), 255)
+    with pytest.raises(ValueError, match="the mask is 32x32 but the image 72x80"):
+        pipe.generate(PROMPT, steps=1, image=pics["ref1"], mask=small)
+    with pytest.raises(ValueError, match="colours"):
+        pipe.generate(PROMPT, steps=1, image=pics["ref1"], mask=pics["ref1"])
+    with pytest.raises(ValueError, match="at most 10 reference"):
+        pipe.generate(PROMPT, steps=1, references=[pics["ref1"]] * 11)
+    with pytest.raises(ValueError, match="--mask needs --image"):
+        pipe.generate(PROMPT, steps=1, mask=small)
+    with pytest.raises(ValueError, match="both sides must be at least 64 px"):
+        pipe.generate(PROMPT, steps=1, references=[small])

@@ -365,8 +365,14 @@ class Pipeline:
         edit = {}
         if mask is not None:
             from .editing.images import open_image
+            from .editing.masks import check_mask
 
-            edit["mask"] = self.latent_mask(open_image(mask, "mask"), width, height)
+            mask, init_image = open_image(mask, "mask"), open_image(image, "init image")
+            if mask.size != init_image.size:
+                raise ValueError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image {init_image.size[0]}x"
+                                 f"{init_image.size[1]}: draw the mask on the image, at its size")
+            check_mask(mask)
+            edit["mask"] = self.latent_mask(mask, width, height)
         if references:
             edit["references"] = self.encode_references(references, width, height)
         if vae_tiling is None:
