@@ -67,7 +67,9 @@ BAD = {
                          "has no image-to-image here; it inpaints (add --mask) and edits from reference images"),
     "too many references": (["--model", "flux2-klein-4b", *["--ref", "scene.png"] * 11], "at most 10 reference"),
     "tiny reference": (["--model", "flux2-klein-4b", "--ref", "small.png"], "both sides must be at least 64 px"),
-    "z-image mask": (["--model", "z-image-turbo", "--image", "scene.png", "--mask", "mask.png"], "no inpainting"),
+    "z-image reference": (["--model", "z-image-turbo", "--ref", "scene.png"], "takes no reference images"),
+    "kontext mask": (["--model", "flux1-kontext-dev", "--image", "scene.png", "--mask", "mask.png"], "no inpainting"),
+    "kontext two references": (["--model", "kontext", "--ref", "scene.png", "--ref", "scene.png"], "at most 1 reference"),
     "dit image": (["--model", "dit-xl-2-256", "--class-label", "1", "--image", "scene.png"], "no image-to-image"),
 }
 
