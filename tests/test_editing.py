@@ -87,6 +87,18 @@ def test_klein_inpaint_matches_diffusers(pics):
     assert np.array_equal(np.array(tokens(pipe))[0, keep], np.array(x0.reshape(1, -1, 16))[0, keep])
 
 
+def test_klein_inpaint_with_a_reference_matches_diffusers(pics):
+    """--image --mask --ref: the image is reference 1 (t = 10), the given one follows at t = 20, as
+    Flux2KleinInpaintPipeline(image_reference=...)."""
+    io = load_fixture("editing", "klein_inpaint.safetensors")
+    pipe = klein()
+    images = pipe.generate(PROMPT, steps=5, image=pics["ref1"], mask=pics["klein_mask"], references=[pics["ref2"]],
+                           strength=0.8, latents=io["noise"])
+    assert_close("klein inpaint + reference: final packed latents", tokens(pipe), io["with_reference.latents"], atol=2e-5)
+    assert_close("klein inpaint + reference: uint8 pixels", pixels(images), io["with_reference.pixels"], atol=1)
+    assert float(mx.max(mx.abs(tokens(pipe) - io["latents"]))) > 1e-3  # the reference is seen (9.3e-3 apart)
+
+
 def test_klein_inpaint_bf16(pics):
     io = load_fixture("editing", "klein_inpaint.safetensors")
     pipe = klein(mx.bfloat16)

@@ -8,7 +8,7 @@ Writes under out/editing/:
   klein_edit.safetensors Flux2KleinPipeline(image=[ref1]) and (image=[ref1, ref2]): noise, final
                          packed latents (B, N, 16) and uint8 pixels (as floats), fp32 and bf16
   klein_inpaint.safetensors  Flux2KleinInpaintPipeline: noise, the token-grid mask, final packed
-                         latents, pixels, fp32 and bf16
+                         latents, pixels, fp32 and bf16; fp32 with an image_reference too
   flux1_inpaint.safetensors  FluxInpaintPipeline (dev-like transformer): the posterior's ε and the
                          noise (drawn in that order from one generator), final packed latents, pixels
   sd15_inpaint.safetensors  StableDiffusionInpaintPipeline on the tiny 4-channel U-Net of
@@ -97,6 +97,10 @@ def klein(out: Path, pics: dict) -> None:
                               num_inference_steps=5, generator=seeded(seed), max_sequence_length=512)
         io_inpaint[f"noise{suffix}"] = torch.randn(1, 16, 80 // 16, 64 // 16, generator=seeded(seed), dtype=dtype).permute(0, 2, 3, 1)
         io_inpaint[f"latents{suffix}"], io_inpaint[f"pixels{suffix}"] = latents, pixels
+        if dtype == torch.float32:  # with a second image as `image_reference`, at t = 20 (FKI:1136)
+            latents, pixels = run(inpaint, image=refs[0], mask_image=pil(pics["klein_mask"]), image_reference=refs[1],
+                                  strength=0.8, num_inference_steps=5, generator=seeded(seed), max_sequence_length=512)
+            io_inpaint["with_reference.latents"], io_inpaint["with_reference.pixels"] = latents, pixels
     mask = inpaint.mask_processor.preprocess(pil(pics["klein_mask"]), height=80, width=64)
     io_inpaint["token_mask"] = torch.nn.functional.interpolate(mask, size=(5, 4), mode="bilinear")[0, 0]
     save(out / "klein_edit.safetensors", io_edit)
