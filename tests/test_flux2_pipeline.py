@@ -98,10 +98,13 @@ def test_quantize_on_load_runs(io):
 
 
 def test_image_to_image_is_refused_clearly(io):
+    """klein edits from references (--ref) and inpaints (--image with --mask): an init image alone
+    is refused in one line, before any work (the command asks the class, before loading)."""
     pipe = Pipeline.from_pretrained(str(fixture_path("flux2_pipeline", "repo")), dtype=mx.float32)
-    assert not pipe.img2img  # the command refuses --image before any work
-    with pytest.raises(NotImplementedError, match="reference images"):
-        pipe.generate(PROMPTS[:1], width=48, height=32, image=object())
+    assert not pipe.img2img and pipe.inpaint and pipe.max_references
+    with pytest.raises(ValueError, match="no image-to-image.*--mask.*--ref") as e:
+        pipe.generate(PROMPTS[:1], width=48, height=32, image=object())  # refused before it is read
+    print(e.value)
 
 
 def test_registry_entries():

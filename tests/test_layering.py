@@ -18,7 +18,9 @@ LAYERS = (  # lowest first; a layer may hold several folders that do not depend 
     ("models",),  # one file per architecture
     ("checkpoints",),  # published weights -> our modules, our converted format, quantization
     ("registry",),  # every published model once; where its files are (hub, shipped, converted)
-    ("conditioning",),  # prompt -> conditioning, as each family's reference does it
+    # what a pipeline takes besides noise: prompt -> conditioning as each family's reference does it;
+    # input images, masks and the masked sampling that edits and inpaints with them
+    ("conditioning", "editing"),
     ("pipelines",),  # encode -> denoise -> decode, shared loop and each family's own parts
     ("train",),  # datasets, trainer, the tiny-shapes recipe, LoRA training, ablations
     # the front ends: the command line, and the optional server that keeps models loaded (it runs the

@@ -118,9 +118,9 @@ def test_each_distinct_prompt_is_encoded_once_and_the_init_image_too(tmp_path):
 
     pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path, "schnell_like")), dtype=mx.float32, keep_text_encoders=True)
     seen, encoded_images = [], []
-    encoder, encode_latents = pipe.text_encoder, pipe.vae.encode_latents
+    encoder, encode = pipe.text_encoder, pipe.vae.encode
     pipe.text_encoder = lambda prompts: seen.append(list(prompts)) or encoder(prompts)
-    pipe.vae.encode_latents = lambda *a, **k: encoded_images.append(1) or encode_latents(*a, **k)
+    pipe.vae.encode = lambda *a, **k: encoded_images.append(1) or encode(*a, **k)  # the posterior, sampled per image
     init = Image.new("RGB", (32, 32), (200, 30, 30))
     pipe.generate(["a cat", "a dog", "a cat"], width=32, height=32, steps=2, n_images=2, guidance=3.0,
                   negative_prompt="blurry", image=init, strength=0.5, batch_size=2)

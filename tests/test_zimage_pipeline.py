@@ -228,8 +228,8 @@ def test_unregistered_folder_defaults(tmp_path):
 
 
 def test_command_line_family_flags(tmp_path):
-    """--shift / --cfg-normalization / --cfg-truncation reach the sampler; FLUX's --true-cfg and an init
-    image are refused in one line."""
+    """--shift / --cfg-normalization / --cfg-truncation reach the sampler; FLUX's --true-cfg and a
+    reference image (--ref: Z-Image takes init images, tests/test_editing.py) are refused in one line."""
     import subprocess
     import sys
     from pathlib import Path
@@ -249,6 +249,6 @@ def test_command_line_family_flags(tmp_path):
         cfg_truncation=0.5)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png").convert("RGB")), np.asarray(expected[0]))
     for extra, message in ((["--true-cfg", 2.0], "--true-cfg is not an option of"),
-                           (["--image", tmp_path / "a.png"], "no image-to-image")):
+                           (["--ref", tmp_path / "a.png"], "takes no reference images")):
         r = run(*extra, "--output", tmp_path / "b.png")
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

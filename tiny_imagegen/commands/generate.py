@@ -16,8 +16,9 @@ from pathlib import Path
 import mlx.core as mx
 
 from .. import __version__
-from .inputs import DEFAULT_MODEL, UsageError, check_image, check_size, check_writable, output_paths, read_jobs
-from .metadata import replay_arguments, save_png
+from .inputs import (DEFAULT_MODEL, UsageError, check_size, check_writable, input_hashes, output_paths,
+                     read_edit_inputs, read_jobs)
+from .metadata import check_inputs_unchanged, replay_arguments, save_png
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,9 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "precision; docs/quantization-and-memory.md)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="compute dtype; auto: bfloat16 on GPUs, float32 on the CPU")
-    p.add_argument("--image", help="init image for image-to-image")
+    p.add_argument("--image", metavar="IMAGE",
+                   help="init image: image-to-image with --strength, inpainting with --mask (FLUX.1, SD 1.5: "
+                        "both; FLUX.2 klein: inpainting only); the output size defaults to its own")
     p.add_argument("--strength", type=float, default=0.75,
-                   help="image-to-image: how much of the schedule to run, 0 < s <= 1 (default %(default)s)")
+                   help="image-to-image and inpainting: how much of the schedule to run, 0 < s <= 1; 1 starts "
+                        "from pure noise (default %(default)s)")
+    p.add_argument("--mask", metavar="MASK",
+                   help="inpainting: a greyscale image of --image's size, white = repaint, black = keep")
+    p.add_argument("--ref", action="append", metavar="IMAGE",
+                   help="a reference image to edit from (FLUX.2 klein: up to 10, repeat the flag; the output "
+                        "size defaults to the first's); not an init image: nothing is noised")
     p.add_argument("--output", default="out.png",
                    help="PNG path; with several images a pattern with {i} (index) and/or {seed} "
                         "(default: %(default)s, numbered out-0.png ... when several)")
@@ -118,6 +127,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ValueError as e:
             parser.exit(2, f"error: --config-from-metadata {e}\n")
         given = given_flags(parser, argv)
+        try:  # the input images must be the ones the image was made from
+            check_inputs_unchanged(args.config_from_metadata, skip=given)
+        except ValueError as e:
+            parser.exit(2, f"error: --config-from-metadata {e}\n")
         for dest, value in stored.items():
             if dest not in given and hasattr(args, dest):
                 setattr(args, dest, [value] if dest == "seed" else value)
@@ -197,7 +210,7 @@ def index_list(text: str | None, flag: str) -> list[int] | None:
 
 
 def check_inputs(args: argparse.Namespace):
-    """Every check that needs no model: -> (jobs, output paths, init image), or one UsageError."""
+    """Every check that needs no model: -> (jobs, output paths, the input images), or one UsageError."""
     from ..pipelines.pipeline import MAX_SIDE
 
     jobs = read_jobs(args)
@@ -220,7 +233,12 @@ def check_inputs(args: argparse.Namespace):
     if args.attention_maps is not None:
         args.attention_maps.mkdir(parents=True, exist_ok=True)
         check_writable(args.attention_maps, f"--attention-maps {args.attention_maps}")
-    return jobs, paths, check_image(args.image)
+    from ..pipelines.pipeline import pipeline_class
+
+    edit = read_edit_inputs(args, pipeline_class(args.model))
+    for notice in edit.notices:
+        warn(notice)
+    return jobs, paths, edit
 
 
 def run(args: argparse.Namespace) -> list[Path]:
@@ -229,7 +247,7 @@ def run(args: argparse.Namespace) -> list[Path]:
 
         print_models()
         return []
-    jobs, paths, init_image = check_inputs(args)
+    jobs, paths, edit = check_inputs(args)
     generate = None  # the pipeline's own
     if args.attention_maps is not None:
         from ..conditioning.attention_maps import generate_with_attention_maps, save_word_maps
@@ -245,13 +263,14 @@ def run(args: argparse.Namespace) -> list[Path]:
               f"loaded in {load_time:.1f} s", file=sys.stderr)
 
     options = sampler_options(pipe, args)
-    if init_image is not None and not pipe.img2img:
-        raise UsageError(f"--image: {pipe.name} ({pipe.family} models) has no image-to-image here")
+    problem = pipe.refusal(edit.image is not None, edit.mask is not None, len(edit.references), pipe.name)
+    if problem:  # a hub repo id the registry does not know: its family is known only now
+        raise UsageError(problem)
     written = []
     for n, job in enumerate(jobs):
         first = len(written)
         preview = stepwise_writer(pipe, args.stepwise_output, first) if args.stepwise_output else None
-        images, metadata = render(pipe, args, job, options, init_image, ProgressBar(), preview, generate)
+        images, metadata = render(pipe, args, job, options, edit, ProgressBar(), preview, generate)
         if args.attention_maps is not None:
             images, maps = images
         for image, s in zip(images, job.seeds):
@@ -303,19 +322,20 @@ def sampler_options(pipe, args: argparse.Namespace) -> dict:
                                  "t5": (not args.no_t5, True)})
 
 
-def render(pipe, args: argparse.Namespace, job, options: dict, init_image, progress, preview, generate=None):
+def render(pipe, args: argparse.Namespace, job, options: dict, edit, progress, preview, generate=None):
     """One prompt's images (PIL, one per seed) and the metadata every one of them carries (plus its
-    seed): what `generate` writes, and what `serve` writes, byte for byte. `generate(pipe, prompt,
-    **kw)` stands in for `pipe.generate` (the attention-map read-out: it returns (images, maps))."""
+    seed): what `generate` writes, and what `serve` writes, byte for byte. `edit`: the input images
+    (commands/inputs.py EditInputs). `generate(pipe, prompt, **kw)` stands in for `pipe.generate`
+    (the attention-map read-out: it returns (images, maps))."""
     from ..checkpoints.lora import lora_metadata
 
-    width, height = job.width or pipe.defaults.width, job.height or pipe.defaults.height
-    steps = job.steps or pipe.defaults.steps
-    guidance = pipe.defaults.guidance if job.guidance is None else job.guidance
     try:
+        width, height = pipe.output_size(job.width, job.height, edit.image, edit.references)
         pipe.check_size(width, height)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    steps = job.steps or pipe.defaults.steps
+    guidance = pipe.defaults.guidance if job.guidance is None else job.guidance
     if (job.guidance is not None and not job.negative_prompt and pipe.uses_negative(guidance, options)
             and not pipe.uses_negative(pipe.defaults.guidance, options)):
         warn(f"--guidance {guidance:g} on {pipe.name} runs classifier-free guidance against an empty negative "
@@ -327,8 +347,9 @@ def render(pipe, args: argparse.Namespace, job, options: dict, init_image, progr
     try:  # what only the family can check (e.g. a class name DiT does not know)
         generate_images = partial(generate, pipe) if generate else pipe.generate
         images = generate_images(job.prompt, width=width, height=height, steps=steps, guidance=guidance,
-                                 seed=job.seeds, negative_prompt=job.negative_prompt, image=init_image,
-                                 strength=args.strength, progress=progress, batch_size=args.batch_size,
+                                 seed=job.seeds, negative_prompt=job.negative_prompt, image=edit.image,
+                                 strength=args.strength, mask=edit.mask, references=edit.references or None,
+                                 progress=progress, batch_size=args.batch_size,
                                  vae_tiling={"auto": None, "on": True, "off": False}[args.vae_tiling],
                                  preview=preview, **options)
     except ValueError as e:
@@ -340,9 +361,10 @@ def render(pipe, args: argparse.Namespace, job, options: dict, init_image, progr
         **({"modulation_bits": args.modulation_bits} if args.quantize and args.modulation_bits else {}),
         "dtype": str(pipe.dtype).split(".")[-1], "software": f"tiny_imagegen {__version__}", **options,
         **(lora_metadata(pipe.loras) if getattr(pipe, "loras", None) else {}),
+        **input_hashes(args),
     }
-    if init_image is not None:
-        metadata.update(image=args.image, strength=args.strength)
+    if edit.image is not None:
+        metadata.update(strength=args.strength)
     return images, metadata
 
 

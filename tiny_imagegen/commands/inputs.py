@@ -2,14 +2,15 @@
 
 The prompts with their seeds (--prompt, --prompt-file, --class-label), the image sizes, the output
 paths (a pattern per image, never an existing file without --overwrite, the folder really
-writable) and the init image. Each problem is one `UsageError` naming the flag and the value, so
+writable) and the input images: the init image (--image), the mask (--mask), the references
+(--ref), and whether the model's family takes them (asked of its pipeline class, no weights read). Each problem is one `UsageError` naming the flag and the value, so
 the command can print one line and exit 2 instead of failing after minutes of loading.
 """
 
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODEL = "tiny-shapes"  # shipped with the package: works offline, straight after install
@@ -116,7 +117,7 @@ def check_writable(folder: Path, what: str) -> None:
         raise UsageError(f"{what}: folder {folder} is not writable ({e.strerror})") from None
 
 
-def check_image(path: str | None):
+def check_image(path: str | None, flag: str = "--image"):
     if path is None:
         return None
     from PIL import Image, UnidentifiedImageError
@@ -124,8 +125,74 @@ def check_image(path: str | None):
     try:
         with Image.open(path) as im:
             im.verify()
-        return Image.open(path)
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
     except FileNotFoundError:
-        raise UsageError(f"--image {path}: no such file") from None
+        raise UsageError(f"{flag} {path}: no such file") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise UsageError(f"--image {path}: not a readable image ({e})") from None
+        raise UsageError(f"{flag} {path}: not a readable image ({e})") from None
+
+
+@dataclass
+class EditInputs:
+    """The run's input images, read and checked: PIL images (None / [] when not given)."""
+
+    image: object = None
+    mask: object = None
+    references: list = field(default_factory=list)
+    notices: list = field(default_factory=list)
+
+
+def read_edit_inputs(args, pipeline_class) -> EditInputs:
+    """--image, --mask and --ref: readable, the mask greyscale, of the image's size, painting
+    something, and taken by the model's family (`pipeline_class`: None when it is only known
+    after download; the pipeline then refuses in the same words)."""
+    from ..editing import masks
+    from ..editing.images import MAX_REFERENCE_AREA, check_reference
+
+    image, mask = check_image(args.image), check_image(args.mask, "--mask")
+    refs = [check_image(r, "--ref") for r in args.ref or []]
+    notices = []
+    if pipeline_class is not None:
+        problem = pipeline_class.refusal(image is not None, mask is not None, len(refs), args.model)
+        if problem:
+            raise UsageError(problem)
+    if mask is not None:
+        if image is not None and mask.size != image.size:
+            raise UsageError(f"--mask {args.mask} is {mask.size[0]}x{mask.size[1]} but --image {args.image} is "
+                             f"{image.size[0]}x{image.size[1]}: draw the mask on the image, at its size")
+        try:
+            masks.check_mask(mask, f"--mask {args.mask}")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        painted = masks.pixel_mask(mask, *mask.size)
+        if not painted.any():
+            raise UsageError(f"--mask {args.mask} is all black: nothing to repaint (white = repaint, black = keep)")
+        if painted.all():
+            notices.append(f"--mask {args.mask} is all white: everything is repainted, as image-to-image at "
+                           f"--strength {args.strength}")
+    for path, ref in zip(args.ref or [], refs):
+        try:
+            check_reference(ref, f"--ref {path}")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if ref.size[0] * ref.size[1] > MAX_REFERENCE_AREA:
+            notices.append(f"--ref {path} is {ref.size[0]}x{ref.size[1]}: resized to about 1024x1024 pixels "
+                           "(same aspect) before encoding, as the reference pipeline does")
+    return EditInputs(image, mask, refs, notices)
+
+
+def input_hashes(args) -> dict:
+    """PNG metadata for the input images: their paths and sha256 (so a replay can check them)."""
+    from ..editing.images import file_sha256
+
+    out = {}
+    if args.image:
+        out.update(image=args.image, image_sha256=file_sha256(args.image))
+    if args.mask:
+        out.update(mask=args.mask, mask_sha256=file_sha256(args.mask))
+    if args.ref:
+        out.update(references=json.dumps(list(args.ref)),
+                   references_sha256=json.dumps([file_sha256(r) for r in args.ref]))
+    return out

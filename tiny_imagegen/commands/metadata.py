@@ -19,11 +19,15 @@ REPLAYED = {
     "quantization": ("quantize", lambda v: None if v == "none" else int(v.split("-")[0])),
     "modulation_bits": ("modulation_bits", int),
     "dtype": ("dtype", str), "strength": ("strength", float), "image": ("image", str),
+    "mask": ("mask", str), "references": ("ref", json.loads),
     "loras": ("lora", json.loads),
     # SD3.5's options
     "slg": ("slg", lambda v: ",".join(map(str, json.loads(v)))), "slg_scale": ("slg_scale", float),
     "clip_skip": ("clip_skip", int), "t5": ("no_t5", lambda v: v == "False"),
 }
+# input images: generate flag -> (PNG key of the path(s), PNG key of the sha256(s))
+INPUT_FILES = {"image": ("image", "image_sha256"), "mask": ("mask", "mask_sha256"),
+               "ref": ("references", "references_sha256")}
 
 
 def save_png(image, path: Path, metadata: dict) -> None:
@@ -68,6 +72,29 @@ def replay_arguments(path: str | Path) -> dict:
             flag, parse = REPLAYED[key]
             out[flag] = parse(value)
     return out
+
+
+def check_inputs_unchanged(path: str | Path, skip: set[str] = frozenset()) -> None:
+    """The input images a PNG was made from are still there, byte for byte (sha256): else one
+    ValueError line, so that a replay never silently edits a different picture. `skip`: flags
+    given anew on the command line (their files are not the stored ones)."""
+    from ..editing.images import file_sha256
+
+    params = read_parameters(path)
+    for flag, (key, hash_key) in INPUT_FILES.items():
+        if flag in skip or key not in params:
+            continue
+        files = json.loads(params[key]) if flag == "ref" else [params[key]]
+        hashes = json.loads(params[hash_key]) if flag == "ref" else [params.get(hash_key)]
+        for file, stored in zip(files, hashes):
+            if not Path(file).is_file():
+                raise ValueError(f"{path}: its --{flag} {file} is missing (sha256 {stored}): restore it or give "
+                                 f"--{flag} anew")
+            if stored is None:
+                raise ValueError(f"{path}: no sha256 stored for its --{flag} {file}: give --{flag} anew to replay")
+            if file_sha256(file) != stored:
+                raise ValueError(f"{path}: its --{flag} {file} has changed since (sha256 {stored[:12]}... stored, "
+                                 f"{file_sha256(file)[:12]}... now): give --{flag} anew to use it as it is")
 
 
 def info_main(argv=None) -> int:

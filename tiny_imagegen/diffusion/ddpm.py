@@ -237,6 +237,13 @@ def noise_to_start(p: Plan, x0: mx.array, noise: mx.array) -> mx.array:
     return x0 + mx.array(p.sigmas[0]) * noise
 
 
+def noised_at(p: Plan, x0: mx.array, noise: mx.array, i: int) -> mx.array:
+    """x0 noised to the plan's i-th point, as the schedulers' add_noise (inpainting's known region)."""
+    if p.sampler == "ddim":
+        return add_noise(x0, noise, mx.array(p.abar[i]))
+    return x0 + mx.array(p.sigmas[i]) * noise
+
+
 # ---- one step -------------------------------------------------------------------------------------
 
 

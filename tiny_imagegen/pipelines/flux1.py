@@ -15,11 +15,13 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from ..checkpoints.quantize import quantize_component
 from ..checkpoints.flux import load_flux_transformer
 from ..checkpoints.text_encoders import load_clip_text_model, load_t5_encoder
 from ..checkpoints.vae import load_vae
+from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
 from ..layers.attention import reading_out_active
 from ..layers.embeddings import pack_latents, unpack_latents
 from .loading import load_converted_parts, reloading
@@ -65,6 +67,8 @@ def defaults_for_folder(folder: Path, guidance_embed: bool) -> SamplingDefaults:
 class Flux1Pipeline(Pipeline):
     family = "flux1"
     batch_cfg = True  # positive and negative in one forward
+    inpaint = True  # FluxInpaintPipeline: the mask nearest on the latent grid, no blur
+    init_posterior = "sample"  # FluxImg2ImgPipeline / FluxInpaintPipeline sample the posterior (FI:476)
 
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify, loras=None):
@@ -149,13 +153,20 @@ class Flux1Pipeline(Pipeline):
         return self._forward[1]
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
-               true_cfg: float = 1.0, batch_cfg: bool | None = None):
-        B, h, w, _ = noise.shape
+               true_cfg: float = 1.0, batch_cfg: bool | None = None, mask: mx.array | None = None,
+               references=None):
+        """`references` (Kontext, pipelines/flux1_kontext.py): (tokens (1, N_ref, 4C), ids (N_ref, 3)),
+        clean tokens after the noisy ones, the same every step; the output keeps the first N."""
+        B, h, w, C = noise.shape
         x = pack_latents(noise.astype(mx.float32))  # (B, h/2 * w/2, 4C)
         schedule = flux_schedule(steps, x.shape[1], shift=self.defaults.shift)
+        region = None
         if init is not None:
             schedule = img2img_schedule(schedule, strength)
-            x = noise_image(pack_latents(init), x, schedule[0])
+            x0, eps = pack_latents(init), x
+            x = noise_image(x0, eps, schedule[0])  # scale_noise at sigmas[t_start] (FI:678)
+            if mask is not None:  # the mask over every channel, packed like the latents (FI:708-716)
+                region = KnownRegion(x0, eps, pack_latents(mx.broadcast_to(mask, (1, h, w, C))), flow_noised)
         txt, vec = cond.positive["txt"], cond.positive["vec"]
         scale = self.cfg_scale(guidance, {"true_cfg": true_cfg})
         cfg = scale > 1.0  # as uses_negative
@@ -164,11 +175,21 @@ class Flux1Pipeline(Pipeline):
             txt = mx.concatenate([txt, cond.negative["txt"]])
             vec = mx.concatenate([vec, cond.negative["vec"]])
         txt_ids, img_ids = self.transformer.position_ids(h // 2, w // 2, txt.shape[1])
+        n = x.shape[1]
+        if references is not None:  # KX:962, 1038: tokens [noisy; reference], ids concatenated
+            ref_tokens = references[0].astype(mx.float32)
+            img_ids = np.concatenate([img_ids, references[1]])
         rope = self.transformer.rope_table(img_ids, txt_ids)  # once per generation, not once per forward
         # t and g stay float32: the model takes their sinusoids in float32 before its own cast (a bf16 t
         # would round t * 1000 first, 312.5 -> 312, as diffusers' bf16 FLUX does)
         g = mx.full((txt.shape[0],), guidance, dtype=mx.float32) if self.distilled else None
-        transformer = self.forward()
+        forward = self.forward()
+
+        def transformer(x, *args):
+            if references is None:
+                return forward(x, *args)
+            x = mx.concatenate([x, mx.broadcast_to(ref_tokens, (x.shape[0], *ref_tokens.shape[1:])).astype(x.dtype)], 1)
+            return forward(x, *args)[:, :n]  # the noisy tokens' output (KX:1052)
 
         def velocity(x, t):
             xs = mx.concatenate([x, x]) if batched else x
@@ -185,7 +206,7 @@ class Flux1Pipeline(Pipeline):
             return euler_step(x, velocity(x, schedule[i]), schedule[i], schedule[i + 1])
 
         self._grid = (h, w)
-        x = run(step, x, len(schedule) - 1)
+        x = run(masked_steps(step, region, schedule), x, len(schedule) - 1)
         return unpack_latents(x, h, w)
 
     def preview_latents(self, x):

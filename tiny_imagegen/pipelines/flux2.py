@@ -14,6 +14,15 @@ The shared loop is pipeline.py's.
   classifier-free guidance against the negative prompt ("" by default, as diffusers fixes it),
   batched with the positive pass into one forward.
 - decode: BatchNorm de-normalisation in the packed space, unpatchify, VAE (models/vae_flux2.py).
+- editing (Flux2KleinPipeline(image=[...]), FKP:764-862): each reference is centre-cropped to
+  multiples of 16 (LANCZOS-resized to 1024² pixels first if larger), encoded to the posterior's
+  mode, patchified and BN-normalised like the latents; its tokens go after the noisy ones with ids
+  (t = 10, 20, ..., row, col, 0), the same every step, and the output keeps the first N tokens.
+  The output size defaults to the first reference's.
+- inpainting (Flux2KleinInpaintPipeline, FKI): the size is the image's; the mask is binarised,
+  then bilinear onto the token grid (soft edges); the image's latents are also a reference at
+  t = 10 (references given beside it follow at t = 20, ...); masked sampling as every family
+  (editing/masked_sampling.py).
 """
 
 import json
@@ -23,14 +32,18 @@ import mlx.core as mx
 import numpy as np
 
 from ..checkpoints.quantize import quantize_component
+from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
+from ..layers.positions import flux2_image_ids
 from ..checkpoints.flux2 import load_flux2_transformer, load_flux2_vae
 from .loading import load_converted_parts, reloading
 from .pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults
-from ..diffusion.flow_matching import classifier_free_guidance, euler_step_in_model_dtype, flux2_schedule
+from ..diffusion.flow_matching import classifier_free_guidance, euler_step_in_model_dtype, flux2_schedule, img2img_schedule
 
 HIDDEN_LAYERS = (9, 18, 27)  # FP:222, text_encoder_out_layers
 QUANTIZED_ON_LOAD = ("flux2_transformer", "qwen3")  # the VAE stays as it is
+MAX_REFERENCES = 10  # our limit: every reference adds its tokens to each attention (FLUX.2 [dev] card: up to 10)
+REFERENCE_T = 10  # reference k sits at t = 10 + 10 k on the first id axis (FKP:353)
 DISTILLED = SamplingDefaults(steps=4, guidance=1.0, shift=True, text_length=512)
 BASE = SamplingDefaults(steps=50, guidance=4.0, shift=True, text_length=512)  # FP:622-624
 
@@ -67,7 +80,9 @@ def is_distilled(folder: Path) -> bool:
 class Flux2KleinPipeline(Pipeline):
     family = "flux2"
     batch_cfg = True  # positive and negative in one forward
-    img2img = False  # klein takes reference images for editing instead (not implemented)
+    img2img = False  # no Flux2Klein image-to-image pipeline: references (editing) or a mask (inpainting)
+    inpaint = True
+    max_references = MAX_REFERENCES
 
     def __init__(self, *args, distilled: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
@@ -122,38 +137,99 @@ class Flux2KleinPipeline(Pipeline):
         f = self.size_multiple
         return (height // f, width // f, self.vae.config.packed_channels)  # (h, w, 128), packed
 
+    def output_size(self, width, height, image=None, references=None):
+        """Inpainting: the image's size (LANCZOS to 1024² pixels first if larger, FKI:997-1009);
+        editing: the first reference's processed size (FKP:783); else as asked / the default."""
+        from ..editing.images import MAX_REFERENCE_AREA, image_size, klein_reference, open_image
+
+        if width is None or height is None:
+            if image is not None:
+                w, h = image_size(open_image(image, "init image"), self.size_multiple, MAX_REFERENCE_AREA)
+                return width or w, height or h
+            if references:
+                first, _ = klein_reference(open_image(references[0], "reference"), self.size_multiple)
+                return width or first.size[0], height or first.size[1]
+        return super().output_size(width, height)
+
     def encode_image(self, image, width, height):
-        raise NotImplementedError("FLUX.2 klein takes reference images for editing, not image-to-image: "
-                                  "not implemented here")
+        from ..editing.images import MAX_REFERENCE_AREA, open_image, resize_to_area
+
+        image = open_image(image, "init image")
+        if image.size[0] * image.size[1] > MAX_REFERENCE_AREA:  # resized twice, as FKI:997-1020
+            image = resize_to_area(image, MAX_REFERENCE_AREA)
+        return super().encode_image(image, width, height)
+
+    def init_latents(self, q, eps):
+        """The posterior's mode (sample_mode="argmax"), patchified and BN-normalised, in the model
+        dtype (FKI:590-597)."""
+        return self.vae.to_latents(q.mode()).astype(self.dtype)
+
+    def latent_mask(self, mask, width, height):
+        """Binarised pixels, then bilinear onto the packed token grid (FKI:680): soft edges."""
+        from ..editing import masks
+
+        f = self.size_multiple
+        m = masks.bilinear(masks.pixel_mask(mask, width, height), height // f, width // f)
+        return mx.array(m)[None, :, :, None]
+
+    def encode_references(self, references, width, height):
+        """References -> (tokens (1, N_ref, 128), ids (N_ref, 4)), reference k at t = 10 + 10 k."""
+        from ..editing.images import klein_reference, open_image
+        from ..models.vae import from_pil
+
+        tokens, ids = [], []
+        for k, ref in enumerate(references):
+            image, _ = klein_reference(open_image(ref, f"reference {k + 1}"), self.size_multiple)
+            z = self.vae.to_latents(self.vae.encode(from_pil(image).astype(self.dtype)).mode())  # (1, h, w, 128)
+            _, h, w, C = z.shape
+            tokens.append(z.reshape(1, h * w, C))
+            ids.append(flux2_image_ids(h, w, t=REFERENCE_T * (k + 1)))
+        return mx.concatenate(tokens, axis=1), np.concatenate(ids)
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
-               batch_cfg: bool | None = None):
-        if init is not None:
-            raise NotImplementedError("FLUX.2 klein: image-to-image is not implemented")
+               batch_cfg: bool | None = None, mask: mx.array | None = None, references=None):
         B, h, w, C = noise.shape
         dtype = self.dtype  # the latents take the text encoder's dtype, FP:796
         x = noise.astype(dtype).reshape(B, h * w, C)  # tokens: the packed grid row-major, FP:388-397
         shift = self.defaults.shift
         schedule = flux2_schedule(steps, h * w, dynamic_shift=shift is True, shift=1.0 if shift is True else shift)
+        region = None
+        if init is not None:  # inpainting: the image is noised to the start, and is reference 1
+            schedule = img2img_schedule(schedule, strength)
+            x0, eps = init.astype(dtype).reshape(1, h * w, C), x
+            x = flow_noised(x0, eps, schedule[0])
+            region = KnownRegion(x0, eps, mask.astype(dtype).reshape(1, h * w, 1), flow_noised)
+            own = (x0, flux2_image_ids(h, w, t=REFERENCE_T))
+            references = own if references is None else (  # the others move one place along t
+                mx.concatenate([x0, references[0]], axis=1),
+                np.concatenate([own[1], references[1] + np.array([REFERENCE_T, 0, 0, 0], np.float32)]))
         cfg = self.uses_negative(guidance, {})
         batched = cfg and (self.batch_cfg if batch_cfg is None else batch_cfg)
         txt = mx.concatenate([cond.positive["txt"], cond.negative["txt"]]) if batched else cond.positive["txt"]
         txt_ids, img_ids = self.transformer.position_ids(h, w, txt.shape[1])
+        n = h * w
+        if references is not None:  # clean tokens after the noisy ones, at their own t (FKP:847-850)
+            ref_tokens = references[0].astype(dtype)
+            img_ids = np.concatenate([img_ids, references[1]])
+
+        def forward(xs, txt, ts):
+            if references is not None:
+                xs = mx.concatenate([xs, mx.broadcast_to(ref_tokens, (xs.shape[0], *ref_tokens.shape[1:]))], axis=1)
+            return self.transformer(xs, img_ids, txt, txt_ids, ts)[:, :n]  # the noisy tokens' output, FKP:862
 
         def velocity(x, t):
             xs = mx.concatenate([x, x]) if batched else x
             # the pipeline's timestep: t·1000 in float32, cast to the latents' dtype, / 1000 (FP:841, 851)
             ts = mx.full((xs.shape[0],), np.float32(np.float32(t) * np.float32(1000.0))).astype(dtype) / 1000
-            v = self.transformer(xs, img_ids, txt, txt_ids, ts)
+            v = forward(xs, txt, ts)
             if batched:
                 return classifier_free_guidance(v[:B], v[B:], guidance)
             if cfg:  # unbatched guidance: a second forward
-                v_neg = self.transformer(xs, img_ids, cond.negative["txt"], txt_ids, ts)
-                v = classifier_free_guidance(v, v_neg, guidance)
+                v = classifier_free_guidance(v, forward(x, cond.negative["txt"], ts), guidance)
             return v
 
         def step(i, x):
             return euler_step_in_model_dtype(x, velocity(x, schedule[i]), schedule[i], schedule[i + 1])
 
-        x = run(step, x, len(schedule) - 1)
+        x = run(masked_steps(step, region, schedule), x, len(schedule) - 1)
         return x.reshape(B, h, w, C)

@@ -29,6 +29,7 @@ from typing import Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
+from ..editing.inputs import EditingInputs
 from .memory import auto_tiling, wired_weights
 from ..registry import FAMILIES, ModelSpec, SamplingDefaults
 from ..diffusion.flow_matching import sample_noise
@@ -55,6 +56,32 @@ class Conditioning:
         return Conditioning([self.prompts[i] for i in index], take(self.positive), take(self.negative))
 
 
+def pipeline_class(model: str) -> type | None:
+    """The pipeline class that would run `model`, found without reading weights or downloading:
+    a registered name, a shipped model or a local folder; None for a hub repo id the registry
+    does not know (its family is known only once its model_index.json is here)."""
+    from pathlib import Path
+
+    from .hub import family_of_folder
+    from .loading import shipped
+    from .registry import find
+
+    spec = find(model)
+    if spec is not None:
+        family = FAMILIES[spec.family]
+    else:
+        folder = shipped(model) if "/" not in model else None
+        folder = folder or (Path(model).expanduser() if Path(model).expanduser().is_dir() else None)
+        if folder is None:
+            return None
+        try:
+            family = family_of_folder(folder)
+        except Exception:  # an unknown pipeline: from_pretrained says so in its own words
+            return None
+    module, name = family.pipeline.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def expand_seeds(n_prompts: int, n_images: int, seed: int | list[int]) -> list[int]:
     """One seed per output image: image i of a prompt uses seed + i; a list gives each its own."""
     if isinstance(seed, int):
@@ -64,9 +91,8 @@ def expand_seeds(n_prompts: int, n_images: int, seed: int | list[int]) -> list[i
     return [int(s) for s in seed]
 
 
-class Pipeline:
+class Pipeline(EditingInputs):
     family = ""  # the registry's family name, set by each subclass
-    img2img = True  # whether `generate(image=...)` is supported
 
     def __init__(self, name: str, transformer, vae, text_encoder, defaults: SamplingDefaults,
                  dtype: mx.Dtype = mx.float32, keep_text_encoders: bool = False,
@@ -158,17 +184,6 @@ class Pipeline:
     def tokens_cut(self, prompt: str) -> int:
         """How many tokens of `prompt` the text encoder's length cuts off (0: none)."""
         return 0
-
-    def encode_image(self, image, width: int, height: int) -> mx.array:
-        """An init image -> the diffusion model's latents (1, h, w, C), for image-to-image."""
-        from PIL import Image
-
-        from ..models.vae import from_pil
-
-        if not isinstance(image, Image.Image):
-            image = Image.open(image)
-        image = image.convert("RGB").resize((width, height), Image.LANCZOS)
-        return self.vae.encode_latents(from_pil(image).astype(self.dtype), sample=False).astype(mx.float32)
 
     # ---- shared steps -----------------------------------------------------------------------------
 
@@ -262,6 +277,9 @@ class Pipeline:
         negative_prompt: str | list[str] = "",
         image=None,
         strength: float = 0.75,
+        mask=None,
+        references: list | None = None,
+        posterior_noise: mx.array | None = None,
         progress: Progress | None = None,
         latents: mx.array | None = None,
         vae_tiling: bool | None = None,
@@ -273,15 +291,19 @@ class Pipeline:
         """Images (PIL) for each prompt x n_images; image i of a prompt uses seed + i, so any image
         can be remade alone; a list of seeds gives every output image its own (and implies the
         number of images per prompt). `conditioning` (from `condition`) replaces the prompts.
-        `guidance`: the family's guidance knob (see its class). `image`/`strength`: image-to-image.
-        `latents` replaces the seeded noise. `batch_size`: images per denoising pass (default all).
+        `guidance`: the family's guidance knob (see its class). `image`/`strength`: image-to-image;
+        with `mask` (white = repaint): inpainting (editing/masked_sampling.py). `references`:
+        images the model edits from (families with `max_references`). Images are PIL images or
+        paths. `latents` replaces the seeded noise; `posterior_noise` the ε that samples the init
+        image's VAE posterior (families with init_posterior "sample"; default: from each seed). `batch_size`: images per denoising pass (default all).
         `vae_tiling`: None decodes in tiles above 768x768 pixels or where the untiled decode would
         not fit the device's memory (memory.py); True / False force it.
         `preview(step, latents)` is called after every step; `self.decode` turns them into images.
         Family options (e.g. FLUX's `true_cfg`) pass through `options`."""
         self.timings, self.peak_memory = {}, {}
         d = self.defaults
-        width, height = width or d.width, height or d.height
+        self.check_editing(image, mask, references)
+        width, height = self.output_size(width, height, image, references)
         steps, guidance = steps or d.steps, d.guidance if guidance is None else guidance
         self.check_size(width, height)
         if conditioning is None:
@@ -298,7 +320,21 @@ class Pipeline:
         if n_images > 1:  # one row per image
             conditioning = conditioning.rows([r for r in range(len(conditioning.prompts)) for _ in range(n_images)])
         B = len(seeds)
-        init = self.encode_image(image, width, height) if image is not None else None  # once, not per image
+        # the images are encoded once, not per image
+        posterior = self.encode_image(image, width, height) if image is not None else None
+        edit = {}
+        if mask is not None:
+            from .editing.images import open_image
+            from .editing.masks import check_mask
+
+            mask, init_image = open_image(mask, "mask"), open_image(image, "init image")
+            if mask.size != init_image.size:
+                raise ValueError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image {init_image.size[0]}x"
+                                 f"{init_image.size[1]}: draw the mask on the image, at its size")
+            check_mask(mask)
+            edit["mask"] = self.latent_mask(mask, width, height)
+        if references:
+            edit["references"] = self.encode_references(references, width, height)
         if vae_tiling is None:
             vae_tiling = auto_tiling(width, height, self.vae.config.block_out_channels[0], self.dtype)
 
@@ -310,10 +346,17 @@ class Pipeline:
             rows = list(range(s, min(s + batch_size, B)))
             noise = (latents[s:rows[-1] + 1] if latents is not None
                      else mx.concatenate([self.noise(seeds[i], width, height) for i in rows]))
+            init = None
+            if posterior is not None:
+                eps = None
+                if self.init_posterior == "sample":
+                    eps = (posterior_noise[s:rows[-1] + 1] if posterior_noise is not None
+                           else mx.concatenate([self.posterior_noise(seeds[i], posterior.mean.shape) for i in rows]))
+                init = self.init_latents(posterior, eps)
             start = self._phase()
             with wired_weights(self.weight_bytes):
                 x = self.sample(noise, conditioning.rows(rows), steps=steps, guidance=guidance, width=width,
-                                height=height, init=init, strength=strength,
+                                height=height, init=init, strength=strength, **edit,
                                 run=lambda step, x, n: self.run_steps(step, x, n, progress, preview), **options)
             finals.append(x)
             start = self._phase("denoise", start)

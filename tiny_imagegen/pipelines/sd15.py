@@ -12,6 +12,11 @@
 - guidance: classifier-free, eps_uncond + g (eps_text - eps_uncond), one batched forward of
   [text; negative] per step (`guidance` > 1; the negative prompt defaults to "").
 - decoding: the SD VAE, latents / 0.18215.
+- image-to-image and inpainting (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline on
+  the base 4-channel U-Net): the init image's latents a sample of the VAE posterior (ε drawn before
+  the noise), the last int(n·strength) steps; the mask nearest on the latent grid, and after every
+  step the known region is the image re-noised to the next timestep with the same noise (the
+  scheduler's add_noise), editing/masked_sampling.py. The 9-channel inpainting U-Net is not here.
 """
 
 import json
@@ -25,6 +30,7 @@ from ..checkpoints.quantize import quantize_component
 from ..checkpoints.text_encoders import load_clip_text_model
 from ..checkpoints.unet import load_unet
 from ..checkpoints.vae import load_vae
+from ..editing.masked_sampling import KnownRegion, masked_steps
 from .loading import load_converted_parts, reloading
 from .pipeline import Conditioning, Pipeline
 from ..registry import find
@@ -54,6 +60,8 @@ def scheduler_config(folder: Path) -> dict:
 
 class SD15Pipeline(Pipeline):
     family = "sd15"
+    inpaint = True  # StableDiffusionInpaintPipeline with the base U-Net
+    init_posterior = "sample"  # retrieve_latents' default sample_mode, as the img2img/inpaint pipelines
 
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
@@ -111,14 +119,18 @@ class SD15Pipeline(Pipeline):
         return replace(schedule, use_karras_sigmas=True) if karras else schedule
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
-               sampler: str = "ddim", karras: bool = False):
+               sampler: str = "ddim", karras: bool = False, mask: mx.array | None = None):
         B = noise.shape[0]
         p = ddpm.plan(self.schedule(sampler, karras), sampler, steps)
+        region = None
         if init is None:
             x = noise.astype(mx.float32) * p.init_noise_sigma
         else:
             p = ddpm.img2img_plan(p, strength)
-            x = ddpm.noise_to_start(p, mx.broadcast_to(init, noise.shape), noise.astype(mx.float32))
+            x0, eps = mx.broadcast_to(init, noise.shape), noise.astype(mx.float32)
+            x = ddpm.noise_to_start(p, x0, eps)
+            if mask is not None:  # the known region re-noised to the next timestep (add_noise)
+                region = KnownRegion(x0, eps, mask, lambda x0, eps, i: ddpm.noised_at(p, x0, eps, i))
         context = cond.positive["context"]
         cfg = guidance > 1.0
         if cfg:  # one forward for both: [text; negative]
@@ -131,5 +143,6 @@ class SD15Pipeline(Pipeline):
                 eps = classifier_free_guidance(eps[:B], eps[B:], guidance)
             return ddpm.step(p, i, x, eps)
 
-        return run(step, x, len(p.timesteps))
+        n = len(p.timesteps)
+        return run(masked_steps(step, region, list(range(n + 1))), x, n)
 

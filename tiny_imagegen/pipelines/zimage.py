@@ -12,6 +12,12 @@
   guidance_scale as it is: Turbo is distilled for g = 0; g = 1 is already 2 pos - neg.
 - decode: the FLUX.1 VAE, latents / 0.3611 + 0.1159, as every FLUX VAE (vae/config.json).
 
+- image-to-image and inpainting (ZImageImg2ImgPipeline, ZImageInpaintPipeline): the size is the
+  image's, floored to 16; its latents a sample of the VAE posterior (ε drawn before the noise);
+  the start σ·ε + (1 - σ)·x0 at the truncated schedule's first σ, computed in the model dtype like
+  the reference's first latents; inpainting's mask nearest on the latent grid and the shared
+  masked sampling (editing/masked_sampling.py).
+
 The text encoder (7.5 GB in bf16) is released after encoding, before the transformer runs, and
 re-loaded lazily by the next `generate` (pipeline.py).
 """
@@ -26,10 +32,12 @@ import numpy as np
 from ..checkpoints.quantize import quantize_component
 from ..checkpoints.vae import load_vae
 from ..checkpoints.zimage import load_zimage_transformer
+from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
 from .pipeline import Conditioning, Pipeline
 from ..conditioning.qwen import ZIMAGE_HIDDEN_STATES, QwenPromptEncoder
 from ..registry import SamplingDefaults, find
-from ..diffusion.flow_matching import euler_step, renormalize_guidance, zimage_guidance, zimage_model_time, zimage_sigmas
+from ..diffusion.flow_matching import (euler_step, img2img_schedule, renormalize_guidance, zimage_guidance, zimage_model_time,
+                        zimage_sigmas)
 from ..text import QwenTokenizer
 
 TRANSFORMER, TEXT_ENCODER = "zimage_transformer", "qwen3"
@@ -78,7 +86,9 @@ def defaults_for_folder(folder: Path) -> SamplingDefaults:
 
 class ZImagePipeline(Pipeline):
     family = "zimage"
-    img2img = False  # ZImagePipeline has none
+    img2img = True  # ZImageImg2ImgPipeline
+    inpaint = True  # ZImageInpaintPipeline
+    init_posterior = "sample"  # retrieve_latents' default sample_mode (ZI:327)
     batch_cfg = True  # positive and negative in one forward
 
     @classmethod
@@ -122,15 +132,20 @@ class ZImagePipeline(Pipeline):
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
                shift: float | None = None, batch_cfg: bool | None = None, cfg_normalization: float = 0.0,
-               cfg_truncation: float = 1.0):
+               cfg_truncation: float = 1.0, mask: mx.array | None = None):
         """Family options: `shift` overrides the static schedule shift (3); `batch_cfg=False` runs
         the negative prompt as a second forward (half the activations); ZImagePipeline's
         `cfg_normalization` (> 0: cap the guided prediction's norm at that multiple of the
         positive one's) and `cfg_truncation` (no guidance at steps whose model time exceeds it)."""
-        if init is not None:
-            raise ValueError("image-to-image is not implemented for Z-Image (ZImagePipeline has none either)")
         B = noise.shape[0]
         sigmas = zimage_sigmas(steps, self.defaults.shift if shift is None else shift)
+        x, region = noise.astype(mx.float32), None
+        if init is not None:  # the first latents in the model dtype, float32 after the first step (ZI:344-345)
+            sigmas = img2img_schedule(sigmas, strength)
+            x0, eps = init.astype(self.dtype), noise.astype(self.dtype)
+            x = flow_noised(x0, eps, sigmas[0]).astype(mx.float32)
+            if mask is not None:
+                region = KnownRegion(x0, eps, mask.astype(self.dtype), flow_noised)
         batched = guidance > 0 and (self.batch_cfg if batch_cfg is None else batch_cfg)
         pos = cond.positive["cap_feats"], _lengths(cond.positive)
         neg = (cond.negative["cap_feats"], _lengths(cond.negative)) if guidance > 0 else None
@@ -155,4 +170,4 @@ class ZImagePipeline(Pipeline):
             v = -predict(x, zimage_model_time(sigmas[i]))  # the flow's velocity noise - x0 (ZP:567)
             return euler_step(x, v, sigmas[i], sigmas[i + 1])
 
-        return run(step, noise.astype(mx.float32), steps)
+        return run(masked_steps(step, region, sigmas), x, len(sigmas) - 1)

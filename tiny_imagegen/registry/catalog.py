@@ -14,7 +14,7 @@ The hub (what to download), the loader (what a folder is), the pipeline (how to 
 command line (`--model list`) all read these. Adding a family is one Family entry plus its
 modules; adding a published model of a known family is one ModelSpec.
 
-    from tiny_imagegen.registry import catalog as registry
+    from tiny_imagegen.registry.catalog import catalog as registry
     spec = registry.find("schnell")                 # aliases work; None for a folder or repo id
     registry.FAMILIES[spec.family].hub_folders()    # what to fetch from spec.repo_id
 """
@@ -78,6 +78,13 @@ FAMILIES = {
             "flux1",
             pipeline="tiny_imagegen.pipelines.flux1:Flux1Pipeline",
             pipeline_classes=("FluxPipeline",),
+            components=("transformer", "vae", "clip", "t5"),
+            tokenizers={"tokenizer": ("vocab.json", "merges.txt"), "tokenizer_2": ("spiece.model",)},
+        ),
+        Family(  # FLUX.1 with a reference image on the sequence (pipelines/flux1_kontext.py)
+            "flux1-kontext",
+            pipeline="tiny_imagegen.pipelines.flux1_kontext:FluxKontextPipeline",
+            pipeline_classes=("FluxKontextPipeline",),
             components=("transformer", "vae", "clip", "t5"),
             tokenizers={"tokenizer": ("vocab.json", "merges.txt"), "tokenizer_2": ("spiece.model",)},
         ),
@@ -282,6 +289,16 @@ MODELS: tuple[ModelSpec, ...] = (
         licence="FLUX.1 [dev] Non-Commercial License",
         defaults=SamplingDefaults(steps=28, guidance=3.5, shift=True, text_length=512),
         repo_id="black-forest-labs/FLUX.1-dev", gated=True, aliases=("dev", "flux-dev"),
+        configs=_flux1_configs(guidance_embed=True),
+    ),
+    ModelSpec(
+        "flux1-kontext-dev", "flux1-kontext",
+        description="FLUX.1 Kontext [dev], 12 B, edits a reference image (--ref), guidance-distilled, 28 steps",
+        licence="FLUX.1 [dev] Non-Commercial License",
+        # FluxKontextPipeline's defaults: 28 steps, guidance_scale 3.5, 512 T5 tokens, the resolution
+        # shift as FLUX.1-dev; the size: the reference's (resized to a trained resolution, ~1024²)
+        defaults=SamplingDefaults(steps=28, guidance=3.5, shift=True, text_length=512),
+        repo_id="black-forest-labs/FLUX.1-Kontext-dev", gated=True, aliases=("kontext", "flux1-kontext"),
         configs=_flux1_configs(guidance_embed=True),
     ),
     ModelSpec(

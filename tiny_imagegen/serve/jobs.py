@@ -26,7 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..commands.generate import render, sampler_options
-from ..commands.inputs import UsageError
+from ..commands.inputs import EditInputs, UsageError
 from ..commands.metadata import read_parameters, save_png
 
 PREVIEW_SIDE = 128  # pixels, the longer side of a step preview
@@ -149,7 +149,7 @@ class Worker:
         outcome = ("done", {"type": "done"})
         try:
             pipe = self.pool.get(job.args)
-            images, metadata = render(pipe, job.args, job.job, sampler_options(pipe, job.args), None,
+            images, metadata = render(pipe, job.args, job.job, sampler_options(pipe, job.args), EditInputs(),
                                       self._progress(job), self._preview(job, pipe))
             for image, seed, path in zip(images, job.job.seeds, job.paths):
                 save_png(image, path, {**metadata, "seed": seed})
