@@ -8,6 +8,7 @@ file is never overwritten unless --overwrite says so. Each PNG carries its param
 """
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,12 +16,15 @@ from pathlib import Path
 import mlx.core as mx
 
 from .. import __version__
-from .inputs import DEFAULT_MODEL, UsageError, check_image, check_size, check_writable, output_paths, read_jobs
+from .inputs import DEFAULT_MODEL, UsageError, check_image, check_size, check_stepwise_folder, output_paths, read_jobs
 from .metadata import replay_arguments, save_png
+from .validation import FIELDS, OneLineParser, check_arguments
+
+CLASS_CONDITIONAL = ("dit",)  # families whose "prompt" is a class label (--class-label)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate images from text prompts with a diffusion model in MLX.")
+    p = OneLineParser(description="Generate images from text prompts with a diffusion model in MLX.")
     p.add_argument("--prompt", help="what to draw (default: a demo prompt for the shipped model)")
     p.add_argument("--prompt-file", type=Path,
                    help="one prompt per line, or JSON lines {\"prompt\": ..., \"seed\": ..., \"width\": ..., "
@@ -110,8 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class ProgressBar:
-    def __init__(self, stream=sys.stderr, width: int = 30):
-        self.stream, self.width = stream, width
+    def __init__(self, stream=None, width: int = 30):
+        self.stream, self.width = stream or sys.stderr, width
 
     def __call__(self, step: int, total: int, elapsed: float) -> None:
         """A bar redrawn in place on a terminal; a line per step in a log."""
@@ -170,23 +174,23 @@ def run(args: argparse.Namespace) -> list[Path]:
 
         print_models()
         return []
+    try:  # every value against its type and range (validation.py), before anything else
+        check_arguments(args)
+        loras = [parse_lora_spec(x) for x in args.lora or []]
+        for spec, (_, weight) in zip(args.lora or [], loras):
+            FIELDS["lora_weight"].check(weight, f"--lora {spec!r}: the weight")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     jobs = read_jobs(args)
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.modulation_bits is not None and not args.quantize:
         raise UsageError("--modulation-bits needs --quantize: it sets the adaLN modulation's bits of a quantized model")
-    if not 0.0 < args.strength <= 1.0:
-        raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
     for n, job in enumerate(jobs, 1):
         where = f"--prompt-file line {n}: " if args.prompt_file else ""
         for side in ("width", "height"):
             check_size(side, getattr(job, side), MAX_SIDE, where)
     paths = output_paths(args.output, [s for job in jobs for s in job.seeds], args.overwrite)
     if args.stepwise_output is not None:
-        args.stepwise_output.mkdir(parents=True, exist_ok=True)
-        check_writable(args.stepwise_output, f"--stepwise-output {args.stepwise_output}")
+        check_stepwise_folder(args.stepwise_output)
     init_image = check_image(args.image)
     dtype = None if args.dtype == "auto" else getattr(mx, args.dtype)
 
@@ -195,8 +199,10 @@ def run(args: argparse.Namespace) -> list[Path]:
         quantize = args.quantize and Quantization(args.quantize, modulation_bits=args.modulation_bits)
         pipe = Pipeline.from_pretrained(args.model, dtype=dtype, quantize=quantize,
                                         keep_text_encoders=args.keep_text_encoders or len(jobs) > 1,
-                                        loras=[parse_lora_spec(x) for x in args.lora or []])
+                                        loras=loras)
     except (CheckpointError, FileNotFoundError, ModelNotAvailable, ValueError) as e:
+        if args.verbose and getattr(e, "details", None):  # e.g. every unknown key of a LoRA file
+            print("\n".join(e.details), file=sys.stderr)
         raise UsageError(str(e)) from None
     load_time = time.perf_counter() - start
     if args.verbose:
@@ -207,6 +213,12 @@ def run(args: argparse.Namespace) -> list[Path]:
                                     "karras": (args.karras, False), "cfg_channels": (args.cfg_channels, None),
                                     "shift": (args.shift, None), "cfg_normalization": (args.cfg_normalization, 0.0),
                                     "cfg_truncation": (args.cfg_truncation, 1.0)})
+    if args.class_label and pipe.family not in CLASS_CONDITIONAL:
+        raise UsageError(f"--class-label: {pipe.name} ({pipe.family} models) draws from text, not class labels: "
+                         "use --prompt")
+    if "true_cfg" in options and not getattr(pipe, "distilled", False):  # it would be ignored, yet recorded
+        raise UsageError(f"--true-cfg: {pipe.name} is not guidance-distilled, so its --guidance is already "
+                         "classifier-free guidance: use --guidance")
     if init_image is not None and not pipe.img2img:
         raise UsageError(f"--image: {pipe.name} ({pipe.family} models) has no image-to-image here")
     written = []
@@ -248,7 +260,13 @@ def run(args: argparse.Namespace) -> list[Path]:
             metadata.update(image=args.image, strength=args.strength)
         for image, s in zip(images, job.seeds):
             path = paths[len(written)]
-            save_png(image, path, {**metadata, "seed": s})
+            try:
+                save_png(image, path, {**metadata, "seed": s}, overwrite=args.overwrite)
+            except FileExistsError:
+                raise UsageError(f"{path} exists (written meanwhile by another run?): not replaced; "
+                                 "choose another --output or pass --overwrite") from None
+            except OSError as e:
+                raise UsageError(f"cannot write {path}: {e.strerror}") from None
             written.append(path)
             print(f"wrote {path}")
         if args.verbose:
@@ -262,14 +280,26 @@ def run(args: argparse.Namespace) -> list[Path]:
     return written
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds as on Ctrl-C (no .tmp file left)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         run(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: no partial image written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f"{'terminated' if terminated else 'interrupted'}: no partial image written", file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
