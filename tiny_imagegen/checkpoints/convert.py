@@ -305,7 +305,7 @@ def load_component(folder: str | Path, name: str, *, dtype: mx.Dtype | None = No
     config = _config_from_dict(config_cls, entry["config"])
     try:  # values within bounds that still do not fit together (e.g. axes_dim not summing to head_dim)
         model = import_ref(spec.model)(config)
-    except (TypeError, ValueError, ZeroDivisionError) as e:
+    except (AssertionError, TypeError, ValueError, ZeroDivisionError) as e:  # the models assert their invariants
         raise ConvertedModelError(f"{folder / MODEL_JSON}: {name}'s config does not build a model: {e}") from None
     check_dtype(model, dtype or DTYPES.get(manifest.get("dtype") or ""))
     quant = manifest["quantization"]
