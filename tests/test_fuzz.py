@@ -16,7 +16,6 @@ import math
 import os
 import resource
 import shutil
-import tempfile
 from argparse import Namespace
 from pathlib import Path
 

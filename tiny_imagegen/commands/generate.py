@@ -1,7 +1,9 @@
 """The `generate` command: prompts in, PNGs out (`tiny-imagegen generate`, examples/generate.py).
 
-Every check that can fail is made before any model is loaded (inputs.py: sizes, the output
-paths, the init image, the prompt file). Images are written to a temporary file beside the target
+Every check that can fail is made before any model is loaded (validation.py: each value's type
+and range, whether from a flag, the prompt file or replayed metadata; inputs.py: sizes, the output
+paths, the init image, the prompt file); a bad input is one line and exit status 2, SIGTERM
+unwinds as Ctrl-C does (docs/bad-input.md). Images are written to a temporary file beside the target
 and renamed into place, so an interrupted run never leaves a half-written image, and an existing
 file is never overwritten unless --overwrite says so. Each PNG carries its parameters
 (metadata.py), which `--config-from-metadata` reads back.

@@ -180,5 +180,6 @@ def replay_values(text: dict[str, str]) -> dict:
                 raise ValidationError(f"{name} must be a JSON list of PATH[:WEIGHT] strings, got {value!r}")
             out[dest] = loras
         else:
-            out[dest] = FIELDS[dest].parse(value, name) if FIELDS[dest].kind is not str else FIELDS[dest].check(value, name)
+            field = FIELDS[dest]
+            out[dest] = field.check(value, name) if field.kind is str else field.parse(value, name)
     return out
