@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .components import COMPONENTS, import_ref
 from .mapping import CheckpointError
+from .quantize import BITS, GROUP_SIZES
 
 MODEL_JSON = "model.json"
 MAX_FILE_SIZE = 2**40  # 1 TiB: the largest single component we know of (FLUX.2 dev's 32 B transformer) is 64 GB
@@ -87,8 +88,8 @@ RECIPE_BOUNDS = {
 RECIPE_KEYS = {"family": str, "name": str, "text": str, "is_distilled": bool, "defaults": dict}
 DEFAULTS_KEYS = {"steps": int, "guidance": float, "shift": (bool, float), "text_length": int, "width": int,
                  "height": int}
-QUANTIZATION = {"bits": (4, 8), "group_size": (32, 64, 128), "modulation_bits": (4, 8)}
-DTYPES = ("float32", "float16", "bfloat16")
+QUANTIZATION = {"bits": BITS, "group_size": GROUP_SIZES, "modulation_bits": BITS}
+DTYPES = ("float32", "float16", "bfloat16")  # convert.DTYPES' names (convert.py imports this module)
 
 
 class ManifestError(CheckpointError):
