@@ -286,7 +286,7 @@ FOLDERS = {
     "head_dim 10^9": (_set("components.transformer.config.head_dim", 10**9), "config.head_dim 1000000000 is not an integer in 1..1024"),
     "vocabulary 10^9": (_set("components.t5.config.vocab_size", 10**9), "config.vocab_size"),
     "text length 10^9": (_set("pipeline.defaults.text_length", 10**9), "pipeline.defaults.text_length"),
-    "negative text length": (_set("pipeline.defaults.text_length", -5), "text_length -5 is not an integer in 1..4096"),
+    "negative text length": (_set("pipeline.defaults.text_length", -5), "text_length -5 is not an integer in 0..4096"),
     "steps 10^9": (_set("pipeline.defaults.steps", 10**9), "pipeline.defaults.steps"),
     "a string for an int": (_set("components.transformer.config.depth_double", "2"), "depth_double '2' is not an integer"),
     "a float for an int": (_set("components.t5.config.d_model", 128.0), "d_model 128.0 is not an integer"),
@@ -420,3 +420,32 @@ def test_valid_input_still_runs(tmp_path, capsys):
     assert status == 0, err
     assert [Image.open(tmp_path / f"o-{i}.png").text["seed"] for i in (0, 1)] == [str(2**64 - 2), str(2**64 - 1)]
     assert math.isfinite(float(Image.open(tmp_path / "o-0.png").text["guidance"]))
+
+
+def test_published_configs_are_within_the_bounds():
+    """manifest.py's bounds are above every published model's config and sampling defaults."""
+    import dataclasses
+    import importlib
+    import pkgutil
+
+    import tiny_imagegen.models
+    from tiny_imagegen import registry
+    from tiny_imagegen.checkpoints.components import COMPONENTS, import_ref
+    from tiny_imagegen.checkpoints.manifest import check_config, check_manifest
+
+    def fail(field, what):
+        raise AssertionError(f"{field} {what}")
+
+    refs = {import_ref(c.config): c.config for c in COMPONENTS.values()}
+    configs = [cls() for cls in refs]  # the defaults: the published full-size models
+    for info in pkgutil.iter_modules(tiny_imagegen.models.__path__):  # presets such as QWEN3_8B, T5_V1_1_XXL
+        module = importlib.import_module(f"tiny_imagegen.models.{info.name}")
+        configs += [v for v in vars(module).values() if type(v) in refs]
+    for config in configs:
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+        check_config(refs[type(config)], values, fail)
+    assert len(configs) >= len(COMPONENTS) + 3
+    manifest = json.loads((TINY / "model.json").read_text())
+    for spec in registry.MODELS:
+        manifest["pipeline"] = {"family": spec.family, "defaults": dataclasses.asdict(spec.defaults)}
+        check_manifest(TINY, manifest)

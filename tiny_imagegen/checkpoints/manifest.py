@@ -81,7 +81,7 @@ MAX_TUPLE = 16  # block_out_channels 4, axes_dim 4: elements of a tuple field
 # how a converted model is sampled (model.json "pipeline"); registry.SamplingDefaults' fields
 RECIPE_BOUNDS = {
     "steps": (1, 10_000),  # DiT 250, SD 1.5 50
-    "text_length": (1, 4096),  # FLUX.1-dev, Z-Image, FLUX.2: 512 tokens
+    "text_length": (0, 4096),  # FLUX.1-dev, Z-Image, FLUX.2: 512 tokens; DiT (class labels): 0
     "width": (16, 4096),  # pipeline.MAX_SIDE
     "height": (16, 4096),
 }
