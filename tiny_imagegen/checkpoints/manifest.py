@@ -81,13 +81,14 @@ MAX_TUPLE = 16  # block_out_channels 4, axes_dim 4: elements of a tuple field
 # how a converted model is sampled (model.json "pipeline"); registry.SamplingDefaults' fields
 RECIPE_BOUNDS = {
     "steps": (1, 10_000),  # DiT 250, SD 1.5 50
-    "text_length": (0, 4096),  # FLUX.1-dev, Z-Image, FLUX.2: 512 tokens; DiT (class labels): 0
+    "text_length": (1, 4096),  # FLUX.1-dev, Z-Image, FLUX.2: 512 tokens (DiT, class labels: 0, see below)
     "width": (16, 4096),  # pipeline.MAX_SIDE
     "height": (16, 4096),
 }
 RECIPE_KEYS = {"family": str, "name": str, "text": str, "is_distilled": bool, "defaults": dict}
 DEFAULTS_KEYS = {"steps": int, "guidance": float, "shift": (bool, float), "text_length": int, "width": int,
                  "height": int}
+NO_TEXT_FAMILIES = ("dit",)  # class-conditional: text_length 0, no text tokens at all
 QUANTIZATION = {"bits": BITS, "group_size": GROUP_SIZES, "modulation_bits": BITS}
 DTYPES = ("float32", "float16", "bfloat16")  # convert.DTYPES' names (convert.py imports this module)
 
@@ -235,7 +236,10 @@ def _check_recipe(recipe, fail):
     for key, value in defaults.items():
         kind = DEFAULTS_KEYS[key]
         hint = bool | float if kind == (bool, float) else kind
-        _check_value(key, value, hint, RECIPE_BOUNDS.get(key, DEFAULT_INT_BOUNDS),
+        bounds = RECIPE_BOUNDS.get(key, DEFAULT_INT_BOUNDS)
+        if key == "text_length" and recipe.get("family") in NO_TEXT_FAMILIES:
+            bounds = (0, bounds[1])
+        _check_value(key, value, hint, bounds,
                      lambda f, what: fail(f"pipeline.defaults.{f}", what))
 
 
