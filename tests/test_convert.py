@@ -227,11 +227,11 @@ def test_convert_command(tmp_path):
     assert read_manifest(out)["quantization"] == {"bits": 8, "group_size": 64, "mode": "affine"}
 
     again = convert_command("--model", str(repo), "--output", str(out))
-    assert again.returncode == 1 and again.stderr.strip().count("\n") == 0
+    assert again.returncode == 2 and again.stderr.strip().count("\n") == 0
     assert again.stderr.startswith(f"error: {out} exists") and "--force" in again.stderr
 
     unknown = convert_command("--model", "flux3-turbo", "--output", str(tmp_path / "x"))
-    assert unknown.returncode == 1 and "flux1-schnell, flux1-dev" in unknown.stderr
+    assert unknown.returncode == 2 and "flux1-schnell, flux1-dev" in unknown.stderr
     assert unknown.stderr.strip().count("\n") == 0
 
 
@@ -239,7 +239,7 @@ def test_convert_command_from_the_hub_cache_offline(tmp_path):
     offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf_home")}
     out = tmp_path / "weights" / "schnell"
     missing = convert_command("--model", "flux1-schnell", "--output", str(out), env=offline)
-    assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
     assert "HF_HUB_OFFLINE=1" in missing.stderr and "hf download black-forest-labs/FLUX.1-schnell" in missing.stderr
 
     cache_snapshot(tmp_path / "cache", "black-forest-labs/FLUX.1-schnell", needed(repo_files(tiny_flux_repo(tmp_path / "repo"))))

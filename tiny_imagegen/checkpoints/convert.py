@@ -31,6 +31,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .components import COMPONENTS, import_ref
+from .manifest import ManifestError, check_manifest, inside  # noqa: F401 (ManifestError: re-exported)
 from .mapping import CheckpointError, check_dtype
 from .quantize import check_quantization, layer_bits, quantizable_layers, quantize_layers
 from .safetensors_io import write_safetensors
@@ -203,14 +204,16 @@ def read_manifest(folder: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConvertedModelError(f"{folder} is not a converted model folder: no {MODEL_JSON}") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ConvertedModelError(f"{path} is unreadable: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ConvertedModelError(f"{path}: not a JSON object")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ConvertedModelError(
             f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}, "
             f"this code reads {FORMAT!r} version {FORMAT_VERSION}"
         )
-    return manifest
+    return check_manifest(folder, manifest)  # a sandbox: files inside the folder, configs within bounds
 
 
 def check_files(folder: str | Path, names: list[str] | None = None, verify: bool = False):
@@ -219,7 +222,9 @@ def check_files(folder: str | Path, names: list[str] | None = None, verify: bool
     folder = Path(folder)
     files = read_manifest(folder)["files"]
     for name in names if names is not None else sorted(files):
-        path, want = folder / name, files[name]
+        if name not in files:
+            raise ConvertedModelError(f"{folder / MODEL_JSON} does not list {name!r}")
+        path, want = inside(folder, name), files[name]
         if not path.is_file():
             raise ConvertedModelError(f"{path} is missing (listed in {MODEL_JSON}): convert again")
         size = path.stat().st_size
@@ -243,12 +248,16 @@ def load_component(folder: str | Path, name: str, *, dtype: mx.Dtype | None = No
     check_files(folder, [entry["file"]], verify=verify)
 
     config_cls = import_ref(spec.config)
-    model = import_ref(spec.model)(_config_from_dict(config_cls, entry["config"]))
+    config = _config_from_dict(config_cls, entry["config"])
+    try:  # values within bounds that still do not fit together (e.g. axes_dim not summing to head_dim)
+        model = import_ref(spec.model)(config)
+    except (AssertionError, TypeError, ValueError, ZeroDivisionError) as e:  # the models assert their invariants
+        raise ConvertedModelError(f"{folder / MODEL_JSON}: {name}'s config does not build a model: {e}") from None
     check_dtype(model, dtype or DTYPES.get(manifest.get("dtype") or ""))
     quant = manifest["quantization"]
     if entry["quantized_layers"]:
         quantize_layers(model, entry["quantized_layers"], entry.get("layer_bits", {}), quant["bits"], quant["group_size"])
-    path = folder / entry["file"]
+    path = inside(folder, entry["file"])
     try:
         weights = mx.load(str(path))
     except (RuntimeError, ValueError) as e:
@@ -273,7 +282,10 @@ def _config_from_dict(cls, values: dict):
     extra = sorted(set(values) - known)
     if extra:
         raise ConvertedModelError(f"{cls.__name__} has no field(s) {extra}: written by another version of this code?")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    try:  # a required field missing, or values its own checks refuse (e.g. heads not a multiple)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except (TypeError, ValueError) as e:
+        raise ConvertedModelError(f"{cls.__name__} config in {MODEL_JSON}: {e}") from None
 
 
 def _check_keys(path: Path, expected: dict[str, mx.array], found: dict[str, mx.array]):

@@ -62,6 +62,15 @@ T5_PREFIXES = ("lora_te2_", "text_encoders.t5xxl.", "text_encoder_2.")
 CLIP_PREFIXES = ("lora_te1_", "lora_te_", "text_encoders.clip_l.", "text_encoder.")
 
 
+class LoRAMismatch(CheckpointError):
+    """A LoRA file that does not fit the model: one line (the count and the first keys), and
+    `details`, every key and problem, for whoever wants them all (generate --verbose)."""
+
+    def __init__(self, message: str, details: list[str]):
+        super().__init__(message)
+        self.details = details
+
+
 @dataclass(frozen=True)
 class Target:
     """Where one adapter of the file goes: rows [start, stop) of our layer `module` of `component`."""
@@ -218,7 +227,7 @@ def lora_updates(tensors: dict[str, mx.array], metadata: dict[str, str], compone
         print(f"{name}: skipping {len(skipped)} text-encoder tensors ({', '.join(sorted({k.split('.')[0][:16] for k in skipped}))}; "
               "T5 parts are not supported, as in diffusers)", file=sys.stderr)
     names = layer_names(fmt, components)
-    scales = _metadata_scales(metadata) if fmt == "diffusers" else None
+    scales = _metadata_scales(metadata, name) if fmt == "diffusers" else None
     updates, problems = defaultdict(list), []
     for module, parts in groups.items():
         target = names.get(module)
@@ -231,13 +240,20 @@ def lora_updates(tensors: dict[str, mx.array], metadata: dict[str, str], compone
         a, b = parts[a_suffix], parts[b_suffix]
         layer = get_layer(components[target.component], target.module)
         in_features = linear_shape(layer)[1]
-        rank = a.shape[0]
+        rank = a.shape[0] if a.ndim else 0
+        if rank < 1:
+            problems.append(f"{module}: rank 0 (A has shape {tuple(a.shape)})")
+            continue
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_features or b.shape != (target.stop - target.start, rank):
             problems.append(f"{module}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit rows {target.start}:"
                             f"{target.stop} of our {target.module} ({in_features} inputs)")
             continue
         if alpha_suffix in parts:
-            scale = parts[alpha_suffix].item() / rank
+            alpha = parts[alpha_suffix]
+            if alpha.size != 1 or not math.isfinite(alpha.item()):
+                problems.append(f"{module}.{alpha_suffix}: not one finite number (shape {tuple(alpha.shape)})")
+                continue
+            scale = alpha.item() / rank
         elif scales is not None:
             scale = scales(target.component, module.split(".", 1)[1], rank)
         else:
@@ -248,31 +264,51 @@ def lora_updates(tensors: dict[str, mx.array], metadata: dict[str, str], compone
     if orphans:
         problems.append(f"{orphans} CLIP text-encoder tensors, but no CLIP model was given "
                         "(pass skip_clip=True to adapt the transformer alone)")
-    if unknown or problems:
-        lines = [f"{name} ({fmt} format) does not fit this model:"]
+    if unknown or problems:  # one line: the counts and the first few; `details` holds them all
+        parts = []
         if unknown:
-            lines += [f"  {len(unknown)} unknown key(s):"] + [f"    {k}" for k in unknown[:12]]
-            lines += [f"    ... and {len(unknown) - 12} more"] if len(unknown) > 12 else []
-        lines += [f"  {p}" for p in problems[:12]]
-        raise CheckpointError("\n".join(lines))
+            parts.append(f"{len(unknown)} unknown key(s): {', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}")
+        if problems:
+            parts.append(f"{len(problems)} problem(s): {'; '.join(problems[:2])}{'; ...' if len(problems) > 2 else ''}")
+        details = [f"{name}: unknown key {k}" for k in unknown] + [f"{name}: {p}" for p in problems]
+        raise LoRAMismatch(f"{name} ({fmt} format) does not fit this model: {'; '.join(parts)}"
+                           f"{' (--verbose lists them all)' if len(details) > 4 else ''}", details)
     return fmt, dict(updates), replaced
 
 
-def _metadata_scales(metadata: dict[str, str]):
+def _metadata_scales(metadata: dict[str, str], name: str = "LoRA"):
     """diffusers' `lora_adapter_metadata` (the PEFT LoraConfig per component): lora_alpha / r, with
     PEFT's per-module rank_pattern / alpha_pattern (a pattern matches a name's dotted tail) and
-    rsLoRA's alpha / sqrt(r). None when the file has none (PEFT's convention then: s = 1)."""
+    rsLoRA's alpha / sqrt(r). None when the file has none (PEFT's convention then: s = 1).
+    Metadata that is not a JSON object, a rank that is not a positive integer or an alpha that is
+    not a finite number is a CheckpointError naming the file `name`."""
     if "lora_adapter_metadata" not in metadata:
         return None
-    meta = json.loads(metadata["lora_adapter_metadata"])
+    try:
+        meta = json.loads(metadata["lora_adapter_metadata"])
+    except (TypeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{name}: its lora_adapter_metadata is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{name}: its lora_adapter_metadata is not a JSON object")
+
+    def number(key: str, value, rank: bool):
+        ok = isinstance(value, int) and value >= 1 if rank else (
+            isinstance(value, (int, float)) and math.isfinite(value))
+        if isinstance(value, bool) or not ok:
+            raise CheckpointError(f"{name}: lora_adapter_metadata {key} is {value!r}, not "
+                                  f"{'a positive integer' if rank else 'a finite number'}")
+        return value
 
     def scale(component: str, module: str, rank: int) -> float:
         prefix = {"transformer": "transformer.", "clip": "text_encoder."}[component]
         cfg = {k.removeprefix(prefix): v for k, v in meta.items() if k.startswith(prefix)}
         if "lora_alpha" not in cfg:
             return 1.0
-        r = _pattern(cfg.get("rank_pattern") or {}, module, cfg.get("r", rank))
-        alpha = _pattern(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
+        patterns = [cfg.get(k) or {} for k in ("rank_pattern", "alpha_pattern")]
+        if not all(isinstance(p, dict) for p in patterns):
+            raise CheckpointError(f"{name}: lora_adapter_metadata rank_pattern / alpha_pattern is not an object")
+        r = number(f"{prefix}r", _pattern(patterns[0], module, cfg.get("r", rank)), rank=True)
+        alpha = number(f"{prefix}lora_alpha", _pattern(patterns[1], module, cfg["lora_alpha"]), rank=False)
         return alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
 
     return scale
@@ -280,8 +316,11 @@ def _metadata_scales(metadata: dict[str, str]):
 
 def _pattern(patterns: dict, module: str, default):
     for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?({key})", module):
-            return value
+        try:
+            if re.fullmatch(rf"(.*\.)?({key})", module):
+                return value
+        except re.error as e:
+            raise CheckpointError(f"lora_adapter_metadata pattern {key!r} is not a regular expression ({e})") from None
     return default
 
 
@@ -293,9 +332,12 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
     path, sep, tail = spec.rpartition(":")
     if sep and not Path(spec).expanduser().is_file():
         try:
-            return path, float(tail)
+            weight = float(tail)
         except ValueError:
             raise ValueError(f"--lora {spec!r}: the weight {tail!r} after ':' is not a number") from None
+        if not math.isfinite(weight):  # NaN or inf: every merged weight, and so the image, would be NaN
+            raise ValueError(f"--lora {spec!r}: the weight {tail!r} after ':' is not a finite number")
+        return path, weight
     return spec, 1.0
 
 

@@ -21,10 +21,11 @@ from ..checkpoints.quantize import GROUP_SIZES
 from ..checkpoints.mapping import CheckpointError
 from .. import registry
 from ..registry.hub import ModelNotAvailable, resolve_model
+from .validation import OneLineParser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="convert.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True,
                    help=f"{', '.join(m.name for m in registry.MODELS if not m.shipped)}, a hub repo id, a local folder laid out like the hub repo, "
                         "or an unquantized converted folder")
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.output.exists() and not args.force:  # before any download
         print(f"error: {args.output} exists: choose another --output or pass --force to replace it", file=sys.stderr)
-        return 1
+        return 2
     try:
         source = resolve_model(args.model, revision=args.revision)
         spec = registry.find(args.model)
@@ -58,9 +59,9 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         out = convert(source, args.output, bits=args.quantize, group_size=args.group_size, dtype=args.dtype,
                       force=args.force, provenance=provenance, modulation_bits=args.modulation_bits)
-    except (ModelNotAvailable, CheckpointError, OSError, ValueError) as e:  # one line, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (ModelNotAvailable, CheckpointError, OSError, ValueError) as e:  # one line, status 2, not a traceback
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
     manifest = read_manifest(out)
     for name, entry in manifest["components"].items():
         size = manifest["files"][entry["file"]]["size"]

@@ -1,13 +1,16 @@
 """The `generate` command: prompts in, PNGs out (`tiny-imagegen generate`, examples/generate.py).
 
-Every check that can fail is made before any model is loaded (inputs.py: sizes, the output
-paths, the init image, the prompt file). Images are written to a temporary file beside the target
+Every check that can fail is made before any model is loaded (validation.py: each value's type
+and range, whether from a flag, the prompt file or replayed metadata; inputs.py: sizes, the output
+paths, the init image, the prompt file); a bad input is one line and exit status 2, SIGTERM
+unwinds as Ctrl-C does (docs/bad-input.md). Images are written to a temporary file beside the target
 and renamed into place, so an interrupted run never leaves a half-written image, and an existing
 file is never overwritten unless --overwrite says so. Each PNG carries its parameters
 (metadata.py), which `--config-from-metadata` reads back.
 """
 
 import argparse
+import signal
 import sys
 import time
 from functools import partial
@@ -16,13 +19,16 @@ from pathlib import Path
 import mlx.core as mx
 
 from .. import __version__
-from .inputs import (DEFAULT_MODEL, UsageError, check_size, check_writable, input_hashes, output_paths,
+from .inputs import (DEFAULT_MODEL, UsageError, check_output_folder, check_size, input_hashes, output_paths,
                      read_edit_inputs, read_jobs)
 from .metadata import check_inputs_unchanged, replay_arguments, save_png
+from .validation import FIELDS, OneLineParser, check_arguments
+
+CLASS_CONDITIONAL = ("dit",)  # families whose "prompt" is a class label (--class-label)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate images from text prompts with a diffusion model in MLX.")
+    p = OneLineParser(description="Generate images from text prompts with a diffusion model in MLX.")
     p.add_argument("--prompt", help="what to draw (default: a demo prompt for the shipped model)")
     p.add_argument("--prompt-file", type=Path,
                    help="one prompt per line, or JSON lines {\"prompt\": ..., \"seed\": ..., \"width\": ..., "
@@ -138,8 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class ProgressBar:
-    def __init__(self, stream=sys.stderr, width: int = 30):
-        self.stream, self.width = stream, width
+    def __init__(self, stream=None, width: int = 30):
+        self.stream, self.width = stream or sys.stderr, width
 
     def __call__(self, step: int, total: int, elapsed: float) -> None:
         """A bar redrawn in place on a terminal; a line per step in a log."""
@@ -211,28 +217,27 @@ def index_list(text: str | None, flag: str) -> list[int] | None:
 
 def check_inputs(args: argparse.Namespace):
     """Every check that needs no model: -> (jobs, output paths, the input images), or one UsageError."""
+    from ..checkpoints.lora import parse_lora_spec
     from ..pipelines.pipeline import MAX_SIDE
 
+    try:  # every value against its type and range (validation.py), before anything else
+        check_arguments(args)
+        for spec, (_, weight) in zip(args.lora or [], [parse_lora_spec(x) for x in args.lora or []]):
+            FIELDS["lora_weight"].check(weight, f"--lora {spec!r}: the weight")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     jobs = read_jobs(args)
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.modulation_bits is not None and not args.quantize:
         raise UsageError("--modulation-bits needs --quantize: it sets the adaLN modulation's bits of a quantized model")
-    if not 0.0 < args.strength <= 1.0:
-        raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
     for n, job in enumerate(jobs, 1):
         where = f"--prompt-file line {n}: " if args.prompt_file else ""
         for side in ("width", "height"):
             check_size(side, getattr(job, side), MAX_SIDE, where)
     paths = output_paths(args.output, [s for job in jobs for s in job.seeds], args.overwrite)
     if args.stepwise_output is not None:
-        args.stepwise_output.mkdir(parents=True, exist_ok=True)
-        check_writable(args.stepwise_output, f"--stepwise-output {args.stepwise_output}")
+        check_output_folder(args.stepwise_output)
     if args.attention_maps is not None:
-        args.attention_maps.mkdir(parents=True, exist_ok=True)
-        check_writable(args.attention_maps, f"--attention-maps {args.attention_maps}")
+        check_output_folder(args.attention_maps, "--attention-maps")
     from ..pipelines.pipeline import pipeline_class
 
     edit = read_edit_inputs(args, pipeline_class(args.model))
@@ -266,6 +271,12 @@ def run(args: argparse.Namespace) -> list[Path]:
     problem = pipe.refusal(edit.image is not None, edit.mask is not None, len(edit.references), pipe.name)
     if problem:  # a hub repo id the registry does not know: its family is known only now
         raise UsageError(problem)
+    if args.class_label and pipe.family not in CLASS_CONDITIONAL:
+        raise UsageError(f"--class-label: {pipe.name} ({pipe.family} models) draws from text, not class labels: "
+                         "use --prompt")
+    if "true_cfg" in options and not getattr(pipe, "distilled", False):  # it would be ignored, yet recorded
+        raise UsageError(f"--true-cfg: {pipe.name} is not guidance-distilled, so its --guidance is already "
+                         "classifier-free guidance: use --guidance")
     written = []
     for n, job in enumerate(jobs):
         first = len(written)
@@ -275,7 +286,13 @@ def run(args: argparse.Namespace) -> list[Path]:
             images, maps = images
         for image, s in zip(images, job.seeds):
             path = paths[len(written)]
-            save_png(image, path, {**metadata, "seed": s})
+            try:
+                save_png(image, path, {**metadata, "seed": s}, overwrite=args.overwrite)
+            except FileExistsError:
+                raise UsageError(f"{path} exists (written meanwhile by another run?): not replaced; "
+                                 "choose another --output or pass --overwrite") from None
+            except OSError as e:
+                raise UsageError(f"cannot write {path}: {e.strerror}") from None
             written.append(path)
             print(f"wrote {path}")
             if args.attention_maps is not None:
@@ -309,6 +326,8 @@ def load_pipeline(args: argparse.Namespace, keep_text_encoders: bool):
                                         keep_text_encoders=keep_text_encoders,
                                         loras=[parse_lora_spec(x) for x in args.lora or []])
     except (CheckpointError, FileNotFoundError, ModelNotAvailable, ValueError) as e:
+        if args.verbose and getattr(e, "details", None):  # e.g. every unknown key of a LoRA file
+            print("\n".join(e.details), file=sys.stderr)
         raise UsageError(str(e)) from None
 
 
@@ -370,12 +389,16 @@ def render(pipe, args: argparse.Namespace, job, options: dict, edit, progress, p
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         run(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: no partial image written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f"{'terminated' if terminated else 'interrupted'}: no partial image written", file=sys.stderr)
+        return 128 + signal.SIGTERM if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0

@@ -13,8 +13,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .validation import check_prompt_entry
+
 DEFAULT_MODEL = "tiny-shapes"  # shipped with the package: works offline, straight after install
 DEFAULT_PROMPTS = {DEFAULT_MODEL: "a red circle"}  # the README's first example, a combination seen in training
+MAX_PROMPT_FILE = 64 * 2**20  # bytes: a million prompts of 64 characters
 
 
 class UsageError(Exception):
@@ -56,9 +59,19 @@ def read_jobs(args) -> list[Job]:
     if args.prompt is not None:
         raise UsageError("give --prompt or --prompt-file, not both")
     try:
-        lines = args.prompt_file.read_text(encoding="utf-8").splitlines()
+        if args.prompt_file.is_dir():
+            raise UsageError(f"--prompt-file {args.prompt_file} is a folder, not a file of prompts")
+        data = args.prompt_file.read_bytes()
     except OSError as e:
         raise UsageError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
+    if len(data) > MAX_PROMPT_FILE:
+        raise UsageError(f"--prompt-file {args.prompt_file} is {len(data):,} bytes, more than {MAX_PROMPT_FILE:,}")
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UsageError(f"--prompt-file {args.prompt_file} line {line}: not UTF-8 text "
+                         f"(byte {data[e.start]:#04x}); save it as UTF-8") from None
     jobs = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -67,16 +80,12 @@ def read_jobs(args) -> list[Job]:
             jobs.append(Job(line.strip(), seeds, **base))
             continue
         try:
-            entry = json.loads(line)
-            unknown = set(entry) - {"prompt", "seed", *base}
-            if unknown or not str(entry.get("prompt", "")).strip():
-                raise ValueError(f"needs a non-empty 'prompt'; unknown keys {sorted(unknown)}" if unknown
-                                 else "needs a non-empty 'prompt'")
-            s = entry.get("seed")
-            job_seeds = seeds if s is None else [int(s) + i for i in range(args.n_images)]
-            jobs.append(Job(entry["prompt"], job_seeds, **{k: entry.get(k, v) for k, v in base.items()}))
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"--prompt-file {args.prompt_file} line {n}: {e}") from None
+            entry = check_prompt_entry(json.loads(line), args.n_images)
+        except (ValueError, RecursionError) as e:  # json's errors and ValidationError are ValueErrors
+            raise UsageError(f"--prompt-file {args.prompt_file} line {n}: {str(e).splitlines()[0]}") from None
+        s = entry.get("seed")
+        job_seeds = seeds if s is None else [s + i for i in range(args.n_images)]
+        jobs.append(Job(entry["prompt"], job_seeds, **{k: entry.get(k, v) for k, v in base.items()}))
     if not jobs:
         raise UsageError(f"--prompt-file {args.prompt_file} holds no prompt")
     return jobs
@@ -102,10 +111,24 @@ def output_paths(pattern: str, seeds: list[int], overwrite: bool) -> list[Path]:
     for path in paths:
         if path.suffix.lower() != ".png":
             raise UsageError(f"--output {path}: images are written as PNG, use a .png name")
+        if path.is_dir():
+            raise UsageError(f"--output {path} is a folder: name a .png file (in it, e.g. {path / 'out.png'})")
         if path.exists() and not overwrite:
             raise UsageError(f"{path} exists: choose another --output or pass --overwrite")
         check_writable(path.parent if str(path.parent) else Path("."), f"cannot write {path}")
     return paths
+
+
+def check_output_folder(folder: Path, flag: str = "--stepwise-output") -> None:
+    """--stepwise-output / --attention-maps DIR: created if missing; a file of that name is refused,
+    not overwritten."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{flag} {folder} is a file: name a folder for the images it writes")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {folder}: cannot create the folder ({e.strerror})") from None
+    check_writable(folder, f"{flag} {folder}")
 
 
 def check_writable(folder: Path, what: str) -> None:

@@ -11,27 +11,18 @@ import os
 import tempfile
 from pathlib import Path
 
-# PNG key -> (generate flag, type): the parameters `--config-from-metadata` takes back
-REPLAYED = {
-    "prompt": ("prompt", str), "negative_prompt": ("negative_prompt", str), "model": ("model", str),
-    "seed": ("seed", int), "steps": ("steps", int), "guidance": ("guidance", float),
-    "true_cfg": ("true_cfg", float), "width": ("width", int), "height": ("height", int),
-    "quantization": ("quantize", lambda v: None if v == "none" else int(v.split("-")[0])),
-    "modulation_bits": ("modulation_bits", int),
-    "dtype": ("dtype", str), "strength": ("strength", float), "image": ("image", str),
-    "mask": ("mask", str), "references": ("ref", json.loads),
-    "loras": ("lora", json.loads),
-    # SD3.5's options
-    "slg": ("slg", lambda v: ",".join(map(str, json.loads(v)))), "slg_scale": ("slg_scale", float),
-    "clip_skip": ("clip_skip", int), "t5": ("no_t5", lambda v: v == "False"),
-}
 # input images: generate flag -> (PNG key of the path(s), PNG key of the sha256(s))
 INPUT_FILES = {"image": ("image", "image_sha256"), "mask": ("mask", "mask_sha256"),
                "ref": ("references", "references_sha256")}
 
 
-def save_png(image, path: Path, metadata: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: never a partial PNG."""
+def save_png(image, path: Path, metadata: dict, overwrite: bool = True) -> None:
+    """Write to a temporary file in the same folder, then move it into place: never a partial PNG.
+
+    Without `overwrite` the move is exclusive (a hard link, which fails if `path` exists): two runs
+    that both found `path` free cannot replace one another's image; the second gets
+    FileExistsError. The temporary file is removed on any failure, an interrupt or SIGTERM included
+    (generate turns SIGTERM into an exception for this)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
@@ -41,10 +32,25 @@ def save_png(image, path: Path, metadata: dict) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_exclusive(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def _link_exclusive(tmp: str, path: Path) -> None:
+    """Put `tmp` at `path` only if nothing is there, atomically (a file system without hard links:
+    an exclusive create, then the rename)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
         raise
+    except OSError:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # claim the name, then fill it
+        os.replace(tmp, path)
 
 
 def read_parameters(path: str | Path) -> dict[str, str]:
@@ -65,13 +71,14 @@ def read_parameters(path: str | Path) -> dict[str, str]:
 
 
 def replay_arguments(path: str | Path) -> dict:
-    """generate's arguments stored in an image: flag name -> typed value."""
-    out = {}
-    for key, value in read_parameters(path).items():
-        if key in REPLAYED:
-            flag, parse = REPLAYED[key]
-            out[flag] = parse(value)
-    return out
+    """generate's arguments stored in an image: flag name -> typed value, each checked as the flag
+    would be (validation.py); ValueError with one line naming the image and the key."""
+    from .validation import ValidationError, replay_values
+
+    try:
+        return replay_values(read_parameters(path))
+    except ValidationError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def check_inputs_unchanged(path: str | Path, skip: set[str] = frozenset()) -> None:
@@ -106,6 +113,16 @@ def info_main(argv=None) -> int:
     p.add_argument("images", nargs="+", help="PNG files")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     args = p.parse_args(argv)
+    try:
+        return _print_parameters(args)
+    except BrokenPipeError:  # `info ... | head`: the reader has gone, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 0
+
+
+def _print_parameters(args) -> int:
+    import sys
+
     status = 0
     for path in args.images:
         try:

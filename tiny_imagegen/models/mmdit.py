@@ -273,6 +273,12 @@ class MMDiT(nn.Module):
             raise ValueError(f"txt must be (B, L, {cfg.context_dim}), got {tuple(txt.shape)}")
         c = self.conditioning(timesteps, y, guidance)
         if rope is None:
+            # one set of positions for the whole batch, as FLUX.2 (models/flux2.py) refuses batched
+            # (B, L, n) ids too: diffusers accepts them with a deprecation warning and uses ids[0]
+            n_axes = len(cfg.axes_dim) if cfg.rope == "axial" else 2  # mixed RoPE: (row, col)
+            for name, ids, n in (("img_ids", img_ids, img.shape[1]), ("txt_ids", txt_ids, txt.shape[1])):
+                if tuple(np.shape(ids)) != (n, n_axes):
+                    raise ValueError(f"{name} must be ({n}, {n_axes}), shared by the batch; got {tuple(np.shape(ids))}")
             rope = self.rope_table(img_ids, txt_ids)
         # inputs in the weights' dtype (a torch model would refuse others; MLX would promote)
         img, txt = self.img_in(img.astype(self.dtype)), self.txt_in(txt.astype(self.dtype))

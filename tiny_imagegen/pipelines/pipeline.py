@@ -62,9 +62,9 @@ def pipeline_class(model: str) -> type | None:
     does not know (its family is known only once its model_index.json is here)."""
     from pathlib import Path
 
-    from .hub import family_of_folder
-    from .loading import shipped
-    from .registry import find
+    from ..registry import find
+    from ..registry.hub import family_of_folder
+    from ..registry.where import shipped
 
     spec = find(model)
     if spec is not None:
@@ -324,8 +324,8 @@ class Pipeline(EditingInputs):
         posterior = self.encode_image(image, width, height) if image is not None else None
         edit = {}
         if mask is not None:
-            from .editing.images import open_image
-            from .editing.masks import check_mask
+            from ..editing.images import open_image
+            from ..editing.masks import check_mask
 
             mask, init_image = open_image(mask, "mask"), open_image(image, "init image")
             if mask.size != init_image.size:

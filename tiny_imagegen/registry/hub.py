@@ -69,8 +69,9 @@ def is_converted(path: str | Path) -> bool:
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("format") == "tiny_imagegen"
-    except (OSError, ValueError):
+        info = json.loads(marker.read_text())
+        return isinstance(info, dict) and info.get("format") == "tiny_imagegen"
+    except (OSError, ValueError, RecursionError):
         return False
 
 
@@ -79,10 +80,17 @@ def family_of_folder(folder: Path) -> Family:
     for marker, key in ((CONVERTED_MARKER, "family"), ("model_index.json", "_class_name")):
         try:
             info = json.loads((folder / marker).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
+        if not isinstance(info, dict):
+            raise ModelNotAvailable(f"{folder / marker}: not a JSON object")
         if marker == CONVERTED_MARKER:
-            return FAMILIES.get(info.get("pipeline", {}).get("family", "flux1"), DEFAULT_FAMILY)
+            recipe = info.get("pipeline", {})
+            name = recipe.get("family", "flux1") if isinstance(recipe, dict) else None
+            if name not in FAMILIES:
+                raise ModelNotAvailable(f"{folder / marker}: pipeline.family {name!r} is not a family this code runs "
+                                        f"(known: {', '.join(FAMILIES)})")
+            return FAMILIES[name]
         family = registry.family_for_pipeline_class(info.get(key, ""))
         if family is None:
             raise ModelNotAvailable(f"{folder}: model_index.json names {info.get(key)!r}, a pipeline this code "
