@@ -4,4 +4,8 @@
     from tiny_imagegen.checkpoints.flux import load_flux_transformer
 """
 
+from . import blas as _blas
+
+_blas.preload()  # before anything imports MLX: on Linux, a system OpenBLAS instead of the bundled reference BLAS
+
 __version__ = "0.1.0"

@@ -200,6 +200,9 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise UsageError(str(e)) from None
     load_time = time.perf_counter() - start
     if args.verbose:
+        from .system import system_lines
+
+        print("\n".join(system_lines()[1:]), file=sys.stderr)
         print(f"model {pipe.name}: device {mx.default_device()}, dtype {pipe.dtype}, "
               f"loaded in {load_time:.1f} s", file=sys.stderr)
 

@@ -73,9 +73,16 @@ def info_main(argv=None) -> int:
     import sys
 
     p = argparse.ArgumentParser(description="Print the generation parameters stored in PNGs written by generate.")
-    p.add_argument("images", nargs="+", help="PNG files")
+    p.add_argument("images", nargs="*", help="PNG files")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("--system", action="store_true", help="print this machine's MLX, device, BLAS and compile setting")
     args = p.parse_args(argv)
+    if not args.images and not args.system:
+        p.error("give PNG files, or --system")
+    if args.system:
+        from .system import system_lines
+
+        print("\n".join(system_lines()))
     status = 0
     for path in args.images:
         try:

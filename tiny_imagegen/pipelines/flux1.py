@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..checkpoints.quantize import quantize_component
+from ..compilation import compile_pays
 from ..checkpoints.flux import load_flux_transformer
 from ..checkpoints.text_encoders import load_clip_text_model, load_t5_encoder
 from ..checkpoints.vae import load_vae
@@ -133,14 +134,17 @@ class Flux1Pipeline(Pipeline):
         return (height // f, width // f, self.vae.config.latent_channels)  # (h, w, C)
 
     def forward(self):
-        """The transformer's forward, compiled: traced once per input shape, then each step runs as
-        one graph with its elementwise ops fused (the tiny model: 8.1 instead of 10.0 ms a step).
-        The weights are inputs of the compiled function, not constants, so LoRAs merged or
-        quantization applied later are seen; a new transformer object gets a new trace."""
+        """The transformer's forward, compiled where it pays (compilation.py: on a GPU, and on the
+        CPU for full-width models; the tiny model runs op by op, as building its fused kernels
+        would cost the first image 10-40 s for no warm gain): traced once per input shape, then
+        each step runs as one graph with its elementwise ops fused. The weights are inputs of the
+        compiled function, not constants, so LoRAs merged or quantization applied later are seen;
+        a new transformer object gets a new trace."""
         tr = self.transformer
         if getattr(self, "_forward", (None,))[0] is not tr:
-            fn = mx.compile(lambda img, txt, t, y, g, rope: tr(img, None, txt, None, t, y, g, rope=rope),
-                            inputs=tr.state)
+            fn = lambda img, txt, t, y, g, rope: tr(img, None, txt, None, t, y, g, rope=rope)  # noqa: E731
+            if compile_pays(self.n_params):
+                fn = mx.compile(fn, inputs=tr.state)
             self._forward = (tr, fn)
         return self._forward[1]
 
