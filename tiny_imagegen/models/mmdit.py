@@ -244,6 +244,7 @@ class MMDiT(nn.Module):
         y: mx.array,  # (B, vec_dim) pooled CLIP
         guidance: mx.array | None = None,  # (B,) distilled guidance scale
         rope: tuple[mx.array, mx.array] | None = None,  # rope_table(img_ids, txt_ids), else built here
+        cache=None,  # a step_cache.FirstBlockCache: may skip all blocks but the first
     ) -> mx.array:  # (B, L_img, out_channels) predicted velocity
         cfg = self.config
         if img.ndim != 3 or img.shape[-1] != cfg.in_channels:
@@ -255,12 +256,27 @@ class MMDiT(nn.Module):
             rope = self.rope_table(img_ids, txt_ids)
         # inputs in the weights' dtype (a torch model would refuse others; MLX would promote)
         img, txt = self.img_in(img.astype(self.dtype)), self.txt_in(txt.astype(self.dtype))
-        for block in self.double_blocks:
+        if cache is None:
+            img, txt = self.blocks(img, txt, c, rope)
+        else:
+            img, txt = cache(img, txt, lambda i, t: self.blocks(i, t, c, rope, 0, 1),
+                             lambda i, t: self.blocks(i, t, c, rope, 1))
+        return self.final_layer(img, c)
+
+    def blocks(self, img: mx.array, txt: mx.array, c: mx.array, rope, start: int = 0, stop: int | None = None):
+        """Blocks start..stop-1 of [double blocks, single blocks] on the two streams -> (img, txt).
+        The single blocks see one sequence [txt; img], joined before the first and split after the
+        last of them, so a step cache can cut the stack anywhere."""
+        order = [*self.double_blocks, *self.single_blocks][start:stop]
+        n_double = max(0, len(self.double_blocks) - start)
+        for block in order[:n_double]:
             img, txt = block(img, txt, c, rope)
-        x = mx.concatenate([txt, img], axis=1)
-        for block in self.single_blocks:
-            x = block(x, c, rope)
-        return self.final_layer(x[:, txt.shape[1] :], c)
+        if len(order) > n_double:
+            x = mx.concatenate([txt, img], axis=1)
+            for block in order[n_double:]:
+                x = block(x, c, rope)
+            txt, img = x[:, : txt.shape[1]], x[:, txt.shape[1] :]
+        return img, txt
 
 
 def _concat_ids(txt_ids, img_ids):

@@ -16,16 +16,17 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..checkpoints.quantize import quantize_component
-from ..compilation import compile_pays
 from ..checkpoints.flux import load_flux_transformer
+from ..checkpoints.quantize import quantize_component
 from ..checkpoints.text_encoders import load_clip_text_model, load_t5_encoder
 from ..checkpoints.vae import load_vae
+from ..compilation import compile_pays
 from ..layers.embeddings import pack_latents, unpack_latents
 from ..loading import load_converted_parts, reloading
 from ..pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults, find
 from ..sampling import classifier_free_guidance, euler_step, flux_schedule, img2img_schedule, noise_image
+from ..step_cache import CacheConfig
 from ..text import CLIPTokenizer, T5Tokenizer
 from ..text_conditioning import FluxTextEncoders, PooledT5Text
 
@@ -149,7 +150,10 @@ class Flux1Pipeline(Pipeline):
         return self._forward[1]
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
-               true_cfg: float = 1.0, batch_cfg: bool | None = None):
+               true_cfg: float = 1.0, batch_cfg: bool | None = None, cache: str | CacheConfig | None = None):
+        """`cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py); its decisions are kept in
+        `self.step_cache` (a fresh state per micro-batch, as diffusers resets per call)."""
+        cache = CacheConfig.parse(cache) if isinstance(cache, str) or cache is None else cache
         B, h, w, _ = noise.shape
         x = pack_latents(noise.astype(mx.float32))  # (B, h/2 * w/2, 4C)
         schedule = flux_schedule(steps, x.shape[1], shift=self.defaults.shift)
@@ -168,6 +172,17 @@ class Flux1Pipeline(Pipeline):
         # would round t * 1000 first, 312.5 -> 312, as diffusers' bf16 FLUX does)
         g = mx.full((txt.shape[0],), guidance, dtype=mx.float32) if self.distilled else None
         transformer = self.forward()
+        if cache is not None:  # its decision reads a value mid-forward (.item()): no whole-forward compile
+            tr = self.transformer
+            # guidance: positive and negative decide apart ("cond"/"uncond" contexts in diffusers)
+            states = ([cache.new_generation(groups=2)] if batched
+                      else [cache.new_generation() for _ in range(1 + (scale != 1.0))])
+            self.step_cache = states
+            calls = iter(range(2**62))
+
+            def transformer(img, txt, t, y, g, rope):
+                state = states[next(calls) % len(states)]  # unbatched guidance: positive, negative, ...
+                return tr(img, None, txt, None, t, y, g, rope=rope, cache=state)
 
         def velocity(x, t):
             xs = mx.concatenate([x, x]) if batched else x
