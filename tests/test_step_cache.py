@@ -90,3 +90,69 @@ def test_the_rule_by_hand_on_a_toy_stack():
     # skipped: head output + (rest - head) of step 0 = (s + 1) + ((1 + 1) * 2 + 0 - 2)
     assert np.allclose(np.array(outs[2][0]), 3.0 + 1 + 2.0) and np.allclose(np.array(outs[2][1]), 2.0 + 4.0)
     assert relative_change(mx.array([2.0, 2.0]), mx.array([1.0, 1.0])) == 1.0
+
+
+def _flux2():
+    from tiny_imagegen.models.flux2 import Flux2Config, Flux2Transformer
+
+    model = Flux2Transformer(Flux2Config(in_channels=16, num_heads=2, head_dim=16, depth_double=2, depth_single=2,
+                                         context_dim=24, axes_dim=(4, 4, 4, 4)))
+    mx.eval(model.parameters())
+    return model
+
+
+def _mmdit_single_stream():
+    from tiny_imagegen.models.mmdit import MMDiT, MMDiTConfig
+
+    model = MMDiT(MMDiTConfig(in_channels=16, num_heads=2, head_dim=16, depth_double=0, depth_single=3,
+                              context_dim=24, vec_dim=8, axes_dim=(4, 6, 6)))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("family", ["flux2", "mmdit-single-stream"])
+def test_the_same_rule_where_diffusers_hook_fails(family):
+    """FLUX.2 (diffusers' hook raises on its single-block tail) and a single-stream MM-DiT: cached with
+    every step computed == uncached bit for bit; a skipped step == first block + the remembered
+    residual of the rest, recomputed here by hand from the model's own blocks."""
+    model = _flux2() if family == "flux2" else _mmdit_single_stream()
+    k = mx.random.key(3)
+    img, txt = mx.random.normal((2, 6, 16), key=k), mx.random.normal((2, 5, 24), key=mx.random.key(4))
+    if family == "flux2":
+        txt_ids, img_ids = model.position_ids(2, 3, 5)
+        call = lambda x, t, cache=None: model(x, img_ids, txt, txt_ids, mx.array([t, t]), cache=cache)  # noqa: E731
+    else:
+        txt_ids, img_ids = model.position_ids(2, 3, 5)
+        y = mx.random.normal((2, 8), key=k)
+        call = lambda x, t, cache=None: model(x, img_ids, txt, txt_ids, mx.array([t, t]), y, cache=cache)  # noqa: E731
+    always = FirstBlockCache(threshold=-1.0)
+    for t in (0.9, 0.8):
+        assert np.array_equal(np.array(call(img, t, always)), np.array(call(img, t)))
+    assert always.skipped == [[]]
+    never = FirstBlockCache(threshold=float("inf"))
+    call(img, 0.9, never)  # computes, remembers the rest's residual
+    img2 = img + 0.01
+    skipped = call(img2, 0.8, never)
+    assert never.skipped == [[1]]
+    # by hand: the residual of blocks 1.. at step 0, added to block 0's output at step 1
+    grab = {}
+    original = model.blocks
+
+    def spy(i, t, *a, **kw):
+        out = original(i, t, *a, **kw)
+        grab.setdefault(len(grab), (i, t, out))
+        return out
+
+    model.blocks = spy
+    try:
+        call(img, 0.9, FirstBlockCache(threshold=-1.0))  # grab[0]: head at step 0, grab[1]: rest at step 0
+        head0_out, rest0_out = grab[0][2], grab[1][2]
+        grab.clear()
+        call(img2, 0.8, FirstBlockCache(threshold=-1.0))
+        head1_out = grab[0][2]
+    finally:
+        del model.blocks
+    tail = [r - h for r, h in zip(rest0_out, head0_out)]
+    by_hand = [h + r for h, r in zip(head1_out, tail)]
+    final = model.final_layer(by_hand[0], model.conditioning(mx.array([0.8, 0.8]), *((None,) if family == "flux2" else (y, None))))
+    assert np.allclose(np.array(skipped), np.array(final), atol=1e-6)

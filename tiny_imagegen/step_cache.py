@@ -123,3 +123,29 @@ class FirstBlockCache:
         """The share of forwards (over all groups) that ran the remaining blocks."""
         total = self.step * self.groups
         return 1.0 - sum(len(s) for s in self.skipped) / total if total else 1.0
+
+
+class GenerationCache:
+    """The cache states of one generation (one call of a family's `sample`), one per context as
+    diffusers keeps one per `cache_context` name: a single state; with guidance batched into one
+    forward, a single state with groups=2; with guidance as two forwards per step, a state for
+    the positive and one for the negative pass, taken in turn. `states` stays readable after."""
+
+    def __init__(self, config: CacheConfig, guidance: bool, batched: bool):
+        if guidance and batched:
+            self.states = [config.new_generation(groups=2)]
+        else:
+            self.states = [config.new_generation() for _ in range(1 + guidance)]
+        self._calls = 0
+
+    def next(self) -> FirstBlockCache:
+        """The state for the next forward call (positive, negative, positive, ... when unbatched)."""
+        state = self.states[self._calls % len(self.states)]
+        self._calls += 1
+        return state
+
+
+def for_generation(cache: "str | CacheConfig | None", guidance: bool, batched: bool) -> GenerationCache | None:
+    """A family's `cache=` option (a spec string, a CacheConfig or None) -> this generation's states."""
+    config = CacheConfig.parse(cache) if isinstance(cache, str) or cache is None else cache
+    return None if config is None else GenerationCache(config, guidance, batched)

@@ -26,7 +26,7 @@ from ..loading import load_converted_parts, reloading
 from ..pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults, find
 from ..sampling import classifier_free_guidance, euler_step, flux_schedule, img2img_schedule, noise_image
-from ..step_cache import CacheConfig
+from ..step_cache import CacheConfig, for_generation
 from ..text import CLIPTokenizer, T5Tokenizer
 from ..text_conditioning import FluxTextEncoders, PooledT5Text
 
@@ -153,7 +153,6 @@ class Flux1Pipeline(Pipeline):
                true_cfg: float = 1.0, batch_cfg: bool | None = None, cache: str | CacheConfig | None = None):
         """`cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py); its decisions are kept in
         `self.step_cache` (a fresh state per micro-batch, as diffusers resets per call)."""
-        cache = CacheConfig.parse(cache) if isinstance(cache, str) or cache is None else cache
         B, h, w, _ = noise.shape
         x = pack_latents(noise.astype(mx.float32))  # (B, h/2 * w/2, 4C)
         schedule = flux_schedule(steps, x.shape[1], shift=self.defaults.shift)
@@ -172,17 +171,12 @@ class Flux1Pipeline(Pipeline):
         # would round t * 1000 first, 312.5 -> 312, as diffusers' bf16 FLUX does)
         g = mx.full((txt.shape[0],), guidance, dtype=mx.float32) if self.distilled else None
         transformer = self.forward()
-        if cache is not None:  # its decision reads a value mid-forward (.item()): no whole-forward compile
-            tr = self.transformer
-            # guidance: positive and negative decide apart ("cond"/"uncond" contexts in diffusers)
-            states = ([cache.new_generation(groups=2)] if batched
-                      else [cache.new_generation() for _ in range(1 + (scale != 1.0))])
-            self.step_cache = states
-            calls = iter(range(2**62))
+        caches = for_generation(cache, guidance=scale != 1.0, batched=batched)
+        if caches is not None:  # its decision reads a value mid-forward (.item()): no whole-forward compile
+            tr, self.step_cache = self.transformer, caches.states
 
             def transformer(img, txt, t, y, g, rope):
-                state = states[next(calls) % len(states)]  # unbatched guidance: positive, negative, ...
-                return tr(img, None, txt, None, t, y, g, rope=rope, cache=state)
+                return tr(img, None, txt, None, t, y, g, rope=rope, cache=caches.next())
 
         def velocity(x, t):
             xs = mx.concatenate([x, x]) if batched else x

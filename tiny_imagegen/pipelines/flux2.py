@@ -28,6 +28,7 @@ from ..loading import load_converted_parts, reloading
 from ..pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults
 from ..sampling import classifier_free_guidance, euler_step_in_model_dtype, flux2_schedule
+from ..step_cache import CacheConfig, for_generation
 
 HIDDEN_LAYERS = (9, 18, 27)  # FP:222, text_encoder_out_layers
 QUANTIZED_ON_LOAD = ("flux2_transformer", "qwen3")  # the VAE stays as it is
@@ -127,7 +128,9 @@ class Flux2KleinPipeline(Pipeline):
                                   "not implemented here")
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
-               batch_cfg: bool | None = None):
+               batch_cfg: bool | None = None, cache: str | CacheConfig | None = None):
+        """`cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py; diffusers' hook fails on FLUX.2,
+        the same rule as on FLUX.1 here); its states are kept in `self.step_cache`."""
         if init is not None:
             raise NotImplementedError("FLUX.2 klein: image-to-image is not implemented")
         B, h, w, C = noise.shape
@@ -139,16 +142,20 @@ class Flux2KleinPipeline(Pipeline):
         batched = cfg and (self.batch_cfg if batch_cfg is None else batch_cfg)
         txt = mx.concatenate([cond.positive["txt"], cond.negative["txt"]]) if batched else cond.positive["txt"]
         txt_ids, img_ids = self.transformer.position_ids(h, w, txt.shape[1])
+        caches = for_generation(cache, guidance=cfg, batched=batched)
+        self.step_cache = caches.states if caches else None
+        transformer = self.transformer if caches is None else (
+            lambda *a: self.transformer(*a, cache=caches.next()))
 
         def velocity(x, t):
             xs = mx.concatenate([x, x]) if batched else x
             # the pipeline's timestep: t·1000 in float32, cast to the latents' dtype, / 1000 (FP:841, 851)
             ts = mx.full((xs.shape[0],), np.float32(np.float32(t) * np.float32(1000.0))).astype(dtype) / 1000
-            v = self.transformer(xs, img_ids, txt, txt_ids, ts)
+            v = transformer(xs, img_ids, txt, txt_ids, ts)
             if batched:
                 return classifier_free_guidance(v[:B], v[B:], guidance)
             if cfg:  # unbatched guidance: a second forward
-                v_neg = self.transformer(xs, img_ids, cond.negative["txt"], txt_ids, ts)
+                v_neg = transformer(xs, img_ids, cond.negative["txt"], txt_ids, ts)
                 v = classifier_free_guidance(v, v_neg, guidance)
             return v
 
