@@ -156,3 +156,21 @@ def test_the_same_rule_where_diffusers_hook_fails(family):
     by_hand = [h + r for h, r in zip(head1_out, tail)]
     final = model.final_layer(by_hand[0], model.conditioning(mx.array([0.8, 0.8]), *((None,) if family == "flux2" else (y, None))))
     assert np.allclose(np.array(skipped), np.array(final), atol=1e-6)
+
+
+def test_cli_cache_flag_is_stored_in_the_png_and_replayed(tmp_path):
+    from PIL import Image
+
+    from test_commands import cli
+
+    first = tmp_path / "a.png"
+    r = cli("--prompt", "a red circle", "--steps", 8, "--cache", "fbc:0.2", "--output", first, "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(first).text["cache"] == "fbc:0.2" and "step cache fbc:0.2" in r.stderr
+    again = tmp_path / "b.png"
+    assert cli("--config-from-metadata", first, "--output", again).returncode == 0
+    assert Image.open(again).text["cache"] == "fbc:0.2"
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    r = cli("--prompt", "x", "--cache", "teacache", "--output", tmp_path / "c.png")
+    assert r.returncode == 2 and r.stderr.startswith("error: --cache: unknown cache method") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "c.png").exists()

@@ -19,7 +19,7 @@ REPLAYED = {
     "quantization": ("quantize", lambda v: None if v == "none" else int(v.split("-")[0])),
     "modulation_bits": ("modulation_bits", int),
     "dtype": ("dtype", str), "strength": ("strength", float), "image": ("image", str),
-    "loras": ("lora", json.loads),
+    "loras": ("lora", json.loads), "cache": ("cache", str),
 }
 
 
