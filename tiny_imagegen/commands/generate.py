@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step caching: skip the transformer's later blocks on steps where its first block's "
                         "output barely changed (First-Block Cache, as diffusers'; threshold default 0.05, higher "
                         "skips more). For 20-50 step models; step-distilled ones (schnell, klein, Turbo) gain nothing")
+    p.add_argument("--distributed", choices=("data", "tensor"),
+                   help="under mlx.launch: 'data' gives each rank its share of the images (each made and written "
+                        "once); 'tensor' splits the FLUX.1 transformer's blocks across the ranks (rank 0 writes)")
     p.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
                    help="decode in overlapping tiles to bound memory; auto: above 768x768 pixels")
     p.add_argument("--keep-text-encoders", action="store_true", help="do not free the text encoders after encoding")
@@ -222,8 +225,28 @@ def run(args: argparse.Namespace) -> list[Path]:
                                     "cfg_truncation": (args.cfg_truncation, 1.0), "cache": (cache, None)})
     if init_image is not None and not pipe.img2img:
         raise UsageError(f"--image: {pipe.name} ({pipe.family} models) has no image-to-image here")
-    written = []
+    rank, size, writes = 0, 1, True
+    if args.distributed:
+        from .. import distributed
+
+        group = distributed.init()
+        rank, size = group.rank(), group.size()
+        if args.distributed == "tensor":
+            try:
+                distributed.shard_mmdit(pipe.transformer, group)
+            except ValueError as e:
+                raise UsageError(f"--distributed tensor: {e}") from None
+            writes = rank == 0
+        if args.verbose:
+            print(f"rank {rank} of {size} ({args.distributed} parallel)", file=sys.stderr)
+    mine = set(distributed.my_share(len(paths), rank, size)) if args.distributed == "data" else set(range(len(paths)))
+    written, offset = [], 0
     for n, job in enumerate(jobs):
+        start, offset = offset, offset + len(job.seeds)
+        indices = [start + i for i in range(len(job.seeds)) if start + i in mine]  # this rank's images of the job
+        if not indices:
+            continue
+        job_seeds = [job.seeds[i - start] for i in indices]
         width, height = job.width or pipe.defaults.width, job.height or pipe.defaults.height
         steps = job.steps or pipe.defaults.steps
         guidance = pipe.defaults.guidance if job.guidance is None else job.guidance
@@ -239,11 +262,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         if cut:
             warn(f"the prompt is {cut} token(s) longer than {pipe.name}'s text length "
                  f"({pipe.defaults.text_length}): they are cut off")
-        first = len(written)
+        first = indices[0]
         preview = stepwise_writer(pipe, args.stepwise_output, first) if args.stepwise_output else None
         try:  # what only the family can check (e.g. a class name DiT does not know)
             images = pipe.generate(job.prompt, width=width, height=height, steps=steps, guidance=guidance,
-                                   seed=job.seeds, negative_prompt=job.negative_prompt, image=init_image,
+                                   seed=job_seeds, negative_prompt=job.negative_prompt, image=init_image,
                                    strength=args.strength, progress=ProgressBar(), batch_size=args.batch_size,
                                    vae_tiling={"auto": None, "on": True, "off": False}[args.vae_tiling],
                                    preview=preview, **options)
@@ -259,8 +282,10 @@ def run(args: argparse.Namespace) -> list[Path]:
         }
         if init_image is not None:
             metadata.update(image=args.image, strength=args.strength)
-        for image, s in zip(images, job.seeds):
-            path = paths[len(written)]
+        for image, s, index in zip(images, job_seeds, indices):
+            if not writes:  # tensor parallel: every rank made the same image, rank 0 writes it
+                continue
+            path = paths[index]
             save_png(image, path, {**metadata, "seed": s})
             written.append(path)
             print(f"wrote {path}")

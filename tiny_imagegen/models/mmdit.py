@@ -145,7 +145,7 @@ class SingleStreamBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
-        self.num_heads, self.mlp_hidden = num_heads, int(dim * mlp_ratio)
+        self.num_heads, self.head_dim, self.mlp_hidden = num_heads, dim // num_heads, int(dim * mlp_ratio)
         self.modulation = Modulation(dim, 3)
         self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
         self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
@@ -155,7 +155,8 @@ class SingleStreamBlock(nn.Module):
         """x (B, L, D) -> (B, L, D)."""
         shift, scale, gate = self.modulation(c)
         h = self.linear1(modulate(layer_norm(x), shift, scale))
-        qkv, mlp_in = h[..., : 3 * x.shape[-1]], h[..., 3 * x.shape[-1] :]
+        n_qkv = 3 * self.num_heads * self.head_dim  # (this rank's heads, when sharded: distributed.py)
+        qkv, mlp_in = h[..., :n_qkv], h[..., n_qkv:]
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k)
         out = mx.concatenate([attention(q, k, v, rope), gelu_tanh(mlp_in)], axis=-1)
