@@ -45,7 +45,7 @@ pipe = Pipeline.from_pretrained("tiny-shapes", dtype=mx.float32)
 loaded = time.perf_counter()
 pipe.generate("a red circle", seed=0)[0].save(sys.argv[1])
 done = time.perf_counter()
-print(done - start, done - loaded, tiny_imagegen.blas.describe().split(" (")[0])
+print(done - start, done - loaded, "OpenBLAS" if tiny_imagegen.blas.describe().startswith("OpenBLAS") else "reference")
 """
 
 PROMPTS = ["a red circle", "a blue square above a yellow circle", "two green triangles", "a large cyan square"]
