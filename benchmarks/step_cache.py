@@ -28,7 +28,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tiny_imagegen import blas  # noqa: E402
-from tiny_imagegen.step_cache import FirstBlockCache, relative_change  # noqa: E402
+from tiny_imagegen.step_cache import FirstBlockCache, computed_fraction, relative_change  # noqa: E402
 
 THRESHOLDS = (None, 0.05, 0.1, 0.2)
 
@@ -52,7 +52,7 @@ def tiny_model(n: int) -> None:
             seconds[t] += time.perf_counter() - start
             images[t].append(np.asarray(image))
             if t is not None:
-                computed[t].append(pipe.step_cache[0].computed_fraction)
+                computed[t].append(computed_fraction(pipe.step_cache.states))
     print(f"tiny-shapes, {n} train captions, {pipe.defaults.steps} steps, guidance {pipe.defaults.guidance} "
           f"(batched [positive; negative], each half deciding apart), one image at a time")
     print("| FBC threshold | scene-parser accuracy | time per image | speed-up | steps computed |")

@@ -15,10 +15,10 @@ FLUX.1 that is ~2% of a full step (docs/performance.md).
 
 Classifier-free guidance: diffusers runs the positive and negative passes in separate cache
 contexts ("cond", "uncond"), each with its own decisions and residuals. We batch the two passes
-into one forward, so the cache takes `groups=2`: the batch's halves decide independently (each
-mean over its own half), the remaining blocks run when either half needs them, and a half that
-skips takes its cached residual, as its own context would. State lives in one FirstBlockCache
-object per generation (`new_generation` gives a fresh one), so reruns are identical.
+into one forward, so `run_blocks` takes one state per slice of the batch: the halves decide
+independently (each mean over its own half), the remaining blocks run when either half needs them,
+and a half that skips takes its own cached residual, as its own context would. The states are new
+for every generation (`GenerationCache`), so reruns are identical.
 
 Step-distilled models (FLUX.1-schnell, FLUX.2-klein, Z-Image-Turbo: 1-8 steps) gain nothing:
 consecutive steps are far apart and every step is computed.
@@ -64,8 +64,8 @@ class CacheConfig:
             raise ValueError(f"cache threshold must be >= 0, got {threshold:g}")
         return cls(method, threshold)
 
-    def new_generation(self, groups: int = 1) -> "FirstBlockCache":
-        return FirstBlockCache(self.threshold, groups)
+    def new_generation(self) -> "FirstBlockCache":
+        return FirstBlockCache(self.threshold)
 
 
 def relative_change(r: mx.array, reference: mx.array) -> float:
@@ -76,76 +76,72 @@ def relative_change(r: mx.array, reference: mx.array) -> float:
 
 @dataclass
 class FirstBlockCache:
-    """One generation's cache state. `groups`: how many independent contexts the batch holds
-    (1; 2 for [positive; negative] guidance), equal slices along the batch axis."""
+    """One cache context's state for one generation (diffusers keeps one per `cache_context` name:
+    the positive pass's, the negative pass's). Called as the model's `cache=`."""
 
     threshold: float
-    groups: int = 1
     step: int = 0  # forwards seen
-    reference: list = field(default_factory=list)  # per group: head residual of its last computed step
-    tail: list = field(default_factory=list)  # per group: (img, txt) residual of the remaining blocks
-    skipped: list = field(default_factory=list)  # per group: the forward indices that skipped
+    reference: mx.array | None = None  # the head residual of the last computed step
+    tail: Streams | None = None  # what the remaining blocks added to (img, txt) on that step
+    skipped: list = field(default_factory=list)  # the forward indices that skipped
 
-    def __post_init__(self):
-        self.reference, self.tail = [None] * self.groups, [None] * self.groups
-        self.skipped = [[] for _ in range(self.groups)]
+    def __call__(self, img, txt, head, rest) -> Streams:
+        return run_blocks([self], img, txt, head, rest)
 
-    def __call__(self, img: mx.array, txt: mx.array, head: Callable[[mx.array, mx.array], Streams],
-                 rest: Callable[[mx.array, mx.array], Streams]) -> Streams:
-        """The streams after all blocks: head = the first block, rest = all the others."""
-        head_img, head_txt = head(img, txt)
-        r = head_img - img
-        n = img.shape[0] // self.groups
-        rows = [slice(g * n, (g + 1) * n) for g in range(self.groups)]
-        compute = [self.reference[g] is None or relative_change(r[s], self.reference[g]) > self.threshold
-                   for g, s in enumerate(rows)]
-        if any(compute):
-            out_img, out_txt = rest(head_img, head_txt)
-        parts = []
-        for g, s in enumerate(rows):
-            if compute[g]:
-                o_img, o_txt = (out_img, out_txt) if self.groups == 1 else (out_img[s], out_txt[s])
-                h_img, h_txt = (head_img, head_txt) if self.groups == 1 else (head_img[s], head_txt[s])
-                self.reference[g] = r if self.groups == 1 else r[s]
-                self.tail[g] = (o_img - h_img, o_txt - h_txt)
-                parts.append((o_img, o_txt))
-            else:
-                self.skipped[g].append(self.step)
-                h_img, h_txt = (head_img, head_txt) if self.groups == 1 else (head_img[s], head_txt[s])
-                parts.append((self.tail[g][0] + h_img, self.tail[g][1] + h_txt))
-        self.step += 1
-        if self.groups == 1:
-            return parts[0]
-        return mx.concatenate([p[0] for p in parts]), mx.concatenate([p[1] for p in parts])
 
-    @property
-    def computed_fraction(self) -> float:
-        """The share of forwards (over all groups) that ran the remaining blocks."""
-        total = self.step * self.groups
-        return 1.0 - sum(len(s) for s in self.skipped) / total if total else 1.0
+def run_blocks(states: list[FirstBlockCache], img: mx.array, txt: mx.array,
+               head: Callable[[mx.array, mx.array], Streams], rest: Callable[[mx.array, mx.array], Streams]) -> Streams:
+    """The streams after all blocks (head = the first block, rest = all the others) for a batch made
+    of len(states) equal slices, each its own context: each slice decides on its own mean; the
+    remaining blocks run (on the whole batch) when any slice needs them; a slice that skips takes
+    its own cached residual."""
+    head_img, head_txt = head(img, txt)
+    r = head_img - img
+    n = img.shape[0] // len(states)
+    rows = [slice(g * n, (g + 1) * n) for g in range(len(states))]
+    whole = len(states) == 1
+    take = (lambda a, s: a) if whole else (lambda a, s: a[s])  # noqa: E731
+    compute = [st.reference is None or relative_change(take(r, s), st.reference) > st.threshold
+               for st, s in zip(states, rows)]
+    if any(compute):
+        out_img, out_txt = rest(head_img, head_txt)
+    parts = []
+    for st, s, run in zip(states, rows, compute):
+        h_img, h_txt = take(head_img, s), take(head_txt, s)
+        if run:
+            o_img, o_txt = take(out_img, s), take(out_txt, s)
+            st.reference, st.tail = take(r, s), (o_img - h_img, o_txt - h_txt)
+            parts.append((o_img, o_txt))
+        else:
+            st.skipped.append(st.step)
+            parts.append((st.tail[0] + h_img, st.tail[1] + h_txt))
+        st.step += 1
+    if whole:
+        return parts[0]
+    return mx.concatenate([p[0] for p in parts]), mx.concatenate([p[1] for p in parts])
 
 
 class GenerationCache:
-    """The cache states of one generation (one call of a family's `sample`), one per context as
-    diffusers keeps one per `cache_context` name: a single state; with guidance batched into one
-    forward, a single state with groups=2; with guidance as two forwards per step, a state for
-    the positive and one for the negative pass, taken in turn. `states` stays readable after."""
+    """The cache contexts of one generation (one call of a family's `sample`): `positive` and, with
+    guidance, `negative`, as diffusers' "cond" and "uncond". `batched` is the `cache=` of a forward
+    whose batch is [positive; negative]; `states` stays readable after the generation."""
 
-    def __init__(self, config: CacheConfig, guidance: bool, batched: bool):
-        if guidance and batched:
-            self.states = [config.new_generation(groups=2)]
-        else:
-            self.states = [config.new_generation() for _ in range(1 + guidance)]
-        self._calls = 0
+    def __init__(self, config: CacheConfig, guidance: bool):
+        self.positive = config.new_generation()
+        self.negative = config.new_generation() if guidance else None
+        self.states = [self.positive] + ([self.negative] if guidance else [])
 
-    def next(self) -> FirstBlockCache:
-        """The state for the next forward call (positive, negative, positive, ... when unbatched)."""
-        state = self.states[self._calls % len(self.states)]
-        self._calls += 1
-        return state
+    def batched(self, img, txt, head, rest) -> Streams:
+        return run_blocks([self.positive, self.negative], img, txt, head, rest)
 
 
-def for_generation(cache: "str | CacheConfig | None", guidance: bool, batched: bool) -> GenerationCache | None:
-    """A family's `cache=` option (a spec string, a CacheConfig or None) -> this generation's states."""
+def for_generation(cache: "str | CacheConfig | None", guidance: bool) -> GenerationCache | None:
+    """A family's `cache=` option (a spec string, a CacheConfig or None) -> this generation's contexts."""
     config = CacheConfig.parse(cache) if isinstance(cache, str) or cache is None else cache
-    return None if config is None else GenerationCache(config, guidance, batched)
+    return None if config is None else GenerationCache(config, guidance)
+
+
+def computed_fraction(states: list[FirstBlockCache]) -> float:
+    """The share of forwards (over all contexts) that ran the remaining blocks."""
+    total = sum(st.step for st in states)
+    return 1.0 - sum(len(st.skipped) for st in states) / total if total else 1.0

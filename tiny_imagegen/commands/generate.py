@@ -290,7 +290,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             written.append(path)
             print(f"wrote {path}")
         if args.verbose and cache and getattr(pipe, "step_cache", None):
-            runs = [f"{s.step - len(skipped)}/{s.step}" for s in pipe.step_cache for skipped in s.skipped]
+            runs = [f"{s.step - len(s.skipped)}/{s.step}" for s in pipe.step_cache.states]
             print(f"step cache {cache}: the remaining blocks ran on {', '.join(runs)} forwards "
                   "(per guidance pass, last micro-batch)", file=sys.stderr)
         if args.verbose:

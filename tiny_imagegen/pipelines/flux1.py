@@ -151,8 +151,8 @@ class Flux1Pipeline(Pipeline):
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
                true_cfg: float = 1.0, batch_cfg: bool | None = None, cache: str | CacheConfig | None = None):
-        """`cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py); its decisions are kept in
-        `self.step_cache` (a fresh state per micro-batch, as diffusers resets per call)."""
+        """`cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py); its contexts (decisions) are kept
+        in `self.step_cache` (new for every micro-batch, as diffusers resets them per call)."""
         B, h, w, _ = noise.shape
         x = pack_latents(noise.astype(mx.float32))  # (B, h/2 * w/2, 4C)
         schedule = flux_schedule(steps, x.shape[1], shift=self.defaults.shift)
@@ -171,21 +171,25 @@ class Flux1Pipeline(Pipeline):
         # would round t * 1000 first, 312.5 -> 312, as diffusers' bf16 FLUX does)
         g = mx.full((txt.shape[0],), guidance, dtype=mx.float32) if self.distilled else None
         transformer = self.forward()
-        caches = for_generation(cache, guidance=scale != 1.0, batched=batched)
+        caches = self.step_cache = for_generation(cache, guidance=scale != 1.0)
         if caches is not None:  # its decision reads a value mid-forward (.item()): no whole-forward compile
-            tr, self.step_cache = self.transformer, caches.states
-
-            def transformer(img, txt, t, y, g, rope):
-                return tr(img, None, txt, None, t, y, g, rope=rope, cache=caches.next())
+            tr = self.transformer
+            transformer = lambda img, txt, t, y, g, rope, cache: tr(img, None, txt, None, t, y, g, rope=rope,  # noqa: E731
+                                                                    cache=cache)
+        else:
+            compiled = transformer
+            transformer = lambda *args, cache: compiled(*args)  # noqa: E731
 
         def velocity(x, t):
             xs = mx.concatenate([x, x]) if batched else x
             ts = mx.full((xs.shape[0],), t, dtype=mx.float32)
-            v = transformer(xs.astype(self.dtype), txt, ts, vec, g, rope)
+            context = caches and (caches.batched if batched else caches.positive)
+            v = transformer(xs.astype(self.dtype), txt, ts, vec, g, rope, cache=context)
             if batched:
                 return classifier_free_guidance(v[:B], v[B:], scale)
             if scale != 1.0:  # unbatched guidance: a second forward
-                v_neg = transformer(xs.astype(self.dtype), cond.negative["txt"], ts, cond.negative["vec"], g, rope)
+                v_neg = transformer(xs.astype(self.dtype), cond.negative["txt"], ts, cond.negative["vec"], g, rope,
+                                    cache=caches and caches.negative)
                 v = classifier_free_guidance(v, v_neg, scale)
             return v
 

@@ -130,7 +130,7 @@ class Flux2KleinPipeline(Pipeline):
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
                batch_cfg: bool | None = None, cache: str | CacheConfig | None = None):
         """`cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py; diffusers' hook fails on FLUX.2,
-        the same rule as on FLUX.1 here); its states are kept in `self.step_cache`."""
+        the same rule as on FLUX.1 here); its contexts are kept in `self.step_cache`."""
         if init is not None:
             raise NotImplementedError("FLUX.2 klein: image-to-image is not implemented")
         B, h, w, C = noise.shape
@@ -142,20 +142,18 @@ class Flux2KleinPipeline(Pipeline):
         batched = cfg and (self.batch_cfg if batch_cfg is None else batch_cfg)
         txt = mx.concatenate([cond.positive["txt"], cond.negative["txt"]]) if batched else cond.positive["txt"]
         txt_ids, img_ids = self.transformer.position_ids(h, w, txt.shape[1])
-        caches = for_generation(cache, guidance=cfg, batched=batched)
-        self.step_cache = caches.states if caches else None
-        transformer = self.transformer if caches is None else (
-            lambda *a: self.transformer(*a, cache=caches.next()))
+        caches = self.step_cache = for_generation(cache, guidance=cfg)
+        first_pass = caches and (caches.batched if batched else caches.positive)  # cache context(s) of the first forward
 
         def velocity(x, t):
             xs = mx.concatenate([x, x]) if batched else x
             # the pipeline's timestep: t·1000 in float32, cast to the latents' dtype, / 1000 (FP:841, 851)
             ts = mx.full((xs.shape[0],), np.float32(np.float32(t) * np.float32(1000.0))).astype(dtype) / 1000
-            v = transformer(xs, img_ids, txt, txt_ids, ts)
+            v = self.transformer(xs, img_ids, txt, txt_ids, ts, cache=first_pass)
             if batched:
                 return classifier_free_guidance(v[:B], v[B:], guidance)
             if cfg:  # unbatched guidance: a second forward
-                v_neg = transformer(xs, img_ids, cond.negative["txt"], txt_ids, ts)
+                v_neg = self.transformer(xs, img_ids, cond.negative["txt"], txt_ids, ts, cache=caches and caches.negative)
                 v = classifier_free_guidance(v, v_neg, guidance)
             return v
 
