@@ -192,3 +192,59 @@ def test_zimage_main_layers_follow_the_same_rule():
     again = m(latents, t, feats, lengths, capture=ran, cache=state)
     assert state.skipped == [1] and [k for k in ran if k.startswith("layers.")] == ["layers.0"]
     assert_close("z-image skipped step == computed step for the same input", again, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["flux2", "zimage"])
+def test_pipelines_keep_one_context_per_guidance_pass(tmp_path, family):
+    """FLUX.2 and Z-Image pipelines with guidance: threshold 0 computes every step (== no cache, bit
+    for bit); a huge threshold skips every step after each context's first, batched or not, and
+    batched and unbatched guidance give the same images."""
+    if family == "flux2":
+        from test_flux2_pipeline import PROMPTS, repo
+
+        io = load_fixture("flux2_pipeline", "io.safetensors")
+        pipe = Pipeline.from_pretrained(str(repo(tmp_path, "base")), dtype=mx.float32)
+        run = dict(prompt=PROMPTS, width=48, height=32, latents=io["noise"], steps=3, guidance=4.0)
+    else:
+        from test_zimage_pipeline import conditioning, hub_folder
+
+        io = load_fixture("zimage", "pipeline", "io.safetensors")
+        pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path)), dtype=mx.float32)
+        run = dict(conditioning=conditioning(io, True), width=48, height=32, steps=3, guidance=1.5,
+                   latents=io["noise"].transpose(0, 2, 3, 1))
+    pipe.generate(**run)
+    plain = np.array(pipe.last_latents)
+    pipe.generate(**run, cache="fbc:0")
+    assert np.array_equal(np.array(pipe.last_latents), plain)
+    assert [s.skipped for s in pipe.step_cache.states] == [[], []]
+    skipped = {}
+    for batch_cfg in (True, False):
+        pipe.generate(**run, cache=CacheConfig("fbc", 1e9), batch_cfg=batch_cfg)
+        skipped[batch_cfg] = (np.array(pipe.last_latents), [s.skipped for s in pipe.step_cache.states])
+    assert skipped[True][1] == skipped[False][1] == [[1, 2], [1, 2]]
+    assert np.abs(skipped[True][0] - skipped[False][0]).max() < 1e-5
+    assert np.abs(skipped[True][0] - plain).max() > 1e-4  # skipping changed the result
+
+
+def test_dit_follows_the_same_rule():
+    """DiT (class-conditional, guidance batched as [labels; null class]): threshold 0 == no cache bit
+    for bit; a huge threshold skips every step after the first for both contexts, and the same input
+    twice gives the computed output again with only the first block run."""
+    from test_dit_pipeline import _pipe
+
+    pipe = _pipe()
+    run = dict(prompt=["207", "1"], steps=3, guidance=4.0, seed=3)
+    pipe.generate(**run)
+    plain = np.array(pipe.last_latents)
+    pipe.generate(**run, cache="fbc:0")
+    assert np.array_equal(np.array(pipe.last_latents), plain)
+    pipe.generate(**run, cache=CacheConfig("fbc", 1e9))
+    assert [s.skipped for s in pipe.step_cache.states] == [[1, 2], [1, 2]]
+    assert np.abs(np.array(pipe.last_latents) - plain).max() > 1e-4
+    m = pipe.transformer
+    x = mx.random.normal((2, 4, 4, m.config.in_channels), key=mx.random.key(0))
+    t, y = mx.array([500.0, 500.0]), mx.array([207, 1])
+    state = FirstBlockCache(threshold=0.05)
+    full = m(x, t, y, cache=state)
+    assert_close("dit skipped step == computed step for the same input", m(x, t, y, cache=state), full, atol=1e-5)
+    assert state.skipped == [1]
