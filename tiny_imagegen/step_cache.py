@@ -68,10 +68,12 @@ class CacheConfig:
         return FirstBlockCache(self.threshold)
 
 
-def relative_change(r: mx.array, reference: mx.array) -> float:
-    """mean|r - reference| / mean|reference|, in float32, as a Python float (a host sync)."""
+def relative_change(r: mx.array, reference: mx.array, sync: bool = True):
+    """mean|r - reference| / mean|reference|, in float32: a Python float (a host sync), or with
+    sync=False the scalar array."""
     r, reference = r.astype(mx.float32), reference.astype(mx.float32)
-    return (mx.mean(mx.abs(r - reference)) / mx.mean(mx.abs(reference))).item()
+    change = mx.mean(mx.abs(r - reference)) / mx.mean(mx.abs(reference))
+    return change.item() if sync else change
 
 
 @dataclass
@@ -101,8 +103,12 @@ def run_blocks(states: list[FirstBlockCache], img: mx.array, txt: mx.array,
     rows = [slice(g * n, (g + 1) * n) for g in range(len(states))]
     whole = len(states) == 1
     take = (lambda a, s: a) if whole else (lambda a, s: a[s])  # noqa: E731
-    compute = [st.reference is None or relative_change(take(r, s), st.reference) > st.threshold
-               for st, s in zip(states, rows)]
+    compute = [st.reference is None for st in states]
+    if not all(compute):  # one host sync for all contexts
+        changes = mx.stack([relative_change(take(r, s), st.reference, sync=False)
+                            for st, s, c in zip(states, rows, compute) if not c]).tolist()
+        changes = iter(changes)
+        compute = [c or next(changes) > st.threshold for st, c in zip(states, compute)]
     if any(compute):
         out_img, out_txt = rest(head_img, head_txt)
     parts = []
@@ -118,6 +124,8 @@ def run_blocks(states: list[FirstBlockCache], img: mx.array, txt: mx.array,
         st.step += 1
     if whole:
         return parts[0]
+    if all(compute):  # nothing to splice
+        return out_img, out_txt
     return mx.concatenate([p[0] for p in parts]), mx.concatenate([p[1] for p in parts])
 
 
