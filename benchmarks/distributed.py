@@ -39,7 +39,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--double", type=int, default=1)
     p.add_argument("--single", type=int, default=2)
-    p.add_argument("--tokens", type=int, default=256, help="image tokens (+ 512 text tokens)")
+    p.add_argument("--tokens", type=int, default=256, help="image tokens")
+    p.add_argument("--text", type=int, default=512, help="text tokens")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     group = init()
@@ -48,9 +49,9 @@ def main():
     mx.eval(model.parameters())
     side = int(round(args.tokens ** 0.5))
     k = mx.random.key(0)
-    img, txt = mx.random.normal((1, side * side, 64), key=k), mx.random.normal((1, 512, 4096), key=k)
+    img, txt = mx.random.normal((1, side * side, 64), key=k), mx.random.normal((1, args.text, 4096), key=k)
     y, t, g = mx.random.normal((1, 768), key=k), mx.array([0.5]), mx.array([3.5])
-    txt_ids, img_ids = model.position_ids(side, side, 512)
+    txt_ids, img_ids = model.position_ids(side, side, args.text)
     rope = model.rope_table(img_ids, txt_ids)
     f = lambda: model(img, None, txt, None, t, y, g, rope=rope)  # noqa: E731
     whole_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
@@ -62,7 +63,7 @@ def main():
     mx.reset_peak_memory()
     sharded_s = timed(f, args.repeats)
     err = float(mx.abs(f() - reference).max())
-    print(f"| {group.rank()} of {group.size()} | {args.double} + {args.single} | {whole_s:.2f} s | {sharded_s:.2f} s | "
+    print(f"| {group.rank()} of {group.size()} | {args.double} + {args.single}, {side * side} + {args.text} tokens | {whole_s:.2f} s | {sharded_s:.2f} s | "
           f"{whole_bytes / 2**30:.2f} GiB | {rank_bytes / 2**30:.2f} GiB | {mx.get_peak_memory() / 2**30:.2f} GiB | "
           f"{err:.1e} |", flush=True)
 

@@ -5,7 +5,7 @@
    user makes one; guidance batched as the pipeline runs it). Caption by caption the thresholds
    run one after another, so load from other processes hits them alike.
 2. A full-width FLUX.1-dev-shaped step (D = 3072, 24 heads, guidance input; `--tokens` image
-   tokens + 512 text tokens, fp32, `--double` + `--single` blocks): the time of a full step, of
+   tokens + `--text` text tokens, fp32, `--double` + `--single` blocks): the time of a full step, of
    a computed and of a skipped cached step, the first block, one double and one single block,
    and the check (two means and the host sync); then the same extrapolated to FLUX.1's 19 + 38
    blocks. Median of `--repeats`, the modes interleaved.
@@ -71,16 +71,16 @@ def _fmt(score) -> str:
     return f"{100 * score:.1f}%"
 
 
-def full_width_step(tokens: int, n_double: int, n_single: int, repeats: int) -> None:
+def full_width_step(tokens: int, n_text: int, n_double: int, n_single: int, repeats: int) -> None:
     from tiny_imagegen.models.mmdit import MMDiT, MMDiTConfig
 
     model = MMDiT(MMDiTConfig(depth_double=n_double, depth_single=n_single, guidance_embed=True))
     mx.eval(model.parameters())
     side = int(round(tokens ** 0.5))
     k = mx.random.key(0)
-    img, txt = mx.random.normal((1, side * side, 64), key=k), mx.random.normal((1, 512, 4096), key=k)
+    img, txt = mx.random.normal((1, side * side, 64), key=k), mx.random.normal((1, n_text, 4096), key=k)
     y, t, g = mx.random.normal((1, 768), key=k), mx.array([0.5]), mx.array([3.5])
-    txt_ids, img_ids = model.position_ids(side, side, 512)
+    txt_ids, img_ids = model.position_ids(side, side, n_text)
     rope = model.rope_table(img_ids, txt_ids)
     mx.eval(img, txt, y, rope)
     c = model.conditioning(t, y, g)
@@ -115,7 +115,7 @@ def full_width_step(tokens: int, n_double: int, n_single: int, repeats: int) -> 
             mx.eval(out) if not isinstance(out, float) else None
             times[m].append(time.perf_counter() - start)
     med = {m: statistics.median(v) for m, v in times.items()}
-    print(f"\nfull-width FLUX.1-dev-shaped step: D 3072, {side * side} image + 512 text tokens, fp32, "
+    print(f"\nfull-width FLUX.1-dev-shaped step: D 3072, {side * side} image + {n_text} text tokens, fp32, "
           f"{n_double} double + {n_single} single blocks, median of {repeats}")
     print("| what | seconds |")
     print("|---|---|")
@@ -133,6 +133,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=200, help="train captions for the tiny model (0: skip)")
     p.add_argument("--tokens", type=int, default=256, help="image tokens of the full-width step (0: skip)")
+    p.add_argument("--text", type=int, default=512, help="text tokens of the full-width step (FLUX.1-dev: 512)")
     p.add_argument("--double", type=int, default=1)
     p.add_argument("--single", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
@@ -142,7 +143,7 @@ def main():
     if args.n:
         tiny_model(args.n)
     if args.tokens:
-        full_width_step(args.tokens, args.double, args.single, args.repeats)
+        full_width_step(args.tokens, args.text, args.double, args.single, args.repeats)
 
 
 if __name__ == "__main__":
