@@ -1,26 +1,52 @@
-"""The shipped tiny model, text to PNG: latency of one image and images per second in batches.
+"""The shipped tiny model, text to PNG: the first image after install, latency of one image and
+images per second in batches.
 
-Each row is timed in this process after one warm-up generation (the first image of a fresh
-process also reads the weights and builds MLX's kernels: printed separately), as the median of
-`--repeats` runs. An image is text encoding + 20 guided steps + decoding + the PNG file.
+First image: each cell is a fresh process (`import tiny_imagegen`, load, one 20-step image, PNG)
+timed from its start, with MLX's compile cache (`$TMPDIR/mlx/`) empty ("cold": the first run
+after install or a reboot) or filled by the run before ("warm"), for each BLAS (`TINY_IMAGEGEN_BLAS`:
+the system OpenBLAS where installed, MLX's bundled reference BLAS) and compile setting
+(`TINY_IMAGEGEN_COMPILE`: auto, the default, which does not compile the tiny model on a CPU; on).
+Median of `--first-repeats` runs per cell, the cells interleaved so that load from other processes
+hits them alike.
 
-    LD_PRELOAD=/lib/x86_64-linux-gnu/libopenblas.so.0 python benchmarks/tiny_model.py
-    python benchmarks/tiny_model.py --batches 1 8 50 --repeats 5
+Batches: timed in this process after one warm-up generation, the median of `--repeats` runs. An
+image is text encoding + 20 guided steps + decoding + the PNG file.
+
+    python benchmarks/tiny_model.py
+    python benchmarks/tiny_model.py --batches 1 8 50 --repeats 5 --first-repeats 3
 """
 
 import argparse
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
+import tiny_imagegen  # noqa: E402,F401  (first: it chooses MLX's BLAS before MLX loads)
 import mlx.core as mx  # noqa: E402
 
+from tiny_imagegen.device import blas  # noqa: E402
 from tiny_imagegen.pipelines.pipeline import Pipeline  # noqa: E402
+
+FIRST_IMAGE = f"""
+import sys, time
+start = time.perf_counter()
+sys.path.insert(0, {str(ROOT)!r})
+import tiny_imagegen, mlx.core as mx
+from tiny_imagegen.pipelines.pipeline import Pipeline
+pipe = Pipeline.from_pretrained("tiny-shapes", dtype=mx.float32)
+loaded = time.perf_counter()
+pipe.generate("a red circle", seed=0)[0].save(sys.argv[1])
+done = time.perf_counter()
+print(done - start, done - loaded, "OpenBLAS" if tiny_imagegen.device.blas.describe().startswith("OpenBLAS") else "reference")
+"""
 
 PROMPTS = ["a red circle", "a blue square above a yellow circle", "two green triangles", "a large cyan square"]
 
@@ -33,19 +59,52 @@ def text_to_png(pipe, n: int, folder: str, seed: int) -> float:
     return time.perf_counter() - start
 
 
+def first_image(env: dict, cache: str, png: str) -> tuple[float, float, str]:
+    """(process start -> PNG written, load done -> PNG written, BLAS) of one fresh process."""
+    out = subprocess.run([sys.executable, "-c", FIRST_IMAGE, png], env={**os.environ, **env, "TMPDIR": cache},
+                         capture_output=True, text=True, check=True).stdout.split()
+    return float(out[0]), float(out[1]), " ".join(out[2:])
+
+
+def first_image_table(repeats: int, folder: str) -> None:
+    here = os.environ.get(blas.ENV) or "auto"  # an explicit path stays as given
+    blases = [here, "off"] if "openblas" in blas.describe().lower() else ["off"]
+    cells = [(b, c) for b in blases for c in ("auto", "on")]
+    times = {(b, c, w): [] for b, c in cells for w in ("cold", "warm")}
+    names = {}
+    for r in range(repeats):
+        for b, c in cells:
+            cache = tempfile.mkdtemp(dir=folder)  # an empty MLX compile cache
+            env = {"TINY_IMAGEGEN_BLAS": b, "TINY_IMAGEGEN_COMPILE": c}
+            for warmth in ("cold", "warm"):  # the second run finds the kernels the first one built
+                total, image, names[b] = first_image(env, cache, os.path.join(folder, "first.png"))
+                times[(b, c, warmth)].append((total, image))
+            shutil.rmtree(cache)
+    print("| BLAS | compile | MLX cache | first image (median) | of which import + load |")
+    print("|---|---|---|---|---|")
+    for b, c in cells:
+        for w in ("cold", "warm"):
+            total = statistics.median(t for t, _ in times[(b, c, w)])
+            image = statistics.median(i for _, i in times[(b, c, w)])
+            print(f"| {names[b]} | {c} | {w} | {total:.2f} s | {total - image:.2f} s |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 50])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--first-repeats", type=int, default=3, help="fresh processes per first-image cell (0: skip)")
     args = p.parse_args()
-    print(f"device {mx.default_device()}, OpenBLAS preloaded: {'openblas' in os.environ.get('LD_PRELOAD', '')}, "
+    print(f"device {mx.default_device()}, BLAS: {blas.describe()}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as folder:
+        if args.first_repeats:
+            first_image_table(args.first_repeats, folder)
         start = time.perf_counter()
         pipe = Pipeline.from_pretrained("tiny-shapes", dtype=mx.float32, keep_text_encoders=True)
         loaded = time.perf_counter() - start
         first = text_to_png(pipe, 1, folder, 0)
-        print(f"fresh process: load {loaded:.3f} s, first image {first:.3f} s")
+        print(f"this process: load {loaded:.3f} s, first image {first:.3f} s")
         print("| batch | seconds per batch (median) | images / s | per image |")
         print("|---|---|---|---|")
         for n in args.batches:

@@ -4,13 +4,14 @@ import os
 import sys
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"
 sys.path.insert(0, str(TESTS.parent))  # run from a checkout without installing the package
+
+import tiny_imagegen  # noqa: E402,F401  (before MLX: it chooses MLX's BLAS, blas.py)
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 _PARITY: list[tuple[str, float, float]] = []
 

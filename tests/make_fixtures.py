@@ -120,7 +120,9 @@ def _compare_tensors(new: Path, old: Path) -> list[str]:
 
 
 def without_preload() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    """The environment without OpenBLAS: neither preloaded nor loaded by `import tiny_imagegen` (blas.py),
+    so that no BLAS but torch's own is in the reference process."""
+    return {**{k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}, "TINY_IMAGEGEN_BLAS": "off"}
 
 
 def main() -> int:

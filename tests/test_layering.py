@@ -14,7 +14,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "tiny_imagegen"
 
 LAYERS = (  # lowest first; a layer may hold several folders that do not depend on each other
-    ("__init__", "text", "layers", "diffusion"),  # tokenizers, building blocks, the samplers' maths
+    # the machine (BLAS, where compiling pays), tokenizers, building blocks, the samplers' maths
+    ("__init__", "device", "text", "layers", "diffusion"),
     ("models",),  # one file per architecture
     ("checkpoints",),  # published weights -> our modules, our converted format, quantization
     ("registry",),  # every published model once; where its files are (hub, shipped, converted)

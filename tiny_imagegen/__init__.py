@@ -7,4 +7,8 @@ The folders are layers, lowest first: text/, layers/, diffusion/ -> models/ -> c
 registry/ -> conditioning/ -> pipelines/ -> train/ -> commands/ (tests/test_layering.py).
 """
 
+from .device import blas as _blas
+
+_blas.preload()  # before anything imports MLX: on Linux, a system OpenBLAS instead of the bundled reference BLAS
+
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ import argparse
 import signal
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -106,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--attention-maps: average these attention blocks only (0-based, model order; default all)")
     p.add_argument("--attention-steps", metavar="I,J,...",
                    help="--attention-maps: average these denoising steps only (0-based; default all)")
+    p.add_argument("--cache", metavar="fbc[:THRESHOLD]",
+                   help="step caching: skip the transformer's later blocks on steps where its first block's "
+                        "output barely changed (First-Block Cache, as diffusers'; threshold default 0.05, higher "
+                        "skips more). For 20-50 step models; step-distilled ones (schnell, klein, Turbo) gain nothing")
+    p.add_argument("--distributed", choices=("data", "tensor"),
+                   help="under mlx.launch: 'data' gives each rank its share of the images (each made and written "
+                        "once); 'tensor' splits the FLUX.1 transformer's blocks across the ranks (rank 0 writes)")
     p.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
                    help="decode in overlapping tiles to bound memory; auto: above 768x768 pixels")
     p.add_argument("--keep-text-encoders", action="store_true", help="do not free the text encoders after encoding")
@@ -238,6 +246,13 @@ def check_inputs(args: argparse.Namespace):
         check_output_folder(args.stepwise_output)
     if args.attention_maps is not None:
         check_output_folder(args.attention_maps, "--attention-maps")
+    from ..diffusion.step_cache import CacheConfig
+
+    try:
+        cache = CacheConfig.parse(args.cache)
+    except ValueError as e:
+        raise UsageError(f"--cache: {e}") from None
+    args.cache = str(cache) if cache else None  # as stored in the PNG and replayed
     from ..pipelines.pipeline import pipeline_class
 
     edit = read_edit_inputs(args, pipeline_class(args.model))
@@ -264,6 +279,9 @@ def run(args: argparse.Namespace) -> list[Path]:
     pipe = load_pipeline(args, keep_text_encoders=args.keep_text_encoders or len(jobs) > 1)
     load_time = time.perf_counter() - start
     if args.verbose:
+        from .system import system_lines
+
+        print("\n".join(system_lines()[1:]), file=sys.stderr)
         print(f"model {pipe.name}: device {mx.default_device()}, dtype {pipe.dtype}, "
               f"loaded in {load_time:.1f} s", file=sys.stderr)
 
@@ -277,15 +295,36 @@ def run(args: argparse.Namespace) -> list[Path]:
     if "true_cfg" in options and not getattr(pipe, "distilled", False):  # it would be ignored, yet recorded
         raise UsageError(f"--true-cfg: {pipe.name} is not guidance-distilled, so its --guidance is already "
                          "classifier-free guidance: use --guidance")
-    written = []
+    rank, size, writes = 0, 1, True
+    if args.distributed:
+        from ..pipelines import distributed
+
+        group = distributed.init()
+        rank, size = group.rank(), group.size()
+        if args.distributed == "tensor":
+            try:
+                distributed.shard_mmdit(pipe.transformer, group)
+            except ValueError as e:
+                raise UsageError(f"--distributed tensor: {e}") from None
+            writes = rank == 0
+        if args.verbose:
+            print(f"rank {rank} of {size} ({args.distributed} parallel)", file=sys.stderr)
+    mine = set(distributed.my_share(len(paths), rank, size)) if args.distributed == "data" else set(range(len(paths)))
+    written, offset = [], 0
     for n, job in enumerate(jobs):
-        first = len(written)
-        preview = stepwise_writer(pipe, args.stepwise_output, first) if args.stepwise_output else None
+        first, offset = offset, offset + len(job.seeds)
+        indices = [first + i for i in range(len(job.seeds)) if first + i in mine]  # this rank's images of the job
+        if not indices:
+            continue
+        job = replace(job, seeds=[job.seeds[i - first] for i in indices])
+        preview = stepwise_writer(pipe, args.stepwise_output, indices[0]) if args.stepwise_output else None
         images, metadata = render(pipe, args, job, options, edit, ProgressBar(), preview, generate)
         if args.attention_maps is not None:
             images, maps = images
-        for image, s in zip(images, job.seeds):
-            path = paths[len(written)]
+        for j, (image, s, index) in enumerate(zip(images, job.seeds, indices)):
+            if not writes:  # tensor parallel: every rank made the same image, rank 0 writes it
+                continue
+            path = paths[index]
             try:
                 save_png(image, path, {**metadata, "seed": s}, overwrite=args.overwrite)
             except FileExistsError:
@@ -296,9 +335,12 @@ def run(args: argparse.Namespace) -> list[Path]:
             written.append(path)
             print(f"wrote {path}")
             if args.attention_maps is not None:
-                j = len(written) - first - 1
                 sheet = save_word_maps(args.attention_maps, path.stem, image, maps, j)[-1]
                 print(f"wrote {len(maps.words[j])} word maps and {sheet}")
+        if args.verbose and args.cache and getattr(pipe, "step_cache", None):
+            runs = [f"{c.step - len(c.skipped)}/{c.step}" for c in pipe.step_cache.states]
+            print(f"step cache {args.cache}: the remaining blocks ran on {', '.join(runs)} forwards "
+                  "(per guidance pass, last micro-batch)", file=sys.stderr)
         if args.verbose:
             t, m = pipe.timings, pipe.peak_memory
             print(f"prompt {n + 1}/{len(jobs)}: text {t.get('text', 0):.2f} s ({m.get('text', 0) / 2**30:.2f} GiB peak), "
@@ -338,7 +380,7 @@ def sampler_options(pipe, args: argparse.Namespace) -> dict:
                                  "shift": (args.shift, None), "cfg_normalization": (args.cfg_normalization, 0.0),
                                  "cfg_truncation": (args.cfg_truncation, 1.0), "slg": (slg_layers(args.slg), None),
                                  "slg_scale": (args.slg_scale, 2.8), "clip_skip": (args.clip_skip, None),
-                                 "t5": (not args.no_t5, True)})
+                                 "t5": (not args.no_t5, True), "cache": (args.cache, None)})
 
 
 def render(pipe, args: argparse.Namespace, job, options: dict, edit, progress, preview, generate=None):

@@ -110,9 +110,12 @@ def info_main(argv=None) -> int:
     import sys
 
     p = argparse.ArgumentParser(description="Print the generation parameters stored in PNGs written by generate.")
-    p.add_argument("images", nargs="+", help="PNG files")
+    p.add_argument("images", nargs="*", help="PNG files")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("--system", action="store_true", help="print this machine's MLX, device, BLAS and compile setting")
     args = p.parse_args(argv)
+    if not args.images and not args.system:
+        p.error("give PNG files, or --system")
     try:
         return _print_parameters(args)
     except BrokenPipeError:  # `info ... | head`: the reader has gone, which is no error of ours
@@ -123,6 +126,10 @@ def info_main(argv=None) -> int:
 def _print_parameters(args) -> int:
     import sys
 
+    if args.system:
+        from .system import system_lines
+
+        print("\n".join(system_lines()))
     status = 0
     for path in args.images:
         try:

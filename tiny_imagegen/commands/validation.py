@@ -108,6 +108,7 @@ FIELDS = {
     "slg": Field(str),  # block indices "7,8,9", parsed by generate's slg_layers
     "slg_scale": Field(float, -MAX_SCALE, MAX_SCALE),
     "clip_skip": Field(int, 0, 64),  # bigG has 32 layers
+    "cache": Field(str),  # "fbc[:THRESHOLD]", parsed by diffusion/step_cache.py's CacheConfig
     "quantize": Field(int, choices=(4, 8)),
     "modulation_bits": Field(int, choices=(4, 8)),
     "dtype": Field(str, choices=DTYPE_CHOICES),
@@ -158,7 +159,7 @@ REPLAYED = {
     "guidance": "guidance", "true_cfg": "true_cfg", "width": "width", "height": "height", "quantization": "quantize",
     "modulation_bits": "modulation_bits", "dtype": "dtype", "strength": "strength", "image": "image", "loras": "lora",
     "mask": "mask", "references": "ref", "slg": "slg", "slg_scale": "slg_scale", "clip_skip": "clip_skip",
-    "t5": "no_t5",
+    "t5": "no_t5", "cache": "cache",
 }
 QUANTIZATION_TEXT = {"none": None, "4-bit": 4, "8-bit": 8}
 

@@ -16,7 +16,8 @@ the MLPs of a full-width 2 double + 4 single block FLUX step at 256 + 256 tokens
 activations, whose GELU took 3 s, a sixth of the step. Here tanh is a rational function, Eigen's
 float32 `generic_fast_tanh_float` fit (an odd degree-13 numerator over an even degree-6
 denominator on [-7.9, 7.9], where tanh is within 3e-8 of ±1 outside; max error 4e-7 against
-float64 tanh), which mx.compile fuses with the rest into one pass: 3-4x faster here. It is
+float64 tanh), which mx.compile fuses with the rest into one pass: 3-4x faster here (on the CPU only on
+large tensors, where that repays building the kernel: compilation.py). It is
 computed in float32 whatever the input dtype, as PyTorch computes a bf16 GELU, then cast back.
 """
 
@@ -24,6 +25,8 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from ..device.compilation import compiled_when_large
 
 
 def silu(x: mx.array) -> mx.array:
@@ -50,7 +53,7 @@ def tanh_rational(x: mx.array) -> mx.array:
     return x * _horner(_NUMERATOR, x2) / _horner(_DENOMINATOR, x2)
 
 
-@mx.compile
+@compiled_when_large  # fused where the tensor is large enough to repay building the kernel (compilation.py)
 def gelu_tanh(x: mx.array) -> mx.array:
     """Same as nn.gelu_approx (PyTorch's gelu(approximate='tanh'), T5's gelu_new) to ~1e-7 |x|."""
     x32 = x.astype(mx.float32)

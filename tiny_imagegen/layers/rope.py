@@ -25,6 +25,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..device.compilation import compiled_when_large
+
 
 def rope_frequencies(dim: int, theta: float = 10_000.0) -> np.ndarray:
     """ω_j = theta^(-2j/dim), j = 0 .. dim/2 - 1, in float64."""
@@ -66,11 +68,11 @@ def axial_rope_fp32_angles(ids, axes_dim: tuple[int, ...], theta: float = 10_000
 def apply_rope(x: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
     """Rotate interleaved channel pairs (x[2j], x[2j+1]) of x (B, H, L, d) by a (cos, sin) table
     of shape (L, d/2) or (H, L, d/2), in float32 as the references do (diffusers and BFL rotate
-    `x.float()`); the result has x's dtype. Compiled: one pass instead of ~10 kernels."""
+    `x.float()`); the result has x's dtype. Compiled where it pays (compilation.py): one pass instead of ~10 kernels."""
     return _rotate_pairs(x, *rope)
 
 
-@mx.compile
+@compiled_when_large
 def _rotate_pairs(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     pairs = x.astype(mx.float32).reshape(*x.shape[:-1], -1, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]

@@ -284,10 +284,20 @@ class DiT(nn.Module):
         timesteps: mx.array,  # (B,) DDPM timesteps in [0, 1000)
         y: mx.array,  # (B,) class labels (null class = num_classes) or (B, text_dim) pooled text
         context: mx.array | None = None,  # (B, S, context_dim) text tokens, in-context / cross-attention
+        cache=None,  # a step_cache context: may skip all blocks but the first
     ) -> mx.array:  # (B, h, w, out_channels): eps [and the learned variance]
         tokens, c, ctx = self.embed(x, timesteps, y, context)
-        for block in self.blocks:
-            tokens = block(tokens, c, ctx)
+
+        def blocks(tokens, start, stop=None):
+            for block in self.blocks[start:stop]:
+                tokens = block(tokens, c, ctx)
+            return tokens
+
+        if cache is None:
+            tokens = blocks(tokens, 0)
+        else:  # one stream: the token sequence
+            none = tokens[:, :0]
+            tokens, _ = cache(tokens, none, lambda h, _: (blocks(h, 0, 1), none), lambda h, _: (blocks(h, 1), none))
         return self.head(tokens, c, x.shape[1], x.shape[2])
 
 

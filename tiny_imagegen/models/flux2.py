@@ -202,6 +202,7 @@ class Flux2Transformer(nn.Module):
         timesteps: mx.array,  # (B,) in [0, 1]; 1 is pure noise
         guidance: mx.array | None = None,  # (B,) [dev]-style models only
         intermediates: list | None = None,  # if given, receives (img, txt) per double and x per single block
+        cache=None,  # a step_cache.FirstBlockCache: may skip all blocks but the first
     ) -> mx.array:  # (B, L_img, out_channels) predicted velocity noise - x0
         cfg, dtype = self.config, self.dtype
         if img.ndim != 3 or img.shape[-1] != cfg.in_channels:
@@ -224,13 +225,29 @@ class Flux2Transformer(nn.Module):
 
         # the model computes in its dtype (the pipeline casts its latents so, FP:845)
         img, txt = self.img_in(img.astype(dtype)), self.txt_in(txt.astype(dtype))
-        for block in self.double_blocks:
+        mods = (img_mod, txt_mod, single_mod)
+        if cache is None:
+            img, txt = self.blocks(img, txt, mods, rope, intermediates=intermediates)
+        else:
+            img, txt = cache(img, txt, lambda i, t: self.blocks(i, t, mods, rope, 0, 1),
+                             lambda i, t: self.blocks(i, t, mods, rope, 1))
+        return self.final_layer(img, c)
+
+    def blocks(self, img, txt, mods, rope, start: int = 0, stop: int | None = None, intermediates=None):
+        """Blocks start..stop-1 of [double blocks, single blocks] -> (img, txt); the single blocks see
+        [txt; img] joined once before and split once after them (a step cache cuts anywhere)."""
+        img_mod, txt_mod, single_mod = mods
+        order = [*self.double_blocks, *self.single_blocks][start:stop]
+        n_double = max(0, len(self.double_blocks) - start)
+        for block in order[:n_double]:
             img, txt = block(img, txt, img_mod, txt_mod, rope)
             if intermediates is not None:
                 intermediates.append((img, txt))
-        x = mx.concatenate([txt, img], axis=1)
-        for block in self.single_blocks:
-            x = block(x, single_mod, rope, txt.shape[1])
-            if intermediates is not None:
-                intermediates.append(x)
-        return self.final_layer(x[:, txt.shape[1] :], c)
+        if len(order) > n_double:
+            x = mx.concatenate([txt, img], axis=1)
+            for block in order[n_double:]:
+                x = block(x, single_mod, rope, txt.shape[1])
+                if intermediates is not None:
+                    intermediates.append(x)
+            txt, img = x[:, : txt.shape[1]], x[:, txt.shape[1] :]
+        return img, txt

@@ -165,7 +165,7 @@ class SingleStreamBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
-        self.num_heads, self.mlp_hidden = num_heads, int(dim * mlp_ratio)
+        self.num_heads, self.head_dim, self.mlp_hidden = num_heads, dim // num_heads, int(dim * mlp_ratio)
         self.modulation = Modulation(dim, 3)
         self.linear1 = nn.Linear(dim, 3 * dim + self.mlp_hidden)
         self.linear2 = nn.Linear(dim + self.mlp_hidden, dim)
@@ -175,7 +175,8 @@ class SingleStreamBlock(nn.Module):
         """x (B, L, D) = [text; image] -> (B, L, D); n_txt: the text tokens (for attention maps)."""
         shift, scale, gate = self.modulation(c)
         h = self.linear1(modulate(layer_norm(x), shift, scale))
-        qkv, mlp_in = h[..., : 3 * x.shape[-1]], h[..., 3 * x.shape[-1] :]
+        n_qkv = 3 * self.num_heads * self.head_dim  # (this rank's heads, when sharded: distributed.py)
+        qkv, mlp_in = h[..., :n_qkv], h[..., n_qkv:]
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k)
         span = None if n_txt is None else joint_span(n_txt)
@@ -265,6 +266,7 @@ class MMDiT(nn.Module):
         y: mx.array,  # (B, vec_dim) pooled CLIP
         guidance: mx.array | None = None,  # (B,) distilled guidance scale
         rope: tuple[mx.array, mx.array] | None = None,  # rope_table(img_ids, txt_ids), else built here
+        cache=None,  # a step_cache.FirstBlockCache: may skip all blocks but the first
     ) -> mx.array:  # (B, L_img, out_channels) predicted velocity
         cfg = self.config
         if img.ndim != 3 or img.shape[-1] != cfg.in_channels:
@@ -282,12 +284,27 @@ class MMDiT(nn.Module):
             rope = self.rope_table(img_ids, txt_ids)
         # inputs in the weights' dtype (a torch model would refuse others; MLX would promote)
         img, txt = self.img_in(img.astype(self.dtype)), self.txt_in(txt.astype(self.dtype))
-        for block in self.double_blocks:
+        if cache is None:
+            img, txt = self.blocks(img, txt, c, rope)
+        else:
+            img, txt = cache(img, txt, lambda i, t: self.blocks(i, t, c, rope, 0, 1),
+                             lambda i, t: self.blocks(i, t, c, rope, 1))
+        return self.final_layer(img, c)
+
+    def blocks(self, img: mx.array, txt: mx.array, c: mx.array, rope, start: int = 0, stop: int | None = None):
+        """Blocks start..stop-1 of [double blocks, single blocks] on the two streams -> (img, txt).
+        The single blocks see one sequence [txt; img], joined before the first and split after the
+        last of them, so a step cache can cut the stack anywhere."""
+        order = [*self.double_blocks, *self.single_blocks][start:stop]
+        n_double = max(0, len(self.double_blocks) - start)
+        for block in order[:n_double]:
             img, txt = block(img, txt, c, rope)
-        x = mx.concatenate([txt, img], axis=1)
-        for block in self.single_blocks:
-            x = block(x, c, rope, txt.shape[1])
-        return self.final_layer(x[:, txt.shape[1] :], c)
+        if len(order) > n_double:
+            x = mx.concatenate([txt, img], axis=1)
+            for block in order[n_double:]:
+                x = block(x, c, rope, txt.shape[1])
+            txt, img = x[:, : txt.shape[1]], x[:, txt.shape[1] :]
+        return img, txt
 
 
 def _concat_ids(txt_ids, img_ids):

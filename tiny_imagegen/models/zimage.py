@@ -289,6 +289,7 @@ class ZImageTransformer(nn.Module):
         cap_feats: mx.array,  # (B, L, cap_feat_dim) text-encoder features, right-padded
         cap_lengths: Sequence[int] | None = None,  # valid rows of each caption (default: all L)
         capture: dict | None = None,  # if given, filled with the intermediate outputs (for tests)
+        cache=None,  # a step_cache context: may skip all main layers but the first
     ) -> mx.array:  # (B, H, W, in_channels): the prediction x0 - noise, in the model dtype
         cfg, dtype = self.config, self.dtype
         B, H, W = self._check(latents, t, cap_feats)
@@ -325,9 +326,18 @@ class ZImageTransformer(nn.Module):
         # one sequence [image; caption]: the image part has one length, so batch padding is at the end
         h = mx.concatenate([x, cap], axis=1)
         span = TextSpan(slice(0, layout.n_img), slice(layout.img_len, None))  # real image tokens -> caption
-        for i, block in enumerate(self.layers):
-            h = block(h, layout.rope, layout.mask, c, span)
-            keep(f"layers.{i}", h)
+
+        def layers(h, start, stop=None):
+            for i, block in list(enumerate(self.layers))[start:stop]:
+                h = block(h, layout.rope, layout.mask, c, span)
+                keep(f"layers.{i}", h)
+            return h
+
+        if cache is None:
+            h = layers(h, 0)
+        else:  # the joint sequence is the one stream the rule watches (diffusers' `hidden_states` of a layer)
+            none = h[:, :0]
+            h, _ = cache(h, none, lambda h, _: (layers(h, 0, 1), none), lambda h, _: (layers(h, 1), none))
         out = self.final_layer(h[:, : layout.n_img], c)  # the final layer is per token: image tokens only
         return unpatchify(out, H, W, p)
 

@@ -26,6 +26,7 @@ from ..checkpoints.vae import load_vae
 from .loading import load_converted_parts
 from .pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults
+from ..diffusion.step_cache import CacheConfig, for_generation
 
 QUANTIZED_ON_LOAD = ("dit",)
 
@@ -118,7 +119,8 @@ class DiTPipeline(Pipeline):
         return (height // f, width // f, self.transformer.config.in_channels)  # (h, w, C)
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
-               sampler: str = "ddim", cfg_channels: int | None = None):
+               sampler: str = "ddim", cfg_channels: int | None = None, cache: str | CacheConfig | None = None):
+        """`cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py), contexts kept in `self.step_cache`."""
         if init is not None:
             raise ValueError("DiT has no image-to-image here (DiTPipeline has none): drop the init image")
         C = self.transformer.config.in_channels
@@ -132,11 +134,14 @@ class DiTPipeline(Pipeline):
         if not 0 < k <= C:
             raise ValueError(f"cfg_channels must be 1..{C}, got {cfg_channels}")
 
+        caches = self.step_cache = for_generation(cache, guidance=guided)
+        context = caches and (caches.batched if guided else caches.positive)
+
         def eps(x, i):
             x_in = ddpm.scale_model_input(p, i, x)
             xs = mx.concatenate([x_in, x_in]) if guided else x_in
             t = mx.full((xs.shape[0],), float(p.timesteps[i]), dtype=mx.float32)
-            out = self.transformer(xs.astype(self.dtype), t, y)[..., :C]  # eps; the learned variance dropped
+            out = self.transformer(xs.astype(self.dtype), t, y, cache=context)[..., :C]  # eps; the learned variance dropped
             if not guided:
                 return out
             cond_eps, uncond_eps = out[:B], out[B:]

@@ -17,17 +17,19 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoints.quantize import quantize_component
 from ..checkpoints.flux import load_flux_transformer
+from ..checkpoints.quantize import quantize_component
 from ..checkpoints.text_encoders import load_clip_text_model, load_t5_encoder
 from ..checkpoints.vae import load_vae
 from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
 from ..layers.attention import reading_out_active
+from ..device.compilation import compile_pays
 from ..layers.embeddings import pack_latents, unpack_latents
 from .loading import load_converted_parts, reloading
 from .pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults, find
 from ..diffusion.flow_matching import classifier_free_guidance, euler_step, flux_schedule, img2img_schedule, noise_image
+from ..diffusion.step_cache import CacheConfig, for_generation
 from ..text import CLIPTokenizer, T5Tokenizer
 from ..conditioning.t5_clip import FluxTextEncoders, PooledT5Text
 
@@ -139,24 +141,29 @@ class Flux1Pipeline(Pipeline):
         return (height // f, width // f, self.vae.config.latent_channels)  # (h, w, C)
 
     def forward(self):
-        """The transformer's forward, compiled: traced once per input shape, then each step runs as
-        one graph with its elementwise ops fused (the tiny model: 8.1 instead of 10.0 ms a step).
-        The weights are inputs of the compiled function, not constants, so LoRAs merged or
-        quantization applied later are seen; a new transformer object gets a new trace."""
+        """The transformer's forward, compiled where it pays (compilation.py: on a GPU, and on the
+        CPU for full-width models; the tiny model runs op by op, as building its fused kernels
+        would cost the first image 10-40 s for no warm gain): traced once per input shape, then
+        each step runs as one graph with its elementwise ops fused. The weights are inputs of the
+        compiled function, not constants, so LoRAs merged or quantization applied later are seen;
+        a new transformer object gets a new trace."""
         tr = self.transformer
         if reading_out_active():  # attention maps: the read-out is Python, which a trace would skip
             return lambda img, txt, t, y, g, rope: tr(img, None, txt, None, t, y, g, rope=rope)
         if getattr(self, "_forward", (None,))[0] is not tr:
-            fn = mx.compile(lambda img, txt, t, y, g, rope: tr(img, None, txt, None, t, y, g, rope=rope),
-                            inputs=tr.state)
+            fn = lambda img, txt, t, y, g, rope: tr(img, None, txt, None, t, y, g, rope=rope)  # noqa: E731
+            if compile_pays(self.n_params):
+                fn = mx.compile(fn, inputs=tr.state)
             self._forward = (tr, fn)
         return self._forward[1]
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
                true_cfg: float = 1.0, batch_cfg: bool | None = None, mask: mx.array | None = None,
-               references=None):
+               references=None, cache: str | CacheConfig | None = None):
         """`references` (Kontext, pipelines/flux1_kontext.py): (tokens (1, N_ref, 4C), ids (N_ref, 3)),
-        clean tokens after the noisy ones, the same every step; the output keeps the first N."""
+        clean tokens after the noisy ones, the same every step; the output keeps the first N.
+        `cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py); its contexts (decisions) are kept
+        in `self.step_cache` (new for every micro-batch, as diffusers resets them per call)."""
         B, h, w, C = noise.shape
         x = pack_latents(noise.astype(mx.float32))  # (B, h/2 * w/2, 4C)
         schedule = flux_schedule(steps, x.shape[1], shift=self.defaults.shift)
@@ -184,21 +191,31 @@ class Flux1Pipeline(Pipeline):
         # would round t * 1000 first, 312.5 -> 312, as diffusers' bf16 FLUX does)
         g = mx.full((txt.shape[0],), guidance, dtype=mx.float32) if self.distilled else None
         forward = self.forward()
+        caches = self.step_cache = for_generation(cache, guidance=cfg)
+        if caches is not None:  # its decision reads a value mid-forward (.item()): no whole-forward compile
+            tr = self.transformer
+            forward = lambda img, txt, t, y, g, rope, cache: tr(img, None, txt, None, t, y, g, rope=rope,  # noqa: E731
+                                                                cache=cache)
+        else:
+            compiled = forward
+            forward = lambda *args, cache: compiled(*args)  # noqa: E731
 
-        def transformer(x, *args):
+        def transformer(x, *args, cache):
             if references is None:
-                return forward(x, *args)
+                return forward(x, *args, cache=cache)
             x = mx.concatenate([x, mx.broadcast_to(ref_tokens, (x.shape[0], *ref_tokens.shape[1:])).astype(x.dtype)], 1)
-            return forward(x, *args)[:, :n]  # the noisy tokens' output (KX:1052)
+            return forward(x, *args, cache=cache)[:, :n]  # the noisy tokens' output (KX:1052)
 
         def velocity(x, t):
             xs = mx.concatenate([x, x]) if batched else x
             ts = mx.full((xs.shape[0],), t, dtype=mx.float32)
-            v = transformer(xs.astype(self.dtype), txt, ts, vec, g, rope)
+            context = caches and (caches.batched if batched else caches.positive)
+            v = transformer(xs.astype(self.dtype), txt, ts, vec, g, rope, cache=context)
             if batched:
                 return classifier_free_guidance(v[:B], v[B:], scale)
             if cfg:  # unbatched guidance: a second forward
-                v_neg = transformer(xs.astype(self.dtype), cond.negative["txt"], ts, cond.negative["vec"], g, rope)
+                v_neg = transformer(xs.astype(self.dtype), cond.negative["txt"], ts, cond.negative["vec"], g, rope,
+                                    cache=caches and caches.negative)
                 v = classifier_free_guidance(v, v_neg, scale)
             return v
 

@@ -39,6 +39,7 @@ from .loading import load_converted_parts, reloading
 from .pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults
 from ..diffusion.flow_matching import classifier_free_guidance, euler_step_in_model_dtype, flux2_schedule, img2img_schedule
+from ..diffusion.step_cache import CacheConfig, for_generation
 
 HIDDEN_LAYERS = (9, 18, 27)  # FP:222, text_encoder_out_layers
 QUANTIZED_ON_LOAD = ("flux2_transformer", "qwen3")  # the VAE stays as it is
@@ -187,7 +188,10 @@ class Flux2KleinPipeline(Pipeline):
         return mx.concatenate(tokens, axis=1), np.concatenate(ids)
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
-               batch_cfg: bool | None = None, mask: mx.array | None = None, references=None):
+               batch_cfg: bool | None = None, mask: mx.array | None = None, references=None,
+               cache: str | CacheConfig | None = None):
+        """`cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py; diffusers' hook fails on FLUX.2,
+        the same rule as on FLUX.1 here); its contexts are kept in `self.step_cache`."""
         B, h, w, C = noise.shape
         dtype = self.dtype  # the latents take the text encoder's dtype, FP:796
         x = noise.astype(dtype).reshape(B, h * w, C)  # tokens: the packed grid row-major, FP:388-397
@@ -211,21 +215,22 @@ class Flux2KleinPipeline(Pipeline):
         if references is not None:  # clean tokens after the noisy ones, at their own t (FKP:847-850)
             ref_tokens = references[0].astype(dtype)
             img_ids = np.concatenate([img_ids, references[1]])
+        caches = self.step_cache = for_generation(cache, guidance=cfg)
 
-        def forward(xs, txt, ts):
+        def forward(xs, txt, ts, cache):
             if references is not None:
                 xs = mx.concatenate([xs, mx.broadcast_to(ref_tokens, (xs.shape[0], *ref_tokens.shape[1:]))], axis=1)
-            return self.transformer(xs, img_ids, txt, txt_ids, ts)[:, :n]  # the noisy tokens' output, FKP:862
+            return self.transformer(xs, img_ids, txt, txt_ids, ts, cache=cache)[:, :n]  # the noisy tokens' output, FKP:862
 
         def velocity(x, t):
             xs = mx.concatenate([x, x]) if batched else x
             # the pipeline's timestep: t·1000 in float32, cast to the latents' dtype, / 1000 (FP:841, 851)
             ts = mx.full((xs.shape[0],), np.float32(np.float32(t) * np.float32(1000.0))).astype(dtype) / 1000
-            v = forward(xs, txt, ts)
+            v = forward(xs, txt, ts, caches and (caches.batched if batched else caches.positive))
             if batched:
                 return classifier_free_guidance(v[:B], v[B:], guidance)
             if cfg:  # unbatched guidance: a second forward
-                v = classifier_free_guidance(v, forward(x, cond.negative["txt"], ts), guidance)
+                v = classifier_free_guidance(v, forward(x, cond.negative["txt"], ts, caches and caches.negative), guidance)
             return v
 
         def step(i, x):

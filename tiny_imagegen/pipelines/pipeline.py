@@ -24,12 +24,14 @@ import importlib
 import inspect
 import time
 from dataclasses import dataclass
+from functools import wraps
 from typing import Callable
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
 from ..editing.inputs import EditingInputs
+from ..device.compilation import compile_scope
 from .memory import auto_tiling, wired_weights
 from ..registry import FAMILIES, ModelSpec, SamplingDefaults
 from ..diffusion.flow_matching import sample_noise
@@ -89,6 +91,16 @@ def expand_seeds(n_prompts: int, n_images: int, seed: int | list[int]) -> list[i
     if len(seed) != n_prompts * n_images:
         raise ValueError(f"{len(seed)} seeds for {n_prompts * n_images} images: give one seed per image, or one int")
     return [int(s) for s in seed]
+
+
+def _in_compile_scope(method):
+    """A Pipeline method run with compilation on or off as it pays for this model (compilation.py)."""
+    @wraps(method)
+    def run(self, *args, **kwargs):
+        with compile_scope(self.n_params):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 class Pipeline(EditingInputs):
@@ -202,6 +214,11 @@ class Pipeline(EditingInputs):
         return sum(v.nbytes for _, v in tree_flatten(self.transformer.parameters()))
 
     @property
+    def n_params(self) -> int:
+        """The denoiser's parameter count (what decides whether compiling pays: compilation.py)."""
+        return sum(v.size for _, v in tree_flatten(self.transformer.parameters()))
+
+    @property
     def size_multiple(self) -> int:
         return 2 * self.vae.config.downscale  # VAE downscale x the 2x2 patch
 
@@ -265,6 +282,7 @@ class Pipeline(EditingInputs):
                 preview(i + 1, x)
         return x
 
+    @_in_compile_scope
     def generate(
         self,
         prompt: str | list[str] | None = None,

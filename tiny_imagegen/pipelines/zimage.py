@@ -36,8 +36,9 @@ from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
 from .pipeline import Conditioning, Pipeline
 from ..conditioning.qwen import ZIMAGE_HIDDEN_STATES, QwenPromptEncoder
 from ..registry import SamplingDefaults, find
-from ..diffusion.flow_matching import (euler_step, img2img_schedule, renormalize_guidance, zimage_guidance, zimage_model_time,
-                        zimage_sigmas)
+from ..diffusion.flow_matching import (euler_step, img2img_schedule, renormalize_guidance, zimage_guidance,
+                                       zimage_model_time, zimage_sigmas)
+from ..diffusion.step_cache import CacheConfig, for_generation
 from ..text import QwenTokenizer
 
 TRANSFORMER, TEXT_ENCODER = "zimage_transformer", "qwen3"
@@ -132,11 +133,13 @@ class ZImagePipeline(Pipeline):
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
                shift: float | None = None, batch_cfg: bool | None = None, cfg_normalization: float = 0.0,
-               cfg_truncation: float = 1.0, mask: mx.array | None = None):
+               cfg_truncation: float = 1.0, mask: mx.array | None = None, cache: str | CacheConfig | None = None):
         """Family options: `shift` overrides the static schedule shift (3); `batch_cfg=False` runs
         the negative prompt as a second forward (half the activations); ZImagePipeline's
         `cfg_normalization` (> 0: cap the guided prediction's norm at that multiple of the
-        positive one's) and `cfg_truncation` (no guidance at steps whose model time exceeds it)."""
+        positive one's) and `cfg_truncation` (no guidance at steps whose model time exceeds it);
+        `cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py; diffusers' hook cannot run on
+        Z-Image, the same rule on its main layers here), contexts kept in `self.step_cache`."""
         B = noise.shape[0]
         sigmas = zimage_sigmas(steps, self.defaults.shift if shift is None else shift)
         x, region = noise.astype(mx.float32), None
@@ -150,19 +153,20 @@ class ZImagePipeline(Pipeline):
         pos = cond.positive["cap_feats"], _lengths(cond.positive)
         neg = (cond.negative["cap_feats"], _lengths(cond.negative)) if guidance > 0 else None
         joint = join_conditions(cond.positive, cond.negative) if batched else None
+        caches = self.step_cache = for_generation(cache, guidance=guidance > 0)
 
-        def forward(x, t, captions):  # the model's x0 - noise, float32
+        def forward(x, t, captions, context):  # the model's x0 - noise, float32
             ts = mx.full((x.shape[0],), t, dtype=mx.float32)  # t stays float32 in every dtype (ZP:510)
-            return self.transformer(x.astype(self.dtype), ts, *captions).astype(mx.float32)
+            return self.transformer(x.astype(self.dtype), ts, *captions, cache=caches and context(caches)).astype(mx.float32)
 
         def predict(x, t):
             if guidance <= 0 or t > cfg_truncation:  # ZP:504-515: CFG only when its scale is > 0
-                return forward(x, t, pos)
+                return forward(x, t, pos, lambda c: c.positive)
             if batched:
-                out = forward(mx.concatenate([x, x]), t, joint)
+                out = forward(mx.concatenate([x, x]), t, joint, lambda c: c.batched)
                 out_pos, out_neg = out[:B], out[B:]
             else:  # unbatched guidance: a second forward
-                out_pos, out_neg = forward(x, t, pos), forward(x, t, neg)
+                out_pos, out_neg = forward(x, t, pos, lambda c: c.positive), forward(x, t, neg, lambda c: c.negative)
             pred = zimage_guidance(out_pos, out_neg, guidance)
             return renormalize_guidance(pred, out_pos, cfg_normalization) if cfg_normalization > 0 else pred
 

@@ -1,0 +1,126 @@
+"""Which BLAS MLX's CPU matmuls use on Linux, chosen before MLX is first imported.
+
+The `mlx[cpu]` wheel for Linux links the reference BLAS it bundles (`mlx_cpu.libs/libblas-*.so`):
+a 1024x1024 fp32 matmul runs at ~5 GFLOP/s, where OpenBLAS on the same two cores gives ~140.
+The dynamic linker binds a symbol to the first library in the global scope that defines it, so an
+OpenBLAS opened with RTLD_GLOBAL *before* `libmlx.so` is loaded supplies `cblas_sgemm` & co. in its
+place — what `LD_PRELOAD` would do, without asking the user to set it. Opened after MLX, it has no
+effect (MLX's symbols are already bound), which is why `tiny_imagegen/__init__.py` calls `preload()`
+first and why `describe()` reports what is really mapped into the process, not what was intended.
+
+Nothing happens on macOS (MLX uses Accelerate) or with a CUDA or source-built MLX (no bundled
+reference BLAS). `TINY_IMAGEGEN_BLAS` chooses:
+
+    unset / "auto"             load a system OpenBLAS if one is installed (apt-get install libopenblas0-pthread)
+    "off" / "0" / "reference"  leave MLX's bundled BLAS
+    /path/to/libopenblas.so.0  load that file
+"""
+
+import ctypes
+import glob
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+
+ENV = "TINY_IMAGEGEN_BLAS"
+OFF = ("off", "0", "no", "false", "reference", "none")
+# sonames the dynamic linker finds through its cache (Debian/Ubuntu: libopenblas0-pthread or
+# -openmp, via update-alternatives; Fedora: openblas); the LP64 interface only — the 64-bit-integer
+# builds (libopenblas64_) take a different ABI
+CANDIDATES = ("libopenblas.so.0", "libopenblas.so", "libopenblasp.so.0", "libopenblaso.so.0")
+INSTALL_HINT = "apt-get install libopenblas0-pthread (or your distribution's OpenBLAS) for ~25x faster fp32 matmuls"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `preload` should do: `load` these names/paths in order (the first that opens wins), or
+    nothing, for `reason`."""
+
+    load: tuple[str, ...]
+    reason: str
+
+
+def plan(platform: str, setting: str | None, bundled_reference: bool, mlx_imported: bool) -> Plan:
+    """The decision, as a pure function of what `preload` reads from the process (tested alone).
+
+    platform: sys.platform; setting: $TINY_IMAGEGEN_BLAS; bundled_reference: whether MLX is the
+    `mlx[cpu]` wheel with its reference BLAS; mlx_imported: whether libmlx is already loaded."""
+    setting = (setting or "").strip()
+    if not platform.startswith("linux"):
+        return Plan((), "not Linux: MLX uses the platform's BLAS")
+    if setting.lower() in OFF:
+        return Plan((), f"{ENV}={setting}")
+    if not bundled_reference:
+        return Plan((), "this MLX build does not bundle the reference BLAS (CUDA or source build)")
+    if mlx_imported:
+        return Plan((), "MLX was imported before tiny_imagegen: too late to choose its BLAS")
+    if setting and setting.lower() != "auto":
+        return Plan((setting,), f"{ENV}={setting}")
+    return Plan(CANDIDATES, "system OpenBLAS")
+
+
+def _bundled_reference_blas() -> bool:
+    """Whether the installed MLX is the Linux CPU wheel that links its own reference BLAS
+    (found on disk, without importing MLX)."""
+    spec = importlib.util.find_spec("mlx")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if glob.glob(os.path.join(os.path.dirname(folder), "mlx_cpu.libs", "libblas*.so*")):
+            return True
+    return False
+
+
+_state = {"loaded": None, "note": ""}
+
+
+def preload() -> str | None:
+    """Open an OpenBLAS with RTLD_GLOBAL if `plan` says so: the path loaded, or None. Once per
+    process; never raises (a missing library leaves MLX's own BLAS, which is only slower)."""
+    if _state["note"]:
+        return _state["loaded"]
+    setting = os.environ.get(ENV)
+    p = plan(sys.platform, setting, sys.platform.startswith("linux") and _bundled_reference_blas(),
+             "mlx.core" in sys.modules)
+    _state["note"] = p.reason
+    for name in p.load:
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            if setting and setting.lower() != "auto":  # asked for this file explicitly: say why it failed
+                print(f"warning: {ENV}={setting}: cannot load it ({e}); MLX keeps its bundled BLAS", file=sys.stderr)
+            continue
+        _state["loaded"] = name
+        break
+    else:
+        if p.load:
+            _state["note"] = "no OpenBLAS found"
+    return _state["loaded"]
+
+
+def _mapped_blas() -> list[str]:
+    """The BLAS libraries mapped into this process (Linux: /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "blas" in line.lower() and "/" in line}
+    except OSError:
+        return []
+    return sorted(paths)
+
+
+def describe() -> str:
+    """One line for `--verbose` and `tiny-imagegen info --system`: the BLAS MLX's CPU matmuls use."""
+    if sys.platform == "darwin":
+        return "Accelerate (macOS)"
+    if not sys.platform.startswith("linux"):
+        return f"as linked by MLX on {sys.platform}"
+    mapped = _mapped_blas()
+    # (numpy's and torch's own OpenBLAS copies carry suffixed symbols and other names: not MLX's)
+    openblas = [m for m in mapped if os.path.basename(m).startswith("libopenblas") and "64" not in os.path.basename(m)]
+    reference = [m for m in mapped if "mlx_cpu.libs" in m]
+    if openblas and (_state["loaded"] or os.environ.get("LD_PRELOAD")):
+        how = "loaded before MLX" if _state["loaded"] else "LD_PRELOAD"
+        return f"OpenBLAS {openblas[0]} ({how})"
+    if reference or (not mapped and _bundled_reference_blas()):
+        note = _state["note"] or "not chosen yet"
+        return f"MLX's bundled reference BLAS, slow ({note}" + (f"; {INSTALL_HINT})" if note == "no OpenBLAS found" else ")")
+    return f"as linked by MLX ({_state['note'] or 'no bundled reference BLAS'})"

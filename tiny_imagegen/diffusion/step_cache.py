@@ -1,0 +1,155 @@
+"""Step caching: skip most of the transformer on steps where its input barely changed.
+
+First-Block Cache (FBC; ParaAttention, after TeaCache, Liu et al. 2024), as diffusers' hook
+(`FirstBlockCacheConfig`, hooks/first_block_cache.py) decides it, step for step:
+
+1. run the first block; r = its image-stream output - its image-stream input;
+2. on the first step, or when  mean|r - r_ref| / mean|r_ref| > threshold  (means over the whole
+   tensor, batch included), run the remaining blocks and remember r_ref = r and the residual the
+   remaining blocks added to both streams, (tail_img - head_img, tail_txt - head_txt);
+3. otherwise skip them: each stream = the first block's output + that remembered residual.
+
+The reference r_ref moves only on computed steps, so drift accumulates until a step is computed.
+A skipped step costs the first block, two means and one host sync (`.item()`): in a 57-block
+FLUX.1 that is ~2% of a full step (docs/performance.md).
+
+Classifier-free guidance: diffusers runs the positive and negative passes in separate cache
+contexts ("cond", "uncond"), each with its own decisions and residuals. We batch the two passes
+into one forward, so `run_blocks` takes one state per slice of the batch: the halves decide
+independently (each mean over its own half), the remaining blocks run when either half needs them,
+and a half that skips takes its own cached residual, as its own context would. The states are new
+for every generation (`GenerationCache`), so reruns are identical.
+
+Step-distilled models (FLUX.1-schnell, FLUX.2-klein, Z-Image-Turbo: 1-8 steps) gain nothing:
+consecutive steps are far apart and every step is computed.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+
+METHODS = ("fbc",)
+DEFAULT_THRESHOLD = {"fbc": 0.05}  # diffusers' FirstBlockCacheConfig default
+
+Streams = tuple[mx.array, mx.array]  # (image stream (B, L_img, D), text stream (B, L_txt, D))
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """`--cache fbc[:THRESHOLD]`: the method and its threshold."""
+
+    method: str = "fbc"
+    threshold: float = DEFAULT_THRESHOLD["fbc"]
+
+    def __str__(self) -> str:
+        return f"{self.method}:{self.threshold:g}"
+
+    @classmethod
+    def parse(cls, spec: str | None) -> "CacheConfig | None":
+        """"fbc" / "fbc:0.1" -> CacheConfig; None / "" / "none" / "off" -> None (no caching).
+        A ValueError (one line) for anything else."""
+        if spec is None or spec.strip().lower() in ("", "none", "off"):
+            return None
+        method, _, value = spec.strip().lower().partition(":")
+        if method not in METHODS:
+            raise ValueError(f"unknown cache method {method!r} in {spec!r}: use {' | '.join(m + '[:THRESHOLD]' for m in METHODS)}")
+        if not value:
+            return cls(method, DEFAULT_THRESHOLD[method])
+        try:
+            threshold = float(value)
+        except ValueError:
+            raise ValueError(f"cache threshold {value!r} in {spec!r} is not a number") from None
+        if not 0.0 <= threshold < float("inf"):
+            raise ValueError(f"cache threshold must be >= 0, got {threshold:g}")
+        return cls(method, threshold)
+
+    def new_generation(self) -> "FirstBlockCache":
+        return FirstBlockCache(self.threshold)
+
+
+def relative_change(r: mx.array, reference: mx.array, sync: bool = True):
+    """mean|r - reference| / mean|reference|, in float32: a Python float (a host sync), or with
+    sync=False the scalar array."""
+    r, reference = r.astype(mx.float32), reference.astype(mx.float32)
+    change = mx.mean(mx.abs(r - reference)) / mx.mean(mx.abs(reference))
+    return change.item() if sync else change
+
+
+@dataclass
+class FirstBlockCache:
+    """One cache context's state for one generation (diffusers keeps one per `cache_context` name:
+    the positive pass's, the negative pass's). Called as the model's `cache=`."""
+
+    threshold: float
+    step: int = 0  # forwards seen
+    reference: mx.array | None = None  # the head residual of the last computed step
+    tail: Streams | None = None  # what the remaining blocks added to (img, txt) on that step
+    skipped: list = field(default_factory=list)  # the forward indices that skipped
+
+    def __call__(self, img, txt, head, rest) -> Streams:
+        return run_blocks([self], img, txt, head, rest)
+
+
+def run_blocks(states: list[FirstBlockCache], img: mx.array, txt: mx.array,
+               head: Callable[[mx.array, mx.array], Streams], rest: Callable[[mx.array, mx.array], Streams]) -> Streams:
+    """The streams after all blocks (head = the first block, rest = all the others) for a batch made
+    of len(states) equal slices, each its own context: each slice decides on its own mean; the
+    remaining blocks run (on the whole batch) when any slice needs them; a slice that skips takes
+    its own cached residual."""
+    head_img, head_txt = head(img, txt)
+    r = head_img - img
+    n = img.shape[0] // len(states)
+    rows = [slice(g * n, (g + 1) * n) for g in range(len(states))]
+    whole = len(states) == 1
+    take = (lambda a, s: a) if whole else (lambda a, s: a[s])  # noqa: E731
+    compute = [st.reference is None for st in states]
+    if not all(compute):  # one host sync for all contexts
+        changes = mx.stack([relative_change(take(r, s), st.reference, sync=False)
+                            for st, s, c in zip(states, rows, compute) if not c]).tolist()
+        changes = iter(changes)
+        compute = [c or next(changes) > st.threshold for st, c in zip(states, compute)]
+    if any(compute):
+        out_img, out_txt = rest(head_img, head_txt)
+    parts = []
+    for st, s, run in zip(states, rows, compute):
+        h_img, h_txt = take(head_img, s), take(head_txt, s)
+        if run:
+            o_img, o_txt = take(out_img, s), take(out_txt, s)
+            st.reference, st.tail = take(r, s), (o_img - h_img, o_txt - h_txt)
+            parts.append((o_img, o_txt))
+        else:
+            st.skipped.append(st.step)
+            parts.append((st.tail[0] + h_img, st.tail[1] + h_txt))
+        st.step += 1
+    if whole:
+        return parts[0]
+    if all(compute):  # nothing to splice
+        return out_img, out_txt
+    return mx.concatenate([p[0] for p in parts]), mx.concatenate([p[1] for p in parts])
+
+
+class GenerationCache:
+    """The cache contexts of one generation (one call of a family's `sample`): `positive` and, with
+    guidance, `negative`, as diffusers' "cond" and "uncond". `batched` is the `cache=` of a forward
+    whose batch is [positive; negative]; `states` stays readable after the generation."""
+
+    def __init__(self, config: CacheConfig, guidance: bool):
+        self.positive = config.new_generation()
+        self.negative = config.new_generation() if guidance else None
+        self.states = [self.positive] + ([self.negative] if guidance else [])
+
+    def batched(self, img, txt, head, rest) -> Streams:
+        return run_blocks([self.positive, self.negative], img, txt, head, rest)
+
+
+def for_generation(cache: "str | CacheConfig | None", guidance: bool) -> GenerationCache | None:
+    """A family's `cache=` option (a spec string, a CacheConfig or None) -> this generation's contexts."""
+    config = CacheConfig.parse(cache) if isinstance(cache, str) or cache is None else cache
+    return None if config is None else GenerationCache(config, guidance)
+
+
+def computed_fraction(states: list[FirstBlockCache]) -> float:
+    """The share of forwards (over all contexts) that ran the remaining blocks."""
+    total = sum(st.step for st in states)
+    return 1.0 - sum(len(st.skipped) for st in states) / total if total else 1.0
