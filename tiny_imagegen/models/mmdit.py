@@ -22,7 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..layers.activations import GELUTanh, gelu_tanh
-from ..layers.attention import QKNorm, attention, split_heads
+from ..layers.attention import QKNorm, attention, masked_attention, split_heads
 from ..layers.embeddings import MLPEmbedder, timestep_embedding
 from ..layers.modulation import Modulation, layer_norm, modulate
 from ..layers.positions import (
@@ -103,20 +103,22 @@ class SelfAttention(nn.Module):
         return q, k, v
 
 
-def double_stream(block, img: mx.array, txt: mx.array, img_mod, txt_mod, rope, eps: float = 1e-6):
-    """The double block's body, shared by FLUX.1 and FLUX.2 (whose blocks differ in their MLP and
-    where the modulation comes from). Each stream has its own weights, `block.{img,txt}_{attn,mlp}`;
-    the attention is joint over [txt; img].
+def double_stream(block, img: mx.array, txt: mx.array, img_mod, txt_mod, rope, eps: float = 1e-6,
+                  key_mask: mx.array | None = None):
+    """The double block's body, shared by FLUX.1, FLUX.2 and Qwen-Image (whose blocks differ in
+    their MLP, where the modulation comes from and whether padded text is masked). Each stream has
+    its own weights, `block.{img,txt}_{attn,mlp}`; the attention is joint over [txt; img].
 
     img (B, L_img, D), txt (B, L_txt, D); *_mod: (shift1, scale1, gate1, shift2, scale2, gate2), each
-    (B, D): the attention branch's, then the MLP's; rope: (cos, sin) for [txt; img]."""
+    (B, D): the attention branch's, then the MLP's; rope: (cos, sin) for [txt; img]; key_mask
+    (B, L_txt + L_img) bool or None: False for padded text keys."""
     img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mod
     txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = txt_mod
 
     img_q, img_k, img_v = block.img_attn.qkv_heads(modulate(layer_norm(img, eps), img_shift1, img_scale1))
     txt_q, txt_k, txt_v = block.txt_attn.qkv_heads(modulate(layer_norm(txt, eps), txt_shift1, txt_scale1))
     q, k, v = (mx.concatenate(pair, axis=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-    joint = attention(q, k, v, rope)  # (B, L_txt + L_img, D)
+    joint = attention(q, k, v, rope) if key_mask is None else masked_attention(q, k, v, rope, key_mask)
     n_txt = txt.shape[1]
     txt_out, img_out = joint[:, :n_txt], joint[:, n_txt:]
 
