@@ -102,6 +102,15 @@ FAMILIES = {
             components=("flux2_transformer", "flux2_vae", "qwen3"),
             tokenizers={"tokenizer": ("tokenizer_config.json",)},  # + tokenizer.json or vocab.json/merges.txt
         ),
+        # ---- Qwen-Image (issue 26) ----
+        Family(
+            "qwen_image",
+            pipeline="tiny_imagegen.pipelines.qwen_image:QwenImagePipeline",
+            pipeline_classes=("QwenImagePipeline",),
+            components=("qwen_image_transformer", "qwen_vae", "qwen3"),
+            tokenizers={"tokenizer": ("tokenizer_config.json",)},  # + vocab.json/merges.txt or tokenizer.json
+        ),
+        # ---- end Qwen-Image ----
         Family(  # class-conditioned: the "prompt" is an ImageNet class id or name (model_index.json id2label)
             "dit",
             pipeline="tiny_imagegen.pipelines.dit:DiTPipeline",
@@ -175,6 +184,25 @@ def _dit_configs(sample_size: int) -> dict:
     return {"dit": preset(f"dit-xl-2-{8 * sample_size}"), "vae": VAE_PRESETS["sd"]}
 
 
+# ---- Qwen-Image (issue 26) ----
+def _qwen_image_configs() -> dict:
+    # Qwen/Qwen-Image and Qwen/Qwen-Image-2512 (same architecture): a 60-block dual-stream MM-DiT,
+    # 24 heads x 128 (20.43 B parameters; diffusers' QwenImageTransformer2DModel defaults),
+    # AutoencoderKLQwenImage's defaults (0.127 B), Qwen2.5-VL-7B's language model (7.07 B read of
+    # the 8.29 B file). [unverified] against the repos' config.json offline: loading reads them.
+    from .models.qwen3 import QWEN2_5_VL_7B
+    from .models.qwen_image import QwenImageConfig
+    from .models.vae_qwen import QwenVAEConfig
+
+    return {"qwen_image_transformer": QwenImageConfig(), "qwen_vae": QwenVAEConfig(), "qwen3": QWEN2_5_VL_7B}
+
+
+# QwenImagePipeline's defaults (50 steps, 1024x1024, 512 text tokens) and the model cards'
+# true_cfg_scale 4 (our `guidance`, with the negative prompt: pipelines/qwen_image.py)
+_QWEN_IMAGE_DEFAULTS = SamplingDefaults(steps=50, guidance=4.0, shift=True, text_length=512)
+# ---- end Qwen-Image ----
+
+
 # DiTPipeline's defaults: 50 steps (the hub's DDIMScheduler), guidance_scale 4.0 (the paper's
 # sample images; its FID numbers use 1.5)
 _DIT_LICENCE = "CC-BY-NC-4.0 (facebookresearch/DiT weights; non-commercial)"
@@ -238,6 +266,24 @@ MODELS: tuple[ModelSpec, ...] = (
         repo_id="black-forest-labs/FLUX.2-klein-9B", gated=True, aliases=("klein-9b",),
         configs=_flux2_configs("9b"),
     ),
+    # ---- Qwen-Image (issue 26) ----
+    ModelSpec(
+        "qwen-image", "qwen_image",
+        description="Qwen-Image, 20 B dual-stream MM-DiT with MSRoPE, Qwen2.5-VL-7B text, 50 steps, true CFG",
+        licence="Apache-2.0",
+        defaults=_QWEN_IMAGE_DEFAULTS,
+        repo_id="Qwen/Qwen-Image", aliases=("qwen",),
+        configs=_qwen_image_configs(),
+    ),
+    ModelSpec(
+        "qwen-image-2512", "qwen_image",
+        description="Qwen-Image-2512 (December 2025 update of Qwen-Image), 20 B, same architecture",
+        licence="Apache-2.0",
+        defaults=_QWEN_IMAGE_DEFAULTS,
+        repo_id="Qwen/Qwen-Image-2512", aliases=("qwen-2512",),
+        configs=_qwen_image_configs(),
+    ),
+    # ---- end Qwen-Image ----
     ModelSpec(
         "dit-xl-2-256", "dit",
         description="DiT-XL/2, 675 M, class-conditional ImageNet 256x256 (prompt: a class id or name)",

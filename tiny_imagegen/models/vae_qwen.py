@@ -54,6 +54,11 @@ class QwenVAEConfig:
     def downscale(self) -> int:
         return 2 ** (len(self.dim_mult) - 1)
 
+    @property
+    def block_out_channels(self) -> tuple[int, ...]:
+        """The encoder levels' widths, as AutoencoderKL's config names them (memory.auto_tiling reads [0])."""
+        return tuple(self.base_dim * m for m in self.dim_mult)
+
     @classmethod
     def from_dict(cls, d: dict) -> "QwenVAEConfig":
         """From a diffusers AutoencoderKLQwenImage `vae/config.json`; absent keys take its defaults."""
