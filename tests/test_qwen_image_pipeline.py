@@ -95,3 +95,63 @@ def test_offline_empty_cache_prints_the_download_hint(tmp_path, monkeypatch):
     assert "\n" not in message and "Qwen/Qwen-Image-2512" in message and "hf download" in message
     assert "text_encoder/*.safetensors" in message and "transformer/*.safetensors" in message
     assert np.all([w not in message for w in ("Traceback",)])
+
+
+def test_converted_folder_gives_the_same_image(tmp_path):
+    from tiny_imagegen.checkpoints.convert import convert, read_manifest
+
+    converted = convert(fixture_path("qwen_image_pipeline", "repo"), tmp_path / "converted", dtype=mx.float32)
+    manifest = read_manifest(converted)
+    assert sorted(manifest["components"]) == ["qwen3", "qwen_image_transformer", "qwen_vae"]
+    assert manifest["pipeline"]["family"] == "qwen_image"
+    _, _, io = _run(first := _pipe(), "cfg")
+    again = Pipeline.from_pretrained(str(converted), dtype=mx.float32)
+    noise = io["cfg.noise"].reshape(2, H // 16, W // 16, -1)
+    again.generate(PROMPTS, width=W, height=H, steps=4, latents=noise, **RUNS["cfg"])
+    assert_close("qwen-image converted folder vs hub folder", again.last_latents, first.last_latents, atol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_on_load_runs(monkeypatch, bits):
+    import functools
+
+    import mlx.nn as nn
+
+    import tiny_imagegen.pipelines.qwen_image as qwen_pipeline
+    from tiny_imagegen.checkpoints.quantize import quantize_component
+
+    # the tiny model is 32 wide: groups of 32 (the default 64 would leave no layer to quantize)
+    monkeypatch.setattr(qwen_pipeline, "quantize_component", functools.partial(quantize_component, group_size=32))
+    pipe = Pipeline.from_pretrained(str(fixture_path("qwen_image_pipeline", "repo")), dtype=mx.float32, quantize=bits)
+    block = pipe.transformer.double_blocks[0]
+    assert isinstance(block.img_attn.qkv, nn.QuantizedLinear) and isinstance(block.img_mod.lin, nn.QuantizedLinear)
+    assert not any(isinstance(m, nn.QuantizedLinear) for m in (pipe.transformer.img_in, pipe.transformer.txt_in,
+                                                                pipe.transformer.final_layer.linear))
+    noise = load_fixture("qwen_image_pipeline", "io.safetensors")["cfg.noise"].reshape(2, H // 16, W // 16, -1)
+    pipe.generate(PROMPTS, width=W, height=H, steps=2, latents=noise, **RUNS["cfg"])
+    reference = _pipe()
+    reference.generate(PROMPTS, width=W, height=H, steps=2, latents=noise, **RUNS["cfg"])
+    from conftest import relative_l2
+
+    err = relative_l2(pipe.last_latents, reference.last_latents)
+    print(f"[quantized] qwen-image {bits}-bit final latents: relative L2 {err:.3e} against fp32")
+    assert bool(mx.all(mx.isfinite(pipe.last_latents))) and 0 < err < (0.5 if bits == 4 else 0.05)
+
+
+def test_command_line(tmp_path):
+    """The generate command on a Qwen-Image folder: the image Pipeline.generate makes, with its parameters."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder, out = fixture_path("qwen_image_pipeline", "repo"), tmp_path / "cat.png"
+    r = subprocess.run([sys.executable, "-m", "tiny_imagegen", "generate", "--model", str(folder), "--prompt", "a red cat",
+                        "--width", "80", "--height", "48", "--steps", "3", "--seed", "3", "--dtype", "float32",
+                        "--negative-prompt", "blurry", "--output", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    assert "3/3" in r.stderr
+    image = Image.open(out)
+    assert image.text["prompt"] == "a red cat" and image.size == (80, 48)
+    expected = _pipe().generate("a red cat", width=80, height=48, steps=3, seed=3, negative_prompt="blurry")
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected[0]))
