@@ -125,3 +125,20 @@ def test_config_errors_are_named(tmp_path):
         model(io["img"], io["txt"], io["timesteps"], (4, 5))
     with pytest.raises(ValueError, match="txt_mask"):
         model(io["img"], io["txt"], io["timesteps"], (3, 5), io["mask"][:, :3])
+
+
+def test_lora_matches_diffusers_load_lora_weights():
+    """A PEFT file as QwenImagePipeline.save_lora_weights writes it (every Linear, one q/k/v piece
+    absent, norm_out's (scale, shift) rows), at weight 0.7, against diffusers' load_lora_weights +
+    fuse_lora (fixtures from tests/reference/qwen_image_lora.py)."""
+    from conftest import require_modules
+    from tiny_imagegen.checkpoints.lora import apply_loras
+
+    require_modules("peft")
+    model, io = _load(), load_fixture("qwen_image", "tiny", "io.safetensors")
+    ref = load_fixture("qwen_image_lora", "io.safetensors")
+    records = apply_loras(model, [(str(fixture_path("qwen_image_lora", "diffusers.safetensors")), 0.7)])
+    assert records[0]["format"] == "diffusers" and records[0]["layers"] == 2 * 10 + 6  # 10 Linears per block, 6 outside
+    out = _run(model, io)
+    assert float(mx.abs(out - io["out"]).max()) > 100 * MODEL_ATOL  # the LoRA changes the output
+    assert_close("qwen-image LoRA (diffusers/PEFT, weight 0.7) vs load_lora_weights", out, ref["out"], atol=MODEL_ATOL)

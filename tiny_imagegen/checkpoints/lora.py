@@ -16,6 +16,10 @@ to_q, to_k, to_v, proj_mlp) updates only those rows of the fused weight: a block
 A LoRA on diffusers' norm_out.linear has its B rows swapped as the base weight's (scale, shift)
 halves are. The update of one layer is W' = W + s · w · B A, with w the user's weight.
 
+Qwen-Image: diffusers / PEFT files (`transformer.transformer_blocks.0.attn.to_q.lora_A.weight`,
+as QwenImagePipeline.save_lora_weights writes them), read through its diffusers key table
+(checkpoints/qwen_image.py); its other community formats are not read.
+
 T5 parts (`lora_te2_`, `text_encoders.t5xxl.`, `text_encoder_2.`) are skipped with a warning, as
 diffusers does; anything else that is not a LoRA tensor of a layer we have is named in one error.
 """
@@ -34,6 +38,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..layers.lora import LoRALinear, Update, apply_updates, get_layer, linear_shape
 from .flux import BFL, DIFFUSERS
+from .qwen_image import DIFFUSERS as QWEN_IMAGE_DIFFUSERS
 from .mapping import CheckpointError, source_keys, swap_halves
 from .text_encoders import CLIP_HUB, CLIP_TRANSFORMERS5
 
@@ -137,11 +142,19 @@ def layer_names(fmt: str, components: dict[str, nn.Module]) -> dict[str, Target]
     """The layer names a file of format `fmt` uses, for the layers of our `components`."""
     names = {}
     transformer, clip = components.get("transformer"), components.get("clip")
+    from ..models.qwen_image import QwenImageTransformer
+
+    diffusers_table = DIFFUSERS
+    if isinstance(transformer, QwenImageTransformer):
+        if fmt != "diffusers":
+            raise CheckpointError(f"a {fmt}-format LoRA for Qwen-Image: only the diffusers / PEFT format is read "
+                                  "(transformer.transformer_blocks.N.attn.to_q.lora_A.weight, ...)")
+        diffusers_table = QWEN_IMAGE_DIFFUSERS
     for path, layer in _linears(transformer) if transformer is not None else ():
         out_features, in_features = linear_shape(layer)
         if fmt == "xlabs":
             continue
-        keys, transform = source_keys(DIFFUSERS if fmt == "diffusers" else BFL, path + ".weight")
+        keys, transform = source_keys(diffusers_table if fmt == "diffusers" else BFL, path + ".weight")
         for j, key in enumerate(keys):
             their = key.removesuffix(".weight")
             their = {"diffusers": "transformer." + their, "kohya": "lora_unet_" + their.replace(".", "_")}.get(fmt, their)
