@@ -155,3 +155,11 @@ def test_command_line(tmp_path):
     assert image.text["prompt"] == "a red cat" and image.size == (80, 48)
     expected = _pipe().generate("a red cat", width=80, height=48, steps=3, seed=3, negative_prompt="blurry")
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected[0]))
+
+
+def test_long_prompt_cut_is_counted_after_release():
+    pipe = _pipe()
+    long_prompt = " ".join(["word"] * 700)
+    pipe.generate("a cat", width=W, height=H, steps=1, guidance=1.0)  # encodes, then releases the encoder
+    assert pipe.text_encoder is None
+    assert pipe.tokens_cut("a cat") == 0 and pipe.tokens_cut(long_prompt) > 100

@@ -136,7 +136,11 @@ class QwenImagePromptEncoder:
         return embeds, None if bool(mx.all(new_mask)) else new_mask
 
     def tokens_cut(self, prompt: str) -> int:
-        """How many of the prompt's embeddings are cut: by the tokenizer's 1058 and then by
-        max_sequence_length (the `<|im_end|>...assistant` tail goes first)."""
-        n = len(self.tokenizer.encode(QWEN_IMAGE_TEMPLATE.format(prompt))) - QWEN_IMAGE_DROP
-        return max(0, n - self.max_sequence_length)
+        return qwen_image_tokens_cut(self.tokenizer, prompt, self.max_sequence_length)
+
+
+def qwen_image_tokens_cut(tokenizer: QwenTokenizer, prompt: str, max_sequence_length: int) -> int:
+    """How many of the prompt's embeddings Qwen-Image cuts: by the tokenizer's 1058 and then by
+    max_sequence_length (the `<|im_end|>...assistant` tail goes first)."""
+    n = len(tokenizer.encode(QWEN_IMAGE_TEMPLATE.format(prompt))) - QWEN_IMAGE_DROP
+    return max(0, n - max_sequence_length)

@@ -35,7 +35,7 @@ from ..checkpoints.quantize import quantize_component
 from ..loading import load_converted_parts, reloading
 from ..models.vae_flux2 import patchify, unpatchify
 from ..pipeline import Conditioning, Pipeline
-from ..qwen_conditioning import QwenImagePromptEncoder
+from ..qwen_conditioning import QwenImagePromptEncoder, qwen_image_tokens_cut
 from ..registry import SamplingDefaults
 from ..sampling import euler_step_in_model_dtype, img2img_schedule, stretched_shift_schedule
 from ..text import QwenTokenizer
@@ -87,9 +87,9 @@ def true_cfg(cond: mx.array, neg: mx.array, scale: float) -> mx.array:
 class QwenImagePipeline(Pipeline):
     family = "qwen_image"
 
-    def __init__(self, *args, schedule: dict | None = None, **kwargs):
+    def __init__(self, *args, schedule: dict | None = None, tokenizer: QwenTokenizer | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.schedule = schedule or dict(SCHEDULER)
+        self.schedule, self.tokenizer = schedule or dict(SCHEDULER), tokenizer
 
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
@@ -116,12 +116,13 @@ class QwenImagePipeline(Pipeline):
                     quantize_component(TEXT_ENCODER, model, quantize)
                 return model
 
+        tokenizer = QwenTokenizer.from_folder(folder / "tokenizer")
+
         def text():
-            tokenizer = QwenTokenizer.from_folder(folder / "tokenizer")
             return QwenImageText(QwenImagePromptEncoder(tokenizer, encoder(), defaults.text_length))
 
         return cls(name, transformer, vae, text(), defaults, dtype, keep_text_encoders, load_text_encoder=text,
-                   spec=spec, schedule=read_scheduler(folder))
+                   spec=spec, schedule=read_scheduler(folder), tokenizer=tokenizer)
 
     # ---- Qwen-Image's own steps -------------------------------------------------------------------
 
@@ -133,9 +134,7 @@ class QwenImagePipeline(Pipeline):
         return (height // f, width // f, 4 * self.vae.config.z_dim)  # (h, w, 64), packed
 
     def tokens_cut(self, prompt: str) -> int:
-        if self.text_encoder is None:  # released: a tokenizer alone counts as well
-            return 0
-        return self.text_encoder.encoder.tokens_cut(prompt)
+        return qwen_image_tokens_cut(self.tokenizer, prompt, self.defaults.text_length) if self.tokenizer else 0
 
     def encode_image(self, image, width, height) -> mx.array:
         """An init image -> packed, normalised latents (1, H/16, W/16, 64), float32."""
