@@ -1,4 +1,5 @@
-"""Prompts -> Qwen3 hidden states, the way Z-Image and FLUX.2 klein read a prompt.
+"""Prompts -> Qwen3 hidden states, the way Z-Image and FLUX.2 klein read a prompt (and, at the end,
+Qwen-Image: Qwen2.5-VL's language model, the same decoder with two switches, in its own template).
 
 Both families tokenize with Qwen's chat template and run Qwen3 with the padding mask; they differ
 in the template, in which hidden states they take and in what they do with the padding
