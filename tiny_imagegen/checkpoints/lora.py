@@ -19,6 +19,9 @@ halves are. The update of one layer is W' = W + s · w · B A, with w the user's
 SD3.5 (an SD3Transformer): diffusers/PEFT in its diffusers names, kohya (sd-scripts), ComfyUI and
 lora_A/B files in the names of Stability's single file (`lora_unet_joint_blocks_0_x_block_attn_qkv`),
 through checkpoints/sd3.py's tables; their text-encoder parts are skipped.
+Qwen-Image: diffusers / PEFT files (`transformer.transformer_blocks.0.attn.to_q.lora_A.weight`,
+as QwenImagePipeline.save_lora_weights writes them), read through its diffusers key table
+(checkpoints/qwen_image.py); its other community formats are not read.
 
 T5 parts (`lora_te2_`, `text_encoders.t5xxl.`, `text_encoder_2.`) are skipped with a warning, as
 diffusers does; anything else that is not a LoRA tensor of a layer we have is named in one error.
@@ -38,6 +41,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..layers.lora import LoRALinear, Update, apply_updates, get_layer, linear_shape
 from .flux import BFL, DIFFUSERS
+from .qwen_image import DIFFUSERS as QWEN_IMAGE_DIFFUSERS
 from .mapping import CheckpointError, source_keys, swap_halves
 from .text_encoders import CLIP_HUB, CLIP_TRANSFORMERS5
 
@@ -147,11 +151,14 @@ def _slot_rows(j: int, n: int, out_features: int, in_features: int) -> tuple[int
 
 
 def key_tables(transformer: nn.Module):
-    """(the diffusers table, the original layout's table) of a transformer: FLUX's, or SD3's."""
+    """(the diffusers table, the original layout's table) of a transformer: FLUX's, SD3's, or
+    Qwen-Image's (whose community formats are not read: no original table)."""
     if type(transformer).__name__ == "SD3Transformer":
         from . import sd3
 
         return sd3.DIFFUSERS, sd3.STABILITY_BARE
+    if type(transformer).__name__ == "QwenImageTransformer":
+        return QWEN_IMAGE_DIFFUSERS, None
     return DIFFUSERS, BFL
 
 
@@ -160,6 +167,9 @@ def layer_names(fmt: str, components: dict[str, nn.Module]) -> dict[str, Target]
     names = {}
     transformer, clip = components.get("transformer"), components.get("clip")
     diffusers_table, original_table = key_tables(transformer)
+    if original_table is None and fmt != "diffusers":  # Qwen-Image
+        raise CheckpointError(f"a {fmt}-format LoRA for Qwen-Image: only the diffusers / PEFT format is read "
+                              "(transformer.transformer_blocks.N.attn.to_q.lora_A.weight, ...)")
     for path, layer in _linears(transformer) if transformer is not None else ():
         out_features, in_features = linear_shape(layer)
         if fmt == "xlabs":

@@ -5,7 +5,11 @@ transformers saves the model class the repo names:
 
 - Qwen3Model (Z-Image-Turbo): `embed_tokens.weight`, `layers.{i}.…`, `norm.weight`;
 - Qwen3ForCausalLM (FLUX.2 klein): the same under `model.`, plus `lm_head.weight` (absent from
-  files of tied models such as Qwen3-4B), which we never use.
+  files of tied models such as Qwen3-4B), which we never use;
+- Qwen2_5_VLForConditionalGeneration (Qwen-Image): as `save_pretrained` writes it, the language
+  model under `model.` beside `visual.*` and `lm_head.weight`; as the class names it in memory
+  (and transformers 5 may write it), under `model.language_model.` beside `model.visual.*`. The
+  vision tower and the LM head are never used.
 
 Our parameter names are transformers' own, so each table is one rule per part, differing only
 in the prefix; `qwen3_table` picks by the embedding's key.
@@ -37,7 +41,17 @@ QWEN3_MODEL = _qwen3_table("Qwen3Model (transformers)", "")
 QWEN3_CAUSAL_LM = _qwen3_table("Qwen3ForCausalLM (transformers, model. prefix)", "model.", ignore=("lm_head.weight",))
 
 
+QWEN2_5_VL = _qwen3_table("Qwen2.5-VL language model (transformers, save_pretrained layout)", "model.",
+                         ignore=("lm_head.weight", "visual.{rest:*}"))
+QWEN2_5_VL_NESTED = _qwen3_table("Qwen2.5-VL language model (transformers, model.language_model.)",
+                                 "model.language_model.", ignore=("lm_head.weight", "model.visual.{rest:*}"))
+
+
 def qwen3_table(source: dict) -> KeyTable:
+    if "model.language_model.embed_tokens.weight" in source:
+        return QWEN2_5_VL_NESTED
+    if any(k.startswith("visual.") for k in source):
+        return QWEN2_5_VL
     return QWEN3_CAUSAL_LM if "model.embed_tokens.weight" in source else QWEN3_MODEL
 
 
@@ -58,7 +72,7 @@ def load_qwen3(folder: str | Path, dtype: mx.Dtype | None = None, num_layers: in
     return load_checkpoint(model, table, source, dtype)
 
 
-_LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")
+_LAYER = re.compile(r"(?:model\.)?(?:language_model\.)?layers\.(\d+)\.")
 
 
 def _without_layers_from(source: dict, first: int, total: int) -> dict:

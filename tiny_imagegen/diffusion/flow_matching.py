@@ -179,3 +179,28 @@ def denoise(velocity: Callable[[mx.array, float], mx.array], x: mx.array, schedu
         x = euler_step(x, velocity(x, t), t, t_next)
         mx.eval(x)
         yield x
+
+
+# ---- Qwen-Image: the dynamic exponential shift, stretched to a terminal sigma -----------------------
+
+
+def stretched_shift_schedule(steps: int, image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 8192,
+                             base_shift: float = 0.5, max_shift: float = 0.9,
+                             shift_terminal: float | None = 0.02) -> list[float]:
+    """The steps + 1 sigmas of a Qwen-Image run, as QwenImagePipeline sets its scheduler (QP:598-606,
+    SCH:336-361): σ = linspace(1, 1/n, n) (float64, then float32); the exponential shift
+    e^mu / (e^mu + 1/σ - 1) with mu linear in the packed token count through (base_seq_len,
+    base_shift) and (max_seq_len, max_shift); then stretched so that the last sigma is
+    `shift_terminal`: σ'' = 1 - (1 - σ')(1 - terminal) / (1 - σ'_last); then 0. NumPy float32
+    throughout, as the scheduler (a Python float stays float32 beside a float32 array). The
+    defaults are Qwen-Image's scheduler config (unverified offline, REFERENCE-NOTES-TURN3 A4)."""
+    if steps < 1:
+        raise ValueError(f"need at least one sampling step, got {steps}")
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    mu = image_seq_len * slope + (base_shift - slope * base_seq_len)  # calculate_shift (QP:59-69)
+    sigmas = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
+    sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+    one_minus = 1 - sigmas
+    if shift_terminal and one_minus[-1] > 0:  # 1 step: σ = [1] cannot be stretched (diffusers: NaN)
+        sigmas = 1 - one_minus / (one_minus[-1] / (1 - shift_terminal))
+    return [float(s) for s in sigmas.astype(np.float32)] + [0.0]

@@ -7,10 +7,13 @@ import mlx.nn as nn
 import numpy as np
 
 
-def timestep_embedding(t: mx.array, dim: int = 256, max_period: float = 10_000.0, time_factor: float = 1000.0):
+def timestep_embedding(t: mx.array, dim: int = 256, max_period: float = 10_000.0, time_factor: float = 1000.0,
+                       arg_scale: float = 1.0):
     """Sinusoidal embedding of t in [0, 1] (B,) -> (B, dim), cos half first, as FLUX does.
 
     t is scaled by 1000 first (the DDPM timestep range); frequencies exp(-ln(max_period) j / (dim/2)).
+    diffusers' `Timesteps(scale=1000)` (Qwen-Image) scales the arguments after the product instead,
+    (t · ω) · 1000, which rounds differently in float32: time_factor=1, arg_scale=1000.
     The arguments reach 1000 rad, where one float32 ulp of a frequency moves sin/cos by 6e-5: the
     frequencies are rounded from float64, which reproduces PyTorch's float32 table."""
     t = time_factor * t.astype(mx.float32)
@@ -18,6 +21,8 @@ def timestep_embedding(t: mx.array, dim: int = 256, max_period: float = 10_000.0
     exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
     freqs = mx.array(np.exp(exponent.astype(np.float64)).astype(np.float32))
     args = t[:, None] * freqs[None]
+    if arg_scale != 1.0:
+        args = args * arg_scale
     return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
 
 

@@ -6,8 +6,9 @@ Position ids are (L, n_axes) arrays, text first then image when a joint sequence
   carries no position of its own (T5 already encoded its order).
 - centred: rows and columns counted from the image centre, so a larger canvas extends the grid
   outwards instead of stretching it; positions seen at 256² stay where they were at 1024².
-- diagonal text (Qwen-Image's MSRoPE): text token i at (s + i, s + i, ...), on the diagonal just
-  beyond the image grid, so text and image positions never collide and text keeps its order.
+- diagonal text: text token i at (s + i, s + i, ...), on the diagonal just beyond the image
+  grid, so text and image positions never collide and text keeps its order.
+- MSRoPE (Qwen-Image): both of the above on three axes (frame, row, col), `msrope_*_ids` below.
 - Z-Image: caption token j at (1 + j, 0, 0), the image one frame later at (L + 1, row, col):
   the first axis counts the sequence like a time axis, text then image.
 
@@ -128,3 +129,38 @@ def sincos_2d_interpolated(dim: int, height: int, width: int, base_size: int, in
     rows, cols = np.meshgrid(axis(height), axis(width), indexing="ij")
     table = np.concatenate([sincos_1d(dim // 2, cols.reshape(-1)), sincos_1d(dim // 2, rows.reshape(-1))], axis=1)
     return mx.array(table.astype(np.float32))
+
+
+# ---- MSRoPE (Qwen-Image, "multimodal scalable RoPE") ---------------------------------------------
+
+
+def msrope_image_ids(height: int, width: int, frame: int = 0) -> np.ndarray:
+    """(H*W, 3) ids (frame, row, col) of Qwen-Image's packed grid, in *centred coordinates*:
+    row - (H - H//2), col - (W - W//2), so rows run -(H - H//2) .. H//2 - 1 (H = 3: -2, -1, 0;
+    H = 4: -2 .. 1). The odd side's extra row sits on the negative side (QT:430-441), unlike
+    `centred_image_ids`. `frame` is 0 for the generated image (edit models number references)."""
+    rows, cols = image_grid(height, width)
+    rows, cols = rows - (height - height // 2), cols - (width - width // 2)
+    return np.stack([np.full_like(rows, frame), rows, cols], axis=-1).astype(np.float32)
+
+
+def msrope_text_ids(length: int, height: int, width: int) -> np.ndarray:
+    """(L, 3) *diagonal text positions*: token k at (s + k, s + k, s + k), s = max(H//2, W//2),
+    one past the largest image coordinate on every axis (QT:285-293). A 4 x 6 grid, 3 tokens:
+
+         col    -3  -2  -1   0   1   2   3   4   5
+        row -2   I   I   I   I   I   I   .   .   .
+        row -1   I   I   I   I   I   I   .   .   .
+        row  0   I   I   I   I   I   I   .   .   .
+        row  1   I   I   I   I   I   I   .   .   .
+        row  2   .   .   .   .   .   .   .   .   .
+        row  3   .   .   .   .   .   .  T0   .   .
+        row  4   .   .   .   .   .   .   .  T1   .
+        row  5   .   .   .   .   .   .   .   .  T2
+
+        frame axis: image 0, text 3, 4, 5
+
+    Text never collides with an image position whatever the size, a larger image only adds rows and
+    columns around the centre, and text order is 1-D RoPE along the diagonal (the same for any
+    image: relative positions among text tokens do not depend on where it starts)."""
+    return diagonal_text_ids(length, 3, max(height // 2, width // 2))

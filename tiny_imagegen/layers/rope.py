@@ -65,6 +65,25 @@ def axial_rope_fp32_angles(ids, axes_dim: tuple[int, ...], theta: float = 10_000
     return mx.array(np.cos(angles).astype(np.float32)), mx.array(np.sin(angles).astype(np.float32))
 
 
+def axial_rope_fp32(ids, axes_dim: tuple[int, ...], theta: float = 10_000.0) -> tuple[mx.array, mx.array]:
+    """`axial_rope` computed in float32 throughout, as Qwen-Image's MSRoPE table is (QT:222-231):
+    ω_j = 1 / theta^(float32(2j) / d) in float32, angle = float32(p) · ω_j rounded to float32, then
+    cos/sin of that angle. The power is taken in float64 and rounded (torch's float32 `pow` is not
+    correctly rounded: it differs from this in 112 of 8256 frequencies for d = 2 .. 256, by 1 ulp,
+    which moves cos/sin by up to ~2e-6 at position 600), cos/sin likewise. The float32 ω and angle
+    differ from a float64 table (`axial_rope`) by up to ~3e-5 at positions of 500."""
+    ids = np.asarray(ids, np.float32)
+    if ids.ndim != 2 or ids.shape[1] != len(axes_dim):
+        raise ValueError(f"position ids must be (L, {len(axes_dim)}) for axes_dim {axes_dim}, got {ids.shape}")
+    parts = []
+    for i, d in enumerate(axes_dim):
+        exponent = (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)).astype(np.float64)
+        omega = np.float32(1.0) / (float(theta) ** exponent).astype(np.float32)
+        parts.append(np.outer(ids[:, i], omega).astype(np.float32))
+    angles = np.concatenate(parts, axis=-1).astype(np.float64)
+    return mx.array(np.cos(angles).astype(np.float32)), mx.array(np.sin(angles).astype(np.float32))
+
+
 def apply_rope(x: mx.array, rope: tuple[mx.array, mx.array]) -> mx.array:
     """Rotate interleaved channel pairs (x[2j], x[2j+1]) of x (B, H, L, d) by a (cos, sin) table
     of shape (L, d/2) or (H, L, d/2), in float32 as the references do (diffusers and BFL rotate

@@ -22,7 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..layers.activations import GELUTanh, gelu_tanh
-from ..layers.attention import QKNorm, TextSpan, attention, split_heads
+from ..layers.attention import QKNorm, TextSpan, attention, masked_attention, split_heads
 from ..layers.embeddings import MLPEmbedder, timestep_embedding
 from ..layers.modulation import Modulation, layer_norm, modulate
 from ..layers.positions import (
@@ -112,9 +112,9 @@ def joint_span(n_txt: int, n_img: int | None = None, text_first: bool = True) ->
 
 
 def double_stream(block, img: mx.array, txt: mx.array, img_mod, txt_mod, rope, eps: float = 1e-6,
-                  text_first: bool = True, after_attention=None):
-    """The double block's body, shared by FLUX.1, FLUX.2 and SD3 (whose blocks differ in their MLP,
-    where the modulation comes from and what SD3.5 adds). Each stream has its own weights,
+                  text_first: bool = True, after_attention=None, key_mask: mx.array | None = None):
+    """The double block's body, shared by FLUX.1, FLUX.2, SD3 and Qwen-Image (whose blocks differ in
+    their MLP, where the modulation comes from, what SD3.5 adds and whether padded text is masked). Each stream has its own weights,
     `block.{img,txt}_{attn,mlp}`; the attention is joint over [txt; img] (`text_first=False`:
     [img; txt], SD3's order: without RoPE the same function, summed in another order).
 
@@ -122,7 +122,8 @@ def double_stream(block, img: mx.array, txt: mx.array, img_mod, txt_mod, rope, e
     (B, D): the attention branch's, then the MLP's; rope: (cos, sin) for the joint sequence, or None.
     A `txt_mod` of only (shift1, scale1) is a text stream that feeds the attention and ends there
     (SD3's last block, `context_pre_only`): txt comes back None. `after_attention(img, LN(img))`
-    adds a branch between the attention and the MLP (SD3.5's MMDiT-X second attention)."""
+    adds a branch between the attention and the MLP (SD3.5's MMDiT-X second attention). key_mask
+    (B, L_txt + L_img) bool or None: False for padded text keys (Qwen-Image)."""
     img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = img_mod
     txt_shift1, txt_scale1 = txt_mod[:2]
 
@@ -130,9 +131,10 @@ def double_stream(block, img: mx.array, txt: mx.array, img_mod, txt_mod, rope, e
     img_q, img_k, img_v = block.img_attn.qkv_heads(modulate(img_normed, img_shift1, img_scale1))
     txt_q, txt_k, txt_v = block.txt_attn.qkv_heads(modulate(layer_norm(txt, eps), txt_shift1, txt_scale1))
     pairs = ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)) if text_first else ((img_q, txt_q), (img_k, txt_k), (img_v, txt_v))
+    q, k, v = (mx.concatenate(pair, axis=2) for pair in pairs)
     n_txt, n_img = txt.shape[1], img.shape[1]
-    joint = attention(*(mx.concatenate(pair, axis=2) for pair in pairs), rope,
-                      joint_span(n_txt, n_img, text_first))  # (B, L_txt + L_img, D)
+    span = joint_span(n_txt, n_img, text_first)
+    joint = attention(q, k, v, rope, span) if key_mask is None else masked_attention(q, k, v, rope, key_mask, span)
     txt_out, img_out = (joint[:, :n_txt], joint[:, n_txt:]) if text_first else (joint[:, n_img:], joint[:, :n_img])
 
     img = img + img_gate1[:, None] * block.img_attn.proj(img_out)

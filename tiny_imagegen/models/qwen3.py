@@ -6,6 +6,12 @@ Qwen3-4B's N = 36 layers, un-normed), FLUX.2 klein concatenates `hidden_states[9
 `hidden_states[18]` and `hidden_states[27]` per token (3 x hidden features, pads kept). The LM head
 is never used, so there is none here.
 
+Qwen-Image reads Qwen2.5-VL-7B's language model the same way (`hidden_states[-1]`, after the final
+norm). For text-only input that model is Qwen2 (REFERENCE-NOTES-TURN3 A1: its multimodal RoPE
+gives every axis the position arange(L), which is the 1-D RoPE, bitwise): the same decoder with two
+switches, `qkv_bias` (q/k/v projections with biases; o_proj without) and `qk_norm=False` (no
+per-head RMSNorm of q and k). Its vision tower and LM head are never used.
+
 The architecture, as transformers 5.24's `Qwen3Model` computes it:
 
 - token embeddings (no position embeddings: RoPE carries the positions);
@@ -59,6 +65,8 @@ class Qwen3Config:
     head_dim: int = 128  # an explicit field, not hidden_size / heads (2560 / 32 = 80 for Qwen3-4B)
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10_000.0  # transformers' fallback when a config names none
+    qkv_bias: bool = False  # Qwen2 / Qwen2.5-VL: q, k, v projections with biases
+    qk_norm: bool = True  # Qwen3's per-head RMSNorm of q and k; Qwen2 has none
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -69,7 +77,11 @@ class Qwen3Config:
 
     @classmethod
     def from_config(cls, config: dict) -> "Qwen3Config":
-        """From a transformers config.json of a Qwen3Model or Qwen3ForCausalLM."""
+        """From a transformers config.json of a Qwen3Model or Qwen3ForCausalLM, or of a
+        Qwen2_5_VLForConditionalGeneration (its language model: `text_config`, or the top level
+        in files written before transformers 5)."""
+        if config.get("model_type") in QWEN2_5_VL_TYPES:
+            return cls._from_qwen2_5_vl(config)
         if config.get("model_type", "qwen3") != "qwen3":
             raise ValueError(f"Qwen3 config: model_type is {config['model_type']!r}, not 'qwen3'")
         unsupported = {
@@ -93,6 +105,24 @@ class Qwen3Config:
         return cls(**known, num_attention_heads=heads, num_key_value_heads=kv_heads, rope_theta=float(theta))
 
     @classmethod
+    def _from_qwen2_5_vl(cls, config: dict) -> "Qwen3Config":
+        text = {**config, **config.get("text_config", {})}
+        # no fallbacks: transformers' defaults here are the 72B model's (REFERENCE-NOTES-TURN3 A1)
+        names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [n for n in names if text.get(n) is None]
+        if missing:
+            raise ValueError(f"Qwen2.5-VL config: {', '.join(missing)} missing")
+        if text.get("hidden_act", "silu") != "silu" or text.get("use_sliding_window"):
+            raise ValueError("Qwen2.5-VL config: only SiLU without sliding-window attention is supported")
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        heads = text["num_attention_heads"]
+        return cls(
+            **{n: text[n] for n in names}, num_key_value_heads=text.get("num_key_value_heads") or heads,
+            head_dim=text["hidden_size"] // heads, rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 1e6))), qkv_bias=True, qk_norm=False,
+        )
+
+    @classmethod
     def from_config_json(cls, path: str | Path) -> "Qwen3Config":
         return cls.from_config(json.loads(Path(path).read_text()))
 
@@ -114,6 +144,16 @@ QWEN3_8B = Qwen3Config(
 )
 
 
+# Qwen2.5-VL-7B-Instruct's language model, Qwen-Image's text encoder (hub config unverified offline;
+# 7,070,619,136 parameters, REFERENCE-NOTES-TURN3 A1); an untied LM head and a vision tower, unused
+QWEN2_5_VL_TYPES = ("qwen2_5_vl", "qwen2_5_vl_text")
+QWEN2_5_VL_7B = Qwen3Config(
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+    num_attention_heads=28, num_key_value_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
+    qkv_bias=True, qk_norm=False,
+)
+
+
 def rope_inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
     """ω_j = 1 / theta^(2j/d) in float32, rounded step by step as transformers computes it:
     the exponent in fp32, the power rounded to fp32, then an fp32 reciprocal. (Rounding the
@@ -129,18 +169,23 @@ class Qwen3Attention(nn.Module):
         super().__init__()
         d, heads, kv_heads = config.head_dim, config.num_attention_heads, config.num_key_value_heads
         self.num_heads, self.num_kv_heads, self.head_dim = heads, kv_heads, d
-        self.q_proj = nn.Linear(config.hidden_size, heads * d, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, kv_heads * d, bias=False)
+        bias = config.qkv_bias
+        self.q_proj = nn.Linear(config.hidden_size, heads * d, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(heads * d, config.hidden_size, bias=False)
-        self.q_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
-        self.k_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(d, eps=config.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask: mx.array, rope_periods: mx.array) -> mx.array:
         # x: (B, L, D); mask: (B or 1, 1, L, L) bool, True where a query may read a key
         B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.num_heads, self.head_dim)).transpose(0, 2, 1, 3)
-        k = self.k_norm(self.k_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim)).transpose(0, 2, 1, 3)
+        q = self.q_proj(x).reshape(B, L, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         # rotate-half RoPE at positions 0..L-1; `freqs` takes periods 1/ω_j (see rope_inverse_frequencies)
         q = mx.fast.rope(q, self.head_dim, traditional=False, base=None, scale=1.0, offset=0, freqs=rope_periods)

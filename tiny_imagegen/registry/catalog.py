@@ -117,6 +117,15 @@ FAMILIES = {
             tokenizers={"tokenizer": ("vocab.json", "merges.txt"), "tokenizer_2": ("vocab.json", "merges.txt"),
                         "tokenizer_3": ("spiece.model",)},
         ),
+        # ---- Qwen-Image (issue 26) ----
+        Family(
+            "qwen_image",
+            pipeline="tiny_imagegen.pipelines.qwen_image:QwenImagePipeline",
+            pipeline_classes=("QwenImagePipeline",),
+            components=("qwen_image_transformer", "qwen_vae", "qwen3"),
+            tokenizers={"tokenizer": ("tokenizer_config.json",)},  # + vocab.json/merges.txt or tokenizer.json
+        ),
+        # ---- end Qwen-Image ----
         Family(  # class-conditioned: the "prompt" is an ImageNet class id or name (model_index.json id2label)
             "dit",
             pipeline="tiny_imagegen.pipelines.dit:DiTPipeline",
@@ -188,6 +197,25 @@ def _dit_configs(sample_size: int) -> dict:
     from ..models.vae import VAE_PRESETS
 
     return {"dit": preset(f"dit-xl-2-{8 * sample_size}"), "vae": VAE_PRESETS["sd"]}
+
+
+# ---- Qwen-Image (issue 26) ----
+def _qwen_image_configs() -> dict:
+    # Qwen/Qwen-Image and Qwen/Qwen-Image-2512 (same architecture): a 60-block dual-stream MM-DiT,
+    # 24 heads x 128 (20.43 B parameters; diffusers' QwenImageTransformer2DModel defaults),
+    # AutoencoderKLQwenImage's defaults (0.127 B), Qwen2.5-VL-7B's language model (7.07 B read of
+    # the 8.29 B file). [unverified] against the repos' config.json offline: loading reads them.
+    from ..models.qwen3 import QWEN2_5_VL_7B
+    from ..models.qwen_image import QwenImageConfig
+    from ..models.vae_qwen import QwenVAEConfig
+
+    return {"qwen_image_transformer": QwenImageConfig(), "qwen_vae": QwenVAEConfig(), "qwen3": QWEN2_5_VL_7B}
+
+
+# QwenImagePipeline's defaults (50 steps, 1024x1024, 512 text tokens) and the model cards'
+# true_cfg_scale 4 (our `guidance`, with the negative prompt: pipelines/qwen_image.py)
+_QWEN_IMAGE_DEFAULTS = SamplingDefaults(steps=50, guidance=4.0, shift=True, text_length=512)
+# ---- end Qwen-Image ----
 
 
 _DIT_LICENCE = "CC-BY-NC-4.0 (facebookresearch/DiT weights; non-commercial)"
@@ -322,6 +350,24 @@ MODELS: tuple[ModelSpec, ...] = (
     ),
     _klein("4b", "Qwen3-4B", "Apache-2.0", aliases=("klein-4b", "klein")),
     _klein("9b", "Qwen3-8B", "FLUX Non-Commercial License, non-commercial use only", gated=True, aliases=("klein-9b",)),
+    # ---- Qwen-Image (issue 26) ----
+    ModelSpec(
+        "qwen-image", "qwen_image",
+        description="Qwen-Image, 20 B dual-stream MM-DiT with MSRoPE, Qwen2.5-VL-7B text, 50 steps, true CFG",
+        licence="Apache-2.0",
+        defaults=_QWEN_IMAGE_DEFAULTS,
+        repo_id="Qwen/Qwen-Image", aliases=("qwen",),
+        configs=_qwen_image_configs(),
+    ),
+    ModelSpec(
+        "qwen-image-2512", "qwen_image",
+        description="Qwen-Image-2512 (December 2025 update of Qwen-Image), 20 B, same architecture",
+        licence="Apache-2.0",
+        defaults=_QWEN_IMAGE_DEFAULTS,
+        repo_id="Qwen/Qwen-Image-2512", aliases=("qwen-2512",),
+        configs=_qwen_image_configs(),
+    ),
+    # ---- end Qwen-Image ----
     _dit_xl_2(256),
     _dit_xl_2(512),
     *_SD3_MODELS,

@@ -1,0 +1,178 @@
+"""Qwen-Image (and Qwen-Image-2512): what is its own of the pipeline (diffusers' QwenImagePipeline,
+QP:410-715, and QwenImageImg2ImgPipeline). The shared loop is pipeline.py's.
+
+- text: Qwen2.5-VL-7B's language model, `hidden_states[-1]` of the prompt in Qwen-Image's system
+  template, less the template's first 34 tokens, re-padded to the longest prompt with a mask
+  (qwen_conditioning.QwenImagePromptEncoder): {"txt": (B, L, 3584), "txt_mask": (B, L)}. The
+  mask stays with its row, so several images per prompt keep the right mask (diffusers repeats
+  the embeddings per prompt but the masks per batch, QP:260-263: a bug for > 1 prompt).
+- noise: drawn in the packed space, (1, H/16, W/16, 64): a 2x2 patch of the 16-channel latent per
+  token, feature c·4 + 2·dy + dx; the tokens are that grid row-major (QP:333-354).
+- sampler: Euler on the flow, `sampling.stretched_shift_schedule` (dynamic exponential shift, then
+  stretched to end at 0.02). The model sees (σ·1000 in float32, cast to the latents' dtype) / 1000;
+  the latents stay in the model dtype between steps (`euler_step_in_model_dtype`).
+- guidance: `guidance` is QwenImagePipeline's `true_cfg_scale`. Above 1 it runs true classifier-
+  free guidance against the negative prompt (`negative_prompt`, "" unless given): two forwards per
+  step, each with its own mask, v = neg + s (cond - neg) rescaled per token to the norm of cond
+  (QP:668-672). At 1 or below, one forward. (diffusers runs no guidance unless a negative prompt is
+  passed, whatever true_cfg_scale says; here the default guidance 4 with "" is its
+  `negative_prompt=""`. The model card suggests `--negative-prompt " "`.)
+- image-to-image: QwenImageImg2ImgPipeline's: the last round(n·strength) steps, from
+  σ·noise + (1 - σ)·latents of the image (the posterior's mean; diffusers draws a sample).
+- decode: per-channel de-normalisation z = latents / (1/std) + mean, unpatchify, the VAE
+  (models/vae_qwen.py), clamped to [-1, 1].
+"""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..checkpoints.qwen3 import load_qwen3
+from ..checkpoints.qwen_image import load_qwen_image_transformer, load_qwen_vae
+from ..checkpoints.quantize import quantize_component
+from .loading import load_converted_parts, reloading
+from ..models.vae_flux2 import patchify, unpatchify
+from .pipeline import Conditioning, Pipeline
+from ..conditioning.qwen import QwenImagePromptEncoder, qwen_image_tokens_cut
+from ..registry import SamplingDefaults
+from ..diffusion.flow_matching import euler_step_in_model_dtype, img2img_schedule, stretched_shift_schedule
+from ..text import QwenTokenizer
+
+TRANSFORMER, VAE, TEXT_ENCODER = "qwen_image_transformer", "qwen_vae", "qwen3"
+QUANTIZED_ON_LOAD = (TRANSFORMER, TEXT_ENCODER)  # the VAE stays as it is
+DEFAULTS = SamplingDefaults(steps=50, guidance=4.0, shift=True, text_length=512)  # QP:412-432, the model card
+# Qwen-Image's scheduler_config.json (REFERENCE-NOTES-TURN3 A4, unverified offline): used where a
+# folder has none (a converted folder keeps only the weights)
+SCHEDULER = dict(base_seq_len=256, max_seq_len=8192, base_shift=0.5, max_shift=0.9, shift_terminal=0.02)
+
+
+class QwenImageText:
+    """prompts -> {"txt": (B, L, 3584), "txt_mask": (B, L) int32, 1 on prompt rows}."""
+
+    def __init__(self, encoder: QwenImagePromptEncoder):
+        self.encoder = encoder
+
+    def __call__(self, prompts: list[str]) -> dict:
+        embeds, mask = self.encoder(prompts)
+        return {"txt": embeds, "txt_mask": mx.ones(embeds.shape[:2], mx.int32) if mask is None else mask}
+
+
+def read_scheduler(folder: Path) -> dict:
+    """The schedule's parameters from scheduler/scheduler_config.json, with the pipeline's own
+    fallbacks for absent keys (QP:600-606: 256, 4096, 0.5, 1.15); Qwen-Image's where there is no file."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return dict(SCHEDULER)
+    cfg = json.loads(path.read_text())
+    if not cfg.get("use_dynamic_shifting", False) or cfg.get("time_shift_type", "exponential") != "exponential":
+        raise ValueError(f"{path}: only the dynamic exponential shift (use_dynamic_shifting, exponential) is implemented")
+    return dict(base_seq_len=cfg.get("base_image_seq_len", 256), max_seq_len=cfg.get("max_image_seq_len", 4096),
+                base_shift=cfg.get("base_shift", 0.5), max_shift=cfg.get("max_shift", 1.15),
+                shift_terminal=cfg.get("shift_terminal"))
+
+
+def true_cfg(cond: mx.array, neg: mx.array, scale: float) -> mx.array:
+    """neg + s (cond - neg), rescaled per token to ||cond|| (norms over the 64 packed channels,
+    taken in float32 and rounded to the model dtype, as torch.norm on bf16)."""
+    comb = neg + scale * (cond - neg)
+
+    def norm(a):
+        return mx.sqrt(mx.sum(mx.square(a.astype(mx.float32)), axis=-1, keepdims=True)).astype(a.dtype)
+
+    return comb * (norm(cond) / norm(comb))
+
+
+class QwenImagePipeline(Pipeline):
+    family = "qwen_image"
+
+    def __init__(self, *args, schedule: dict | None = None, tokenizer: QwenTokenizer | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.schedule, self.tokenizer = schedule or dict(SCHEDULER), tokenizer
+
+    @classmethod
+    def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
+        from ..registry.hub import is_converted
+
+        folder = Path(folder)
+        defaults = spec.defaults if spec else DEFAULTS
+        if is_converted(folder):
+            parts, _ = load_converted_parts(folder, dtype, quantize, verify, QUANTIZED_ON_LOAD)
+            transformer, vae = parts[TRANSFORMER], parts[VAE]
+            component = reloading(parts, folder, dtype, quantize, QUANTIZED_ON_LOAD)
+
+            def encoder():
+                return component(TEXT_ENCODER)
+        else:
+            transformer = load_qwen_image_transformer(folder / "transformer", dtype=dtype)
+            vae = load_qwen_vae(folder / "vae", dtype=dtype)
+            if quantize:
+                quantize_component(TRANSFORMER, transformer, quantize)
+
+            def encoder():
+                model = load_qwen3(folder / "text_encoder", dtype)
+                if quantize:
+                    quantize_component(TEXT_ENCODER, model, quantize)
+                return model
+
+        tokenizer = QwenTokenizer.from_folder(folder / "tokenizer")
+
+        def text():
+            return QwenImageText(QwenImagePromptEncoder(tokenizer, encoder(), defaults.text_length))
+
+        return cls(name, transformer, vae, text(), defaults, dtype, keep_text_encoders, load_text_encoder=text,
+                   spec=spec, schedule=read_scheduler(folder), tokenizer=tokenizer)
+
+    # ---- Qwen-Image's own steps -------------------------------------------------------------------
+
+    def uses_negative(self, guidance, options) -> bool:
+        return guidance > 1.0
+
+    def latent_shape(self, width, height):
+        f = self.size_multiple
+        return (height // f, width // f, 4 * self.vae.config.z_dim)  # (h, w, 64), packed
+
+    def tokens_cut(self, prompt: str) -> int:
+        return qwen_image_tokens_cut(self.tokenizer, prompt, self.defaults.text_length) if self.tokenizer else 0
+
+    def encode_image(self, image, width, height) -> mx.array:
+        """An init image -> packed, normalised latents (1, H/16, W/16, 64), float32."""
+        from PIL import Image
+
+        from ..models.vae import from_pil
+
+        if not isinstance(image, Image.Image):
+            image = Image.open(image)
+        image = image.convert("RGB").resize((width, height), Image.LANCZOS)
+        z = self.vae.encode(from_pil(image).astype(self.dtype)).mode()
+        return patchify(self.vae.to_latents(z)).astype(mx.float32)
+
+    def decode(self, latents, tiled=None):
+        return self.vae.decode_latents(unpatchify(latents.astype(self.dtype)), tiled=bool(tiled))
+
+    def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run):
+        B, h, w, C = noise.shape
+        dtype = self.dtype  # the latents take the text's dtype (QP:590)
+        schedule = stretched_shift_schedule(steps, h * w, **self.schedule)
+        x = noise.astype(dtype)
+        if init is not None:  # scale_noise at the first kept sigma (QI:457), in float32
+            schedule = img2img_schedule(schedule, strength)
+            s = float(np.float32(schedule[0]))
+            x = (s * noise.astype(mx.float32) + (1 - s) * mx.broadcast_to(init, noise.shape)).astype(dtype)
+        x = x.reshape(B, h * w, C)
+        streams = [cond.positive] + ([cond.negative] if self.uses_negative(guidance, {}) else [])
+        streams = [(c["txt"], None if bool(mx.all(c["txt_mask"])) else c["txt_mask"],
+                    self.transformer.rope_table(h, w, c["txt"].shape[1])) for c in streams]
+
+        def velocity(x, t):
+            # the scheduler's timestep σ·1000 (float32) in the latents' dtype, / 1000 (QP:643-647)
+            ts = mx.full((B,), np.float32(np.float32(t) * np.float32(1000.0))).astype(dtype) / 1000
+            v = [self.transformer(x, txt, ts, (h, w), mask, rope) for txt, mask, rope in streams]
+            return v[0] if len(v) == 1 else true_cfg(v[0], v[1], guidance)
+
+        def step(i, x):
+            return euler_step_in_model_dtype(x, velocity(x, schedule[i]), schedule[i], schedule[i + 1])
+
+        x = run(step, x, len(schedule) - 1)
+        return x.reshape(B, h, w, C)
