@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from tiny_imagegen import blas, compilation
+from tiny_imagegen.device import blas, compilation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def _fresh(code: str, **env) -> subprocess.CompletedProcess:
                           env=full, capture_output=True, text=True, timeout=120)
 
 
-MATMUL = ("import tiny_imagegen, mlx.core as mx; from tiny_imagegen import blas; a = mx.ones((64, 64)); "
+MATMUL = ("import tiny_imagegen, mlx.core as mx; from tiny_imagegen.device import blas; a = mx.ones((64, 64)); "
           "print(float((a @ a)[0, 0])); print(blas.describe())")
 
 
