@@ -222,7 +222,7 @@ def test_qwen_words(vocab):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from tiny_imagegen.pipeline import Pipeline
+    from tiny_imagegen.pipelines import Pipeline
 
     return Pipeline.from_pretrained("weights/tiny-shapes", progress=False)
 

@@ -292,7 +292,7 @@ FOLDERS = {
     "a string for an int": (_set("components.transformer.config.depth_double", "2"), "depth_double '2' is not an integer"),
     "a float for an int": (_set("components.t5.config.d_model", 128.0), "d_model 128.0 is not an integer"),
     "nan for a float": (_set("components.vae.config.scaling_factor", float("nan")), "scaling_factor nan is not a finite"),
-    "a list too long": (_set("components.vae.config.block_out_channels", [8] * 100), "not a list of 1 to 16 values"),
+    "a list too long": (_set("components.vae.config.block_out_channels", [8] * 100), "not a list of at most 64 values"),
     "unknown family": (_set("pipeline.family", "flux9"), "pipeline.family 'flux9' is not a family this code runs"),
     "unknown component": (_set("components.warp_drive", {"file": "t5.safetensors"}), "components['warp_drive'] is not a component"),
     "no files key": (lambda m: m.pop("files"), "'files' is missing or not an object"),

@@ -429,6 +429,14 @@ def render(pipe, args: argparse.Namespace, job, options: dict, edit, progress, p
     return images, metadata
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds as on Ctrl-C (no .tmp file left)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
