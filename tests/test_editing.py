@@ -316,3 +316,14 @@ def test_qwen_image_inpaint_matches_diffusers(sd3_qwen_pics):
     x0 = pipe.init_latents(pipe.encode_image(sd3_qwen_pics["qwen_image"], 80, 48), io["eps"])
     keep = np.array(m).reshape(-1) == 0
     assert np.array_equal(np.array(tokens(pipe)).reshape(-1)[keep], np.array(x0).reshape(-1)[keep])
+
+
+def test_sd3_and_qwen_image_take_image_and_mask_but_no_references():
+    """The command asks the class before loading: both inpaint and do image-to-image, neither reads --ref."""
+    from tiny_imagegen.pipelines.qwen_image import QwenImagePipeline
+    from tiny_imagegen.pipelines.sd3 import SD3Pipeline
+
+    for cls in (SD3Pipeline, QwenImagePipeline):
+        assert cls.refusal(True, True, 0) is None and cls.refusal(True, False, 0) is None
+        assert "takes no reference images" in cls.refusal(False, False, 1, "m")
+        assert cls.refusal(False, True, 0) == "--mask needs --image: the image to inpaint"
