@@ -327,3 +327,23 @@ def test_sd3_and_qwen_image_take_image_and_mask_but_no_references():
         assert cls.refusal(True, True, 0) is None and cls.refusal(True, False, 0) is None
         assert "takes no reference images" in cls.refusal(False, False, 1, "m")
         assert cls.refusal(False, True, 0) == "--mask needs --image: the image to inpaint"
+
+
+@pytest.mark.parametrize("family", ["sd3", "qwen_image"])
+def test_sd3_and_qwen_image_inpaint_bf16(sd3_qwen_pics, family):
+    """The same runs in bf16 (ε and noise drawn in bf16, as torch's): ours no further from the fp32
+    reference than torch's bf16 run, within BF16_FACTOR."""
+    from test_qwen_image_pipeline import _pipe as qwen_pipeline
+    from test_sd3_pipeline import pipeline as sd3_pipeline
+
+    io = load_fixture("editing_sd3_qwen", f"{family}.safetensors")
+    if family == "sd3":
+        pipe, size, strength, steps, key = sd3_pipeline(mx.bfloat16), dict(width=32, height=48), 0.6, 5, "sd3"
+    else:
+        pipe, size, strength, steps, key = qwen_pipeline(mx.bfloat16), dict(width=80, height=48), 0.8, 6, "qwen"
+    pipe.generate(PROMPT, **size, steps=steps, guidance=5.0 if family == "sd3" else 3.0, negative_prompt="blurry",
+                  image=sd3_qwen_pics[f"{key}_image"], mask=sd3_qwen_pics[f"{key}_mask"], strength=strength,
+                  latents=io["noise_bf16"], posterior_noise=io["eps_bf16"])
+    assert pipe.last_latents.dtype == mx.bfloat16  # both keep the latents in the model dtype
+    ours = pipe.last_latents if family == "sd3" else tokens(pipe)
+    check_bf16(f"{family} inpaint", ours, io["latents"], io["latents_bf16"])

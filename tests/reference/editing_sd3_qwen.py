@@ -1,6 +1,6 @@
 """Reference fixtures for inpainting in the SD3.5 and Qwen-Image families: diffusers'
 StableDiffusion3InpaintPipeline and QwenImageInpaintPipeline on the tiny random repos of
-tests/fixtures/sd3_pipeline/repo and tests/fixtures/qwen_image_pipeline/repo, fp32, run with a
+tests/fixtures/sd3_pipeline/repo and tests/fixtures/qwen_image_pipeline/repo, fp32 and bf16, run with a
 seeded torch generator. Neither pipeline lets given `latents` be the noise of an inpainting run
 (SD3: they replace the noised image; Qwen-Image: prepare_latents returns early), so the draws the
 generator made are redrawn here in the same order (the posterior's ε, then the noise; a third draw,
@@ -14,10 +14,12 @@ Writes under out/editing_sd3_qwen/:
                       (B, h, w, 16), final latents (B, h, w, 16), `pixels` decoded as
                       StableDiffusion3Pipeline decodes (latents / scale + shift) and
                       `inpaint_pipeline_pixels`, the inpainting pipeline's own output, which forgets
-                      the shift (SD3I:1368): uint8 as floats (B, H, W, 3)
+                      the shift (SD3I:1368): uint8 as floats (B, H, W, 3); the run in bf16: its ε,
+                      noise and final latents (`*_bf16`)
   qwen_image.safetensors  QwenImageInpaintPipeline, 80x48 output, 6 steps, strength 0.8 (the last
                       4), true CFG 3 against "blurry": ε (B, h, w, z), packed noise (B, h/2, w/2,
-                      4z), the packed token mask, final packed latents (B, N, 4z), pixels
+                      4z), the packed token mask, final packed latents (B, N, 4z), pixels; the run
+                      in bf16: its ε, noise and final latents (`*_bf16`)
 """
 
 from pathlib import Path
@@ -61,9 +63,17 @@ def sd3(out: Path, pics: dict) -> None:
         decoded = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
     decoded = pipe.image_processor.postprocess(decoded, output_type="np")
     pixels = torch.from_numpy(np.round(decoded * 255).astype(np.float32))
-    save(out / "sd3.safetensors", {"eps": eps.permute(0, 2, 3, 1), "noise": noise.permute(0, 2, 3, 1),
-                                   "latents": latents.permute(0, 2, 3, 1), "pixels": pixels,
-                                   "inpaint_pipeline_pixels": pipeline_pixels})
+    io = {"eps": eps.permute(0, 2, 3, 1), "noise": noise.permute(0, 2, 3, 1), "latents": latents.permute(0, 2, 3, 1),
+          "pixels": pixels, "inpaint_pipeline_pixels": pipeline_pixels}
+    pipe.to(torch.bfloat16)  # the same run in bf16: ε and the noise are drawn in bf16 (randn_tensor's dtype)
+    latents, _ = run(pipe, image=pil(pics["sd3_image"]), mask_image=pil(pics["sd3_mask"]), height=48, width=32,
+                     strength=0.6, num_inference_steps=5, guidance_scale=5.0, negative_prompt="blurry",
+                     max_sequence_length=16, generator=seeded(seed))
+    g = seeded(seed)
+    io["eps_bf16"] = torch.randn(1, 16, 6, 4, generator=g, dtype=torch.bfloat16).permute(0, 2, 3, 1)
+    io["noise_bf16"] = torch.randn(1, 16, 6, 4, generator=g, dtype=torch.bfloat16).permute(0, 2, 3, 1)
+    io["latents_bf16"] = latents.permute(0, 2, 3, 1)
+    save(out / "sd3.safetensors", io)
 
 
 def qwen_image(out: Path, pics: dict) -> None:
@@ -81,8 +91,18 @@ def qwen_image(out: Path, pics: dict) -> None:
     mask = pipe.mask_processor.preprocess(pil(pics["qwen_mask"]), height=48, width=80)
     mask = torch.nn.functional.interpolate(mask, size=(h, w)).repeat(1, z, 1, 1)
     token_mask = mask.view(1, z, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, h // 2, w // 2, 4 * z)
-    save(out / "qwen_image.safetensors", {"eps": eps.permute(0, 2, 3, 1), "noise": packed, "token_mask": token_mask,
-                                          "latents": latents, "pixels": pixels})
+    io = {"eps": eps.permute(0, 2, 3, 1), "noise": packed, "token_mask": token_mask, "latents": latents,
+          "pixels": pixels}
+    pipe.to(torch.bfloat16)  # the same run in bf16: ε and the noise are drawn in bf16 (randn_tensor's dtype)
+    latents, _ = run(pipe, image=pil(pics["qwen_image"]), mask_image=pil(pics["qwen_mask"]), height=48, width=80,
+                     strength=0.8, num_inference_steps=6, true_cfg_scale=3.0, negative_prompt="blurry",
+                     generator=seeded(seed))
+    g = seeded(seed)
+    io["eps_bf16"] = torch.randn(1, z, 1, h, w, generator=g, dtype=torch.bfloat16)[:, :, 0].permute(0, 2, 3, 1)
+    noise = torch.randn(1, 1, z, h, w, generator=g, dtype=torch.bfloat16)[:, 0]
+    io["noise_bf16"] = noise.view(1, z, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(1, h // 2, w // 2, 4 * z)
+    io["latents_bf16"] = latents
+    save(out / "qwen_image.safetensors", io)
 
 
 def make(out: Path) -> None:
