@@ -1,7 +1,9 @@
 """Editing against diffusers (fixtures: tests/reference/editing.py): FLUX.2 klein reference images
 (Flux2KleinPipeline(image=[...]), one and two references, not square), klein inpainting
 (Flux2KleinInpaintPipeline) and FLUX.1 inpainting (FluxInpaintPipeline), fp32 and bf16, on the
-tiny repos of the text-to-image tests, with the same noise; then the masks' own rules."""
+tiny repos of the text-to-image tests, with the same noise; then the masks' own rules. SD3.5 and
+Qwen-Image inpainting (StableDiffusion3InpaintPipeline, QwenImageInpaintPipeline) at the end, fixtures
+from tests/reference/editing_sd3_qwen.py."""
 
 import mlx.core as mx
 import numpy as np
@@ -257,3 +259,91 @@ def test_generate_refuses_bad_masks_and_references(pics):
         pipe.generate(PROMPT, steps=1, mask=small)
     with pytest.raises(ValueError, match="both sides must be at least 64 px"):
         pipe.generate(PROMPT, steps=1, references=[small])
+
+
+@pytest.fixture(scope="module")
+def sd3_qwen_pics():
+    return {k: Image.fromarray(np.array(v)) for k, v in load_fixture("editing_sd3_qwen", "images.safetensors").items()}
+
+
+def test_sd3_inpaint_matches_diffusers(sd3_qwen_pics):
+    """StableDiffusion3InpaintPipeline (fixtures: tests/reference/editing_sd3_qwen.py): the 40x60 image
+    resized to 32x48, the last 3 of 5 steps (strength 0.6), CFG 5 against "blurry". The pixels are
+    compared with the final latents decoded as StableDiffusion3Pipeline decodes them; the inpainting
+    pipeline's own output forgets the VAE's shift (SD3I:1368), and so does ours decoded that way."""
+    from test_sd3_pipeline import pipeline as sd3_pipeline
+
+    io = load_fixture("editing_sd3_qwen", "sd3.safetensors")
+    pipe = sd3_pipeline()
+    assert pipe.inpaint and pipe.init_posterior == "sample"
+    images = pipe.generate(PROMPT, width=32, height=48, steps=5, guidance=5.0, negative_prompt="blurry",
+                           image=sd3_qwen_pics["sd3_image"], mask=sd3_qwen_pics["sd3_mask"], strength=0.6,
+                           latents=io["noise"], posterior_noise=io["eps"])
+    assert_close("sd3 inpaint: final latents", pipe.last_latents, io["latents"], atol=2e-5)
+    assert_close("sd3 inpaint: uint8 pixels", pixels(images), io["pixels"], atol=1)
+    vae = pipe.vae.config
+    unshifted = pipe.decode(pipe.last_latents - vae.shift_factor * vae.scaling_factor)  # decodes latents / scale
+    from tiny_imagegen.models.vae import to_pil
+
+    assert_close("sd3 inpaint: uint8 pixels decoded without the shift, as the inpainting pipeline",
+                 pixels(to_pil(unshifted)), io["inpaint_pipeline_pixels"], atol=1)
+    shift_effect = np.abs(np.array(io["pixels"]) - np.array(io["inpaint_pipeline_pixels"])).max()
+    print(f"sd3 inpaint: the forgotten shift moves the reference's pixels by up to {shift_effect:.0f} levels")
+    # the known region (mask 0 on the latent grid) is the image's own latents: the posterior sample kept
+    m = np.array(pipe.latent_mask(sd3_qwen_pics["sd3_mask"], 32, 48))[0, :, :, 0]
+    x0 = pipe.init_latents(pipe.encode_image(sd3_qwen_pics["sd3_image"], 32, 48), io["eps"])
+    assert 0 < m.sum() < m.size
+    assert np.array_equal(np.array(pipe.last_latents)[0][m == 0], np.array(x0)[0][m == 0])
+
+
+def test_qwen_image_inpaint_matches_diffusers(sd3_qwen_pics):
+    """QwenImageInpaintPipeline: the 70x50 image resized to 80x48, the last 4 of 6 steps (strength
+    0.8), true CFG 3 against "blurry"; the mask nearest on the 8x grid, then packed per token."""
+    from test_qwen_image_pipeline import _pipe as qwen_pipeline
+
+    io = load_fixture("editing_sd3_qwen", "qwen_image.safetensors")
+    pipe = qwen_pipeline()
+    assert pipe.inpaint and pipe.init_posterior == "sample"
+    m = pipe.latent_mask(sd3_qwen_pics["qwen_mask"], 80, 48)
+    assert_close("qwen-image inpaint: packed token mask", m, io["token_mask"], atol=0)
+    sub = np.array(m[..., :4]).sum(-1)  # channel 0's four sub-positions per token
+    assert (sub == 0).any() and (sub == 4).any() and ((sub > 0) & (sub < 4)).any()  # tokens kept, repainted, mixed
+    images = pipe.generate(PROMPT, width=80, height=48, steps=6, guidance=3.0, negative_prompt="blurry",
+                           image=sd3_qwen_pics["qwen_image"], mask=sd3_qwen_pics["qwen_mask"], strength=0.8,
+                           latents=io["noise"], posterior_noise=io["eps"])
+    assert_close("qwen-image inpaint: final packed latents", tokens(pipe), io["latents"], atol=5e-5)
+    assert_close("qwen-image inpaint: uint8 pixels", pixels(images), io["pixels"], atol=1)
+    x0 = pipe.init_latents(pipe.encode_image(sd3_qwen_pics["qwen_image"], 80, 48), io["eps"])
+    keep = np.array(m).reshape(-1) == 0
+    assert np.array_equal(np.array(tokens(pipe)).reshape(-1)[keep], np.array(x0).reshape(-1)[keep])
+
+
+def test_sd3_and_qwen_image_take_image_and_mask_but_no_references():
+    """The command asks the class before loading: both inpaint and do image-to-image, neither reads --ref."""
+    from tiny_imagegen.pipelines.qwen_image import QwenImagePipeline
+    from tiny_imagegen.pipelines.sd3 import SD3Pipeline
+
+    for cls in (SD3Pipeline, QwenImagePipeline):
+        assert cls.refusal(True, True, 0) is None and cls.refusal(True, False, 0) is None
+        assert "takes no reference images" in cls.refusal(False, False, 1, "m")
+        assert cls.refusal(False, True, 0) == "--mask needs --image: the image to inpaint"
+
+
+@pytest.mark.parametrize("family", ["sd3", "qwen_image"])
+def test_sd3_and_qwen_image_inpaint_bf16(sd3_qwen_pics, family):
+    """The same runs in bf16 (ε and noise drawn in bf16, as torch's): ours no further from the fp32
+    reference than torch's bf16 run, within BF16_FACTOR."""
+    from test_qwen_image_pipeline import _pipe as qwen_pipeline
+    from test_sd3_pipeline import pipeline as sd3_pipeline
+
+    io = load_fixture("editing_sd3_qwen", f"{family}.safetensors")
+    if family == "sd3":
+        pipe, size, strength, steps, key = sd3_pipeline(mx.bfloat16), dict(width=32, height=48), 0.6, 5, "sd3"
+    else:
+        pipe, size, strength, steps, key = qwen_pipeline(mx.bfloat16), dict(width=80, height=48), 0.8, 6, "qwen"
+    pipe.generate(PROMPT, **size, steps=steps, guidance=5.0 if family == "sd3" else 3.0, negative_prompt="blurry",
+                  image=sd3_qwen_pics[f"{key}_image"], mask=sd3_qwen_pics[f"{key}_mask"], strength=strength,
+                  latents=io["noise_bf16"], posterior_noise=io["eps_bf16"])
+    assert pipe.last_latents.dtype == mx.bfloat16  # both keep the latents in the model dtype
+    ours = pipe.last_latents if family == "sd3" else tokens(pipe)
+    check_bf16(f"{family} inpaint", ours, io["latents"], io["latents_bf16"])

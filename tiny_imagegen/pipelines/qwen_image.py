@@ -17,8 +17,12 @@ QP:410-715, and QwenImageImg2ImgPipeline). The shared loop is pipeline.py's.
   (QP:668-672). At 1 or below, one forward. (diffusers runs no guidance unless a negative prompt is
   passed, whatever true_cfg_scale says; here the default guidance 4 with "" is its
   `negative_prompt=""`. The model card suggests `--negative-prompt " "`.)
-- image-to-image: QwenImageImg2ImgPipeline's: the last round(n·strength) steps, from
-  σ·noise + (1 - σ)·latents of the image (the posterior's mean; diffusers draws a sample).
+- image-to-image and inpainting (QwenImageImg2ImgPipeline, QwenImageInpaintPipeline): the last
+  int(n·strength) steps, from σ·noise + (1 - σ)·x0, x0 the image's latents as a sample of the VAE
+  posterior (ε drawn before the noise, QI:251), normalised and packed. Inpainting: the mask nearest
+  on the 8x latent grid, over every channel, then packed like the latents (QIP:476-520: so a token's
+  four sub-positions keep their own mask values), and the shared masked sampling
+  (editing/masked_sampling.py), the blend in the model dtype.
 - decode: per-channel de-normalisation z = latents / (1/std) + mean, unpatchify, the VAE
   (models/vae_qwen.py), clamped to [-1, 1].
 """
@@ -32,6 +36,7 @@ import numpy as np
 from ..checkpoints.qwen3 import load_qwen3
 from ..checkpoints.qwen_image import load_qwen_image_transformer, load_qwen_vae
 from ..checkpoints.quantize import quantize_component
+from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
 from .loading import load_converted_parts, reloading
 from ..models.vae_flux2 import patchify, unpatchify
 from .pipeline import Conditioning, Pipeline
@@ -86,6 +91,8 @@ def true_cfg(cond: mx.array, neg: mx.array, scale: float) -> mx.array:
 
 class QwenImagePipeline(Pipeline):
     family = "qwen_image"
+    inpaint = True  # QwenImageInpaintPipeline
+    init_posterior = "sample"  # retrieve_latents' default sample_mode (QI:251, QIP:251)
 
     def __init__(self, *args, schedule: dict | None = None, tokenizer: QwenTokenizer | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -136,30 +143,32 @@ class QwenImagePipeline(Pipeline):
     def tokens_cut(self, prompt: str) -> int:
         return qwen_image_tokens_cut(self.tokenizer, prompt, self.defaults.text_length) if self.tokenizer else 0
 
-    def encode_image(self, image, width, height) -> mx.array:
-        """An init image -> packed, normalised latents (1, H/16, W/16, 64), float32."""
-        from PIL import Image
+    def init_latents(self, q, eps: mx.array | None) -> mx.array:
+        """The init image's latents as the transformer reads them: normalised, packed (1, H/16, W/16, 64)."""
+        return patchify(super().init_latents(q, eps))
 
-        from ..models.vae import from_pil
-
-        if not isinstance(image, Image.Image):
-            image = Image.open(image)
-        image = image.convert("RGB").resize((width, height), Image.LANCZOS)
-        z = self.vae.encode(from_pil(image).astype(self.dtype)).mode()
-        return patchify(self.vae.to_latents(z)).astype(mx.float32)
+    def latent_mask(self, mask, width: int, height: int) -> mx.array:
+        """The mask nearest on the 8x latent grid, broadcast over the z channels and packed like
+        the latents (QIP: prepare_mask_latents): (1, H/16, W/16, 4 z)."""
+        m = super().latent_mask(mask, width, height)  # (1, h, w, 1)
+        return patchify(mx.broadcast_to(m, (*m.shape[:3], self.vae.config.z_dim)))
 
     def decode(self, latents, tiled=None):
         return self.vae.decode_latents(unpatchify(latents.astype(self.dtype)), tiled=bool(tiled))
 
-    def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run):
+    def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
+               mask: mx.array | None = None):
         B, h, w, C = noise.shape
         dtype = self.dtype  # the latents take the text's dtype (QP:590)
         schedule = stretched_shift_schedule(steps, h * w, **self.schedule)
-        x = noise.astype(dtype)
+        x, region = noise.astype(dtype), None
         if init is not None:  # scale_noise at the first kept sigma (QI:457), in float32
             schedule = img2img_schedule(schedule, strength)
             s = float(np.float32(schedule[0]))
             x = (s * noise.astype(mx.float32) + (1 - s) * mx.broadcast_to(init, noise.shape)).astype(dtype)
+            if mask is not None:  # the known region, as tokens (B, N, C) like x, in the model dtype (QIP:960-970)
+                tokens = lambda a: mx.broadcast_to(a, noise.shape).reshape(B, h * w, C).astype(dtype)  # noqa: E731
+                region = KnownRegion(tokens(init), tokens(noise), tokens(mask), flow_noised)
         x = x.reshape(B, h * w, C)
         streams = [cond.positive] + ([cond.negative] if self.uses_negative(guidance, {}) else [])
         streams = [(c["txt"], None if bool(mx.all(c["txt_mask"])) else c["txt_mask"],
@@ -174,5 +183,5 @@ class QwenImagePipeline(Pipeline):
         def step(i, x):
             return euler_step_in_model_dtype(x, velocity(x, schedule[i]), schedule[i], schedule[i + 1])
 
-        x = run(step, x, len(schedule) - 1)
+        x = run(masked_steps(step, region, schedule), x, len(schedule) - 1)
         return x.reshape(B, h, w, C)

@@ -13,6 +13,12 @@
   conditional pass without those blocks at steps n·start < i < n·stop and v += (c - c_skip)·scale
   (SP:1087-1109); only with CFG, as there.
 - decode: the 16-channel SD3 VAE, latents / 1.5305 + 0.0609 (the repo's vae/config.json).
+- image-to-image and inpainting (StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline):
+  the init image's latents a sample of the VAE posterior (ε drawn before the noise), the start
+  σ·ε + (1 - σ)·x0 at the truncated schedule's first σ in the model dtype; inpainting's mask nearest
+  on the latent grid and the shared masked sampling (editing/masked_sampling.py), the blend in the
+  model dtype. (StableDiffusion3InpaintPipeline decodes latents / scale without the VAE's shift,
+  SD3I:1368, unlike its text-to-image and img2img siblings; here every SD3 image decodes with it.)
 """
 
 import json
@@ -26,6 +32,7 @@ from ..checkpoints.quantize import quantize_component
 from ..checkpoints.sd3 import load_sd3_transformer
 from ..checkpoints.text_encoders import load_clip_text_model, load_t5_encoder
 from ..checkpoints.vae import load_vae
+from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
 from .pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults
 from ..diffusion.flow_matching import euler_step_in_model_dtype, img2img_schedule, noise_image
@@ -81,6 +88,8 @@ class SD3Text:
 class SD3Pipeline(Pipeline):
     family = "sd3"
     batch_cfg = True  # negative and positive in one forward
+    inpaint = True  # StableDiffusion3InpaintPipeline on the 16-channel transformer
+    init_posterior = "sample"  # retrieve_latents' default sample_mode (SD3I:751)
 
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
@@ -166,16 +175,19 @@ class SD3Pipeline(Pipeline):
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
                slg: tuple[int, ...] | None = None, slg_scale: float = 2.8, slg_start: float = 0.01,
                slg_stop: float = 0.2, shift: float | None = None, clip_skip: int | None = None, t5: bool = True,
-               batch_cfg: bool | None = None):
+               batch_cfg: bool | None = None, mask: mx.array | None = None):
         """Family options: `slg` the blocks skip-layer guidance leaves out (None: off; True: 7, 8, 9)
         with its scale and step window; `shift` overrides the schedule's; `batch_cfg=False` runs the
         negative prompt as a second forward. `clip_skip` and `t5` act in `condition`."""
         B, dtype = noise.shape[0], self.dtype
         sigmas = sd3_sigmas(steps, self.defaults.shift if shift is None else shift)
-        x = noise.astype(dtype)  # the latents live in the prompt embeddings' dtype (SP:1038)
+        x, region = noise.astype(dtype), None  # the latents live in the prompt embeddings' dtype (SP:1038)
         if init is not None:
             sigmas = img2img_schedule(sigmas, strength)
-            x = noise_image(init.astype(dtype), x, sigmas[0])  # scale_noise (SCH:234)
+            x0, eps = init.astype(dtype), x
+            x = noise_image(x0, eps, sigmas[0])  # scale_noise (SCH:234)
+            if mask is not None:  # the known region put back after every step, in the model dtype (SD3I:1320-1333)
+                region = KnownRegion(x0, eps, mask.astype(dtype), flow_noised)
         n = len(sigmas) - 1
         cfg = guidance > 1.0
         skip = tuple(SLG_LAYERS if slg is True else slg or ())
@@ -205,7 +217,7 @@ class SD3Pipeline(Pipeline):
                     v = v + (text - self.forward(skip)(x, txt, t, pooled)) * slg_scale
             return euler_step_in_model_dtype(x, v, sigmas[i], sigmas[i + 1])
 
-        return run(step, x, n)
+        return run(masked_steps(step, region, sigmas), x, n)
 
     def tokens_cut(self, prompt):
         tokenizer = getattr(self, "prompt_tokenizer", None)
