@@ -35,7 +35,9 @@ whole = model(*args)
 n_whole = sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
 shard_mmdit(model, group)
 n_rank = sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
-print("RESULT", group.rank(), group.size(), float(mx.abs(model(*args) - whole).max()), n_rank / n_whole, flush=True)
+# one file per rank: the ranks share one stdout, where their lines can interleave mid-line
+open(f"result-{{group.rank()}}.txt", "w").write(
+    f"{{group.rank()}} {{group.size()}} {{float(mx.abs(model(*args) - whole).max())}} {{n_rank / n_whole}}")
 """
 
 
@@ -60,7 +62,7 @@ def test_tensor_parallel_forward_equals_the_whole_model(tmp_path):
     script = tmp_path / "sharded.py"
     script.write_text(SHARDED_FORWARD)
     r = launch(tmp_path, sys.executable, str(script))
-    results = [line.split()[1:] for line in r.stdout.splitlines() if line.startswith("RESULT")]
+    results = [f.read_text().split() for f in sorted(tmp_path.glob("result-*.txt"))]
     assert r.returncode == 0 and len(results) == 2, r.stdout + r.stderr
     for rank, size, err, share in results:
         print(f"rank {rank}/{size}: max abs difference to the unsharded forward {float(err):.2e}, "

@@ -53,12 +53,15 @@ def test_true_cfg_matches_diffusers(tmp_path, io, variant, batch_cfg):
 def test_image_to_image_matches_diffusers(tmp_path, io, variant):
     pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path, variant)), dtype=mx.float32)
     init = Image.fromarray(np.array(io["init_pixels"]).astype(np.uint8))
-    assert_close(f"flux1 img2img {variant}: init latents", pipe.encode_image(init, 48, 32),
+    # the reference was asked for the posterior's mode (sample_mode="argmax"): ours given eps = 0
+    posterior = pipe.encode_image(init, 48, 32)
+    assert_close(f"flux1 img2img {variant}: init latents", pipe.init_latents(posterior, None),
                  io[f"{variant}.img2img.init_latents"].transpose(0, 2, 3, 1), atol=1e-5)
     seen = []
+    noise = io[f"{variant}.img2img.noise"].transpose(0, 2, 3, 1)
     images = pipe.generate(PROMPTS, width=48, height=32, steps=5, strength=0.6, image=init,
-                           guidance=GUIDANCE[variant], latents=io[f"{variant}.img2img.noise"].transpose(0, 2, 3, 1),
-                           progress=lambda i, n, s: seen.append(n))
+                           guidance=GUIDANCE[variant], latents=noise, progress=lambda i, n, s: seen.append(n),
+                           posterior_noise=mx.zeros((noise.shape[0], *posterior.mean.shape[1:])))
     assert seen == [3, 3, 3]  # the last round(5 * 0.6) steps
     assert_close(f"flux1 img2img {variant}: final latents", pack_latents(pipe.last_latents),
                  io[f"{variant}.img2img.latents"], atol=1e-5)
