@@ -1,7 +1,8 @@
 """Per-word attention maps: where in the image each word of the prompt is attended.
 
-For an MM-DiT (FLUX.1, FLUX.2, Z-Image) a map is the joint attention's probability from each image
-token (query) to each text token (key); for a cross-attention model (SD 1.5's U-Net, a DiT with
+For an MM-DiT (FLUX.1, FLUX.2, Z-Image, SD3.5, Qwen-Image) a map is the joint attention's
+probability from each image token (query) to each text token (key) -- SD3.5's second, image-only
+attention (MMDiT-X) is not read, Qwen-Image's padded text keys are masked out of the softmax; for a cross-attention model (SD 1.5's U-Net, a DiT with
 cross-attention) the cross-attention probability. Either is averaged over heads, over the chosen
 blocks and the chosen denoising steps, and laid out on the image's token grid:
 
@@ -13,7 +14,9 @@ cross-attention). The U-Net's coarser levels are repeated up to the finest grid 
 
 Text tokens are then grouped into the prompt's words (T5 sentencepiece "▁" starts a word, CLIP's
 "</w>" ends one, Qwen's byte-level pieces start one with a space); special, template and padding
-tokens are left out, punctuation joins the word before it. A word's map is the sum of its tokens'.
+tokens are left out, punctuation joins the word before it. A word's map is the sum of its tokens':
+for SD3.5 its CLIP rows and its T5 rows of the joint text sequence [77 CLIP; T5] together
+(`sd3_words`); for Qwen-Image its rows after the 34 dropped template tokens.
 
 The read-out (layers/attention.py `reading_out`) runs only inside `generate_with_attention_maps`;
 the normal path keeps the fused attention. Its cost: each probed attention call also computes one
@@ -36,6 +39,9 @@ from ..text.bpe import bytes_to_unicode
 from ..text.clip_bpe import CLIPTokenizer, normalize
 from ..text.qwen_bpe import USER_TURN, QwenTokenizer, chat_prompt
 from ..text.t5_sentencepiece import T5Tokenizer
+from .qwen import QWEN_IMAGE_DROP, QWEN_IMAGE_TEMPLATE, QwenImagePromptEncoder
+
+CLIP_ROWS = 77  # SD3's CLIP rows before T5's in the joint text sequence
 
 # ---- tokens -> words -------------------------------------------------------------------------------
 
@@ -66,51 +72,99 @@ def group_words(pieces: Sequence[tuple[int, str, bool]]) -> list[Word]:
     return [Word(text.strip(strip) or text.strip(), tuple(sorted(p))) for text, p in words]
 
 
-def t5_words(tokenizer: T5Tokenizer, prompt: str, length: int) -> list[Word]:
-    """T5 (FLUX.1, tiny-shapes): the prompt's pieces at positions 0.., `</s>` and padding left out."""
+def t5_pieces(tokenizer: T5Tokenizer, prompt: str, length: int) -> list[tuple[int, str, bool, int]]:
+    """(position, text, starts a word, index of the prompt's whitespace-separated word) per piece."""
     ids = tokenizer.encode(prompt)[:-1][: length - 1]  # as __call__ truncates, keeping </s>
     special = set(tokenizer.special.values())
-    pieces = [(i, tokenizer.sp.id_to_piece(t), None) for i, t in enumerate(ids) if t not in special]
-    return group_words([(i, p.replace("▁", " ").lstrip(), p.startswith("▁")) for i, p, _ in pieces])
+    pieces, k = [], -1
+    for i, t in enumerate(ids):
+        piece = tokenizer.sp.id_to_piece(t)
+        k += piece.startswith("▁")  # sentencepiece: whitespace -> "▁", one per word
+        if t not in special:
+            pieces.append((i, piece.replace("▁", " ").lstrip(), piece.startswith("▁"), k))
+    return pieces
 
 
-def clip_words(tokenizer: CLIPTokenizer, prompt: str) -> list[Word]:
-    """CLIP (SD 1.5): start token at 0, the prompt's pieces after it, end and padding left out.
-    CLIP's "</w>" ends a pre-tokenizer word ("orange-ish" is three); words here are the prompt's
-    whitespace-separated ones, so each piece is found in the normalised prompt and starts a word
-    where whitespace precedes it."""
+def t5_words(tokenizer: T5Tokenizer, prompt: str, length: int) -> list[Word]:
+    """T5 (FLUX.1, tiny-shapes): the prompt's pieces at positions 0.., `</s>` and padding left out."""
+    return group_words([p[:3] for p in t5_pieces(tokenizer, prompt, length)])
+
+
+def clip_pieces(tokenizer: CLIPTokenizer, prompt: str) -> list[tuple[int, str, bool, int]]:
+    """(position, text, starts a word, index of the prompt's whitespace-separated word) per piece:
+    each piece is found in the normalised prompt and starts a word where whitespace precedes it."""
     ids = tokenizer.encode(prompt)[1:-1][: tokenizer.max_length - 2]
     inverse = {i: s for s, i in tokenizer.vocab.items()}
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    text, cursor, pieces = normalize(prompt), 0, []
+    text, cursor, pieces, k = normalize(prompt), 0, [], 0
     for pos, t in enumerate(ids, start=1):
         if t in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id):
             continue
         piece = bytes(byte_of[c] for c in inverse[t].removesuffix("</w>")).decode("utf-8", "replace")
         found = text.find(piece, cursor)
         starts = not pieces or found < 0 or text[cursor:found].isspace() or (found > 0 and text[found - 1] == " ")
+        k = k if found < 0 else len(text[: found + 1].split()) - 1
         cursor = cursor if found < 0 else found + len(piece)
-        pieces.append((pos, piece, starts))
-    return group_words(pieces)
+        pieces.append((pos, piece, starts, k))
+    return pieces
 
 
-def qwen_words(tokenizer: QwenTokenizer, prompt: str, length: int) -> list[Word]:
-    """Qwen (Z-Image, FLUX.2): the chat template's tokens are left out; the prompt's tokens keep
-    their positions in the templated sequence. A piece that begins with whitespace starts a word."""
-    ids = tokenizer.encode(chat_prompt(prompt))[:length]
+def clip_words(tokenizer: CLIPTokenizer, prompt: str) -> list[Word]:
+    """CLIP (SD 1.5): start token at 0, the prompt's pieces after it, end and padding left out.
+    CLIP's "</w>" ends a pre-tokenizer word ("orange-ish" is three); words here are the prompt's
+    whitespace-separated ones."""
+    return group_words([p[:3] for p in clip_pieces(tokenizer, prompt)])
+
+
+def qwen_words(tokenizer: QwenTokenizer, prompt: str, length: int, template: str | None = None,
+               drop: int = 0) -> list[Word]:
+    """Qwen: the template's tokens are left out; the prompt's tokens keep their positions in the
+    sequence the denoiser reads. Z-Image and FLUX.2: Qwen3's chat template (`template` None), all
+    its tokens kept, cut at `length`; Qwen-Image: its system template ("{}" the prompt) less its
+    first `drop` tokens (QWEN_IMAGE_DROP), then cut at `length`: position = templated - drop.
+    A piece that begins with whitespace starts a word."""
+    text = chat_prompt(prompt) if template is None else template.format(prompt)
+    before = USER_TURN.split("{prompt}")[0] if template is None else template.split("{}")[0]
+    ids = tokenizer.encode(text)
     inverse = {i: s for s, i in tokenizer.vocab.items()}
     added = {i: s for s, i in tokenizer.added_tokens.items()}
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    lo = len(USER_TURN.split("{prompt}")[0].encode())
+    lo = len(before.encode())
     hi = lo + len(prompt.encode())
     pieces, offset = [], 0
     for pos, t in enumerate(ids):
         raw = added[t].encode() if t in added else bytes(byte_of[c] for c in inverse[t])
-        if t not in added and lo <= offset and offset + len(raw) <= hi:
+        if t not in added and lo <= offset and offset + len(raw) <= hi and 0 <= pos - drop < length:
             text = raw.decode("utf-8", "replace")
-            pieces.append((pos, text.strip(), not pieces or text[:1].isspace()))
+            pieces.append((pos - drop, text.strip(), not pieces or text[:1].isspace()))
         offset += len(raw)
     return group_words(pieces)
+
+
+def sd3_words(clip_tokenizer: CLIPTokenizer, t5_tokenizer: T5Tokenizer | None, prompt: str,
+              t5_length: int) -> list[Word]:
+    """SD3: the joint text sequence is [77 CLIP rows (CLIP-L and bigG side by side, one row per
+    token: both tokenize alike); t5_length T5 rows] (conditioning/sd3.py), so a word has tokens in
+    both: its CLIP pieces (rows 1..) and its T5 pieces (rows 77 + i), and its map is their sum.
+    The two are matched through the prompt's whitespace-separated word each piece lies in (not
+    through their spelling: T5 drops what it cannot spell, CLIP lowercases); the words are CLIP's,
+    then any that only T5 keeps (CLIP cuts at 77 tokens, T5 at t5_length). Without T5 (`--no-t5`:
+    zeros in its rows, no prompt there) the CLIP rows only."""
+    clip = clip_pieces(clip_tokenizer, prompt)
+    words = group_words([p[:3] for p in clip])
+    if t5_tokenizer is None:
+        return words
+    t5_rows: dict[int, list[int]] = {}  # prompt word index -> T5 rows
+    t5 = t5_pieces(t5_tokenizer, prompt, t5_length)
+    for pos, _, _, k in t5:
+        t5_rows.setdefault(k, []).append(CLIP_ROWS + pos)
+    word_of = {pos: k for pos, _, _, k in clip}
+    joined = []
+    for w in words:
+        ks = sorted({word_of[p] for p in w.tokens})
+        joined.append(Word(w.text, w.tokens + tuple(r for k in ks for r in t5_rows.pop(k, []))))
+    rest = [(CLIP_ROWS + pos, text, starts) for pos, text, starts, k in t5 if k in t5_rows]
+    return joined + group_words(rest)
 
 
 def prompt_words(tokenizer, prompt: str, length: int) -> list[Word]:
@@ -144,7 +198,8 @@ class Recorder:
 
     Each attention call the model makes within a step is one block (numbered in the model's
     order: FLUX's double then single blocks; the U-Net's down, mid, up transformers). Rows beyond
-    the images' (the negative prompt of batched guidance) are dropped."""
+    the images' (the negative prompt of batched guidance) are dropped: the last rows where the
+    batch is [negative; positive] (`negative_first`, SD3's order)."""
 
     width: int
     height: int
@@ -152,6 +207,7 @@ class Recorder:
     blocks: set[int] | None = None  # None: all
     steps: set[int] | None = None  # None: all
     keep_each: bool = False
+    negative_first: bool = False
     sums: dict = field(default_factory=dict)  # grid -> (sum over calls of (B, rows, cols, L), calls)
     each: list = field(default_factory=list)  # (step, block, (B, rows, cols, L)) when keep_each
     _group: int = 0
@@ -165,7 +221,8 @@ class Recorder:
             return
         if self.steps is not None and self._step not in self.steps:
             return
-        p = np.array(probs[: self.group_sizes[self._group]], dtype=np.float32)
+        n = self.group_sizes[self._group]
+        p = np.array(probs[-n:] if self.negative_first else probs[:n], dtype=np.float32)
         p = p.reshape(p.shape[0], *token_grid(p.shape[1], self.width, self.height), p.shape[2])
         total, n = self.sums.get(p.shape[1:3], (0.0, 0))
         self.sums[p.shape[1:3]] = (total + p, n + 1)
@@ -192,7 +249,8 @@ class Recorder:
                 up = np.repeat(np.repeat(total, f, axis=1), f, axis=2)[:, :rows, :cols]
                 acc, calls = acc + up, calls + n
             out.append(acc / calls)
-        return np.concatenate(out)
+        width = max(o.shape[-1] for o in out)  # text padded per micro-batch (Qwen-Image): zeros beyond
+        return np.concatenate([np.pad(o, [(0, 0)] * 3 + [(0, width - o.shape[-1])]) for o in out])
 
 
 @dataclass
@@ -224,7 +282,26 @@ def find_tokenizer(pipe):
         if isinstance(obj, (T5Tokenizer, CLIPTokenizer, QwenTokenizer)):
             return obj
     raise ValueError(f"{pipe.name}: attention maps need a text-conditioned model "
-                    "(FLUX.1, FLUX.2, Z-Image, SD 1.5)")
+                    "(FLUX.1, FLUX.2, Z-Image, SD 1.5, SD3.5, Qwen-Image)")
+
+
+def word_reader(pipe):
+    """prompt -> its words at their rows of the text sequence `pipe`'s denoiser reads."""
+    enc = pipe.text_encoder
+    sd3 = getattr(enc, "encoders", None)
+    if isinstance(getattr(sd3, "clip_l_tokenizer", None), CLIPTokenizer):  # SD3: CLIP and T5 rows
+        options = getattr(enc, "options", {})  # read when called: `condition` sets use_t5 per generation
+
+        def sd3_reader(prompt):
+            with_t5 = sd3.t5 is not None and options.get("use_t5", True)
+            return sd3_words(sd3.clip_l_tokenizer, sd3.t5_tokenizer if with_t5 else None, prompt, sd3.t5_length)
+        return sd3_reader
+    qwen_image = getattr(enc, "encoder", None)
+    if isinstance(qwen_image, QwenImagePromptEncoder):  # its own template, 34 tokens dropped
+        return lambda prompt: qwen_words(qwen_image.tokenizer, prompt, qwen_image.max_sequence_length,
+                                         QWEN_IMAGE_TEMPLATE, QWEN_IMAGE_DROP)
+    tokenizer = find_tokenizer(pipe)
+    return lambda prompt: prompt_words(tokenizer, prompt, pipe.defaults.text_length)
 
 
 def generate_with_attention_maps(pipe, prompt: str | list[str], *, blocks: Sequence[int] | None = None,
@@ -234,7 +311,7 @@ def generate_with_attention_maps(pipe, prompt: str | list[str], *, blocks: Seque
     Guidance is run batched ([pos; neg] in one forward) so that each step is one forward."""
     if pipe.text_encoder is None:  # released by an earlier generate: re-loaded, as generate would
         pipe.text_encoder = pipe._load_text_encoder()
-    tokenizer = find_tokenizer(pipe)
+    words_of = word_reader(pipe)
     if "batch_cfg" in inspect.signature(pipe.sample).parameters:
         kwargs["batch_cfg"] = True
     if prompt is None and kwargs.get("conditioning") is not None:
@@ -249,7 +326,8 @@ def generate_with_attention_maps(pipe, prompt: str | list[str], *, blocks: Seque
     size = kwargs.get("batch_size") or len(per_image)
     groups = [min(size, len(per_image) - s) for s in range(0, len(per_image), size)]
     rec = Recorder(width, height, groups, None if blocks is None else set(blocks),
-                   None if at_steps is None else set(at_steps), keep_each)
+                   None if at_steps is None else set(at_steps), keep_each,
+                   negative_first=getattr(pipe, "negative_first", False))
     user_progress = kwargs.pop("progress", None)
 
     def progress(done, total, seconds):
@@ -259,8 +337,7 @@ def generate_with_attention_maps(pipe, prompt: str | list[str], *, blocks: Seque
 
     with reading_out(rec):
         images = pipe.generate(prompt, progress=progress, **kwargs)
-    length = d.text_length
-    words = [prompt_words(tokenizer, p, length) for p in per_image]
+    words = [words_of(p) for p in per_image]
     maps = AttentionMaps(per_image, rec.mean(), words, rec.each, None if blocks is None else sorted(blocks),
                          None if at_steps is None else sorted(at_steps))
     return images, maps

@@ -32,6 +32,7 @@ import numpy as np
 from ..checkpoints.qwen3 import load_qwen3
 from ..checkpoints.qwen_image import load_qwen_image_transformer, load_qwen_vae
 from ..checkpoints.quantize import quantize_component
+from ..layers.attention import reading_out
 from .loading import load_converted_parts, reloading
 from ..models.vae_flux2 import patchify, unpatchify
 from .pipeline import Conditioning, Pipeline
@@ -165,11 +166,19 @@ class QwenImagePipeline(Pipeline):
         streams = [(c["txt"], None if bool(mx.all(c["txt_mask"])) else c["txt_mask"],
                     self.transformer.rope_table(h, w, c["txt"].shape[1])) for c in streams]
 
+        def forward(x, ts, stream):
+            txt, mask, rope = stream
+            return self.transformer(x, txt, ts, (h, w), mask, rope)
+
         def velocity(x, t):
             # the scheduler's timestep σ·1000 (float32) in the latents' dtype, / 1000 (QP:643-647)
             ts = mx.full((B,), np.float32(np.float32(t) * np.float32(1000.0))).astype(dtype) / 1000
-            v = [self.transformer(x, txt, ts, (h, w), mask, rope) for txt, mask, rope in streams]
-            return v[0] if len(v) == 1 else true_cfg(v[0], v[1], guidance)
+            v = forward(x, ts, streams[0])
+            if len(streams) == 1:
+                return v
+            with reading_out(None):  # the negative's pass is not read into attention maps
+                v_neg = forward(x, ts, streams[1])
+            return true_cfg(v, v_neg, guidance)
 
         def step(i, x):
             return euler_step_in_model_dtype(x, velocity(x, schedule[i]), schedule[i], schedule[i + 1])

@@ -26,6 +26,7 @@ from ..checkpoints.quantize import quantize_component
 from ..checkpoints.sd3 import load_sd3_transformer
 from ..checkpoints.text_encoders import load_clip_text_model, load_t5_encoder
 from ..checkpoints.vae import load_vae
+from ..layers.attention import reading_out, reading_out_active
 from .pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults
 from ..diffusion.flow_matching import euler_step_in_model_dtype, img2img_schedule, noise_image
@@ -81,6 +82,7 @@ class SD3Text:
 class SD3Pipeline(Pipeline):
     family = "sd3"
     batch_cfg = True  # negative and positive in one forward
+    negative_first = True  # that batch is [negative; positive] (SP:998): attention maps read its last rows
 
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
@@ -156,6 +158,8 @@ class SD3Pipeline(Pipeline):
     def forward(self, skip_layers: tuple[int, ...] = ()):
         """The transformer's forward, compiled once per set of skipped layers (see Flux1Pipeline.forward)."""
         tr = self.transformer
+        if reading_out_active():  # attention maps: the read-out is Python, which a trace would skip
+            return lambda x, txt, t, pooled: tr(x, txt, t, pooled, skip_layers)
         cache = getattr(self, "_forwards", None)
         if cache is None or cache[0] is not tr:
             cache = self._forwards = (tr, {})
@@ -199,10 +203,13 @@ class SD3Pipeline(Pipeline):
                     out = forward(mx.concatenate([x, x]), txt_b, mx.concatenate([t, t]), pooled_b)
                     uncond, text = out[:B], out[B:]
                 else:
-                    uncond, text = forward(x, cond.negative["txt"], t, cond.negative["pooled"]), forward(x, txt, t, pooled)
+                    with reading_out(None):  # the negative's own pass: not read into the maps
+                        uncond = forward(x, cond.negative["txt"], t, cond.negative["pooled"])
+                    text = forward(x, txt, t, pooled)
                 v = uncond + guidance * (text - uncond)
                 if skip and n * slg_start < i < n * slg_stop:  # strict, as SP:1087-1092
-                    v = v + (text - self.forward(skip)(x, txt, t, pooled)) * slg_scale
+                    with reading_out(None):  # a guidance pass, not one the maps average
+                        v = v + (text - self.forward(skip)(x, txt, t, pooled)) * slg_scale
             return euler_step_in_model_dtype(x, v, sigmas[i], sigmas[i + 1])
 
         return run(step, x, n)
