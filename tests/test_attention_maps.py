@@ -115,7 +115,33 @@ def _dit_cross():
     return run, (48, 64), [(4, 3)] * 2, attn.CROSS, True
 
 
-FAMILIES = {"flux1": _flux1, "flux2": _flux2, "zimage": _zimage, "sd15-unet": _unet, "dit-cross": _dit_cross}
+def _sd3():
+    from tiny_imagegen.models.sd3 import SD3Config, SD3Transformer
+
+    # blocks 0 and 1 MMDiT-X (a second, image-only attention: not read), block 2 pre-only text
+    m = SD3Transformer(SD3Config(num_heads=2, head_dim=16, depth=3, context_dim=24, pooled_dim=8, pos_embed_max_size=8,
+                                 sample_size=8, dual_attention_layers=(0, 1)))
+    m.pos_embed = mx.random.normal(m.pos_embed.shape)
+    n_txt = 5  # latents 6 x 8: a 3 x 4 token grid, joined [image; text]
+    run = lambda: m(mx.random.normal((1, 6, 8, 16)), mx.random.normal((1, n_txt, 24)), mx.array([0.6]),  # noqa: E731
+                    mx.random.normal((1, 8)))
+    return run, (64, 48), [(3, 4)] * 3, attn.TextSpan(slice(0, 12), slice(12, None)), False
+
+
+def _qwen_image():
+    from tiny_imagegen.models.qwen_image import QwenImageConfig, QwenImageTransformer
+
+    m = QwenImageTransformer(QwenImageConfig(in_channels=16, out_channels=4, num_heads=2, head_dim=16, depth=2,
+                                             context_dim=24, axes_dim=(4, 6, 6)))
+    gh, gw, n_txt = 3, 5, 7  # two prompts of 7 and 4 text rows, the second padded (masked keys)
+    mask = mx.array(np.arange(n_txt)[None] < np.array([[7], [4]]))
+    run = lambda: m(mx.random.normal((2, gh * gw, 16)), mx.random.normal((2, n_txt, 24)), mx.array([0.5, 0.5]),  # noqa: E731
+                    (gh, gw), mask)
+    return run, (80, 48), [(gh, gw)] * 2, attn.TextSpan(slice(n_txt, None), slice(0, n_txt)), False
+
+
+FAMILIES = {"flux1": _flux1, "flux2": _flux2, "zimage": _zimage, "sd15-unet": _unet, "dit-cross": _dit_cross,
+            "sd3.5": _sd3, "qwen-image": _qwen_image}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -135,6 +161,9 @@ def test_maps_equal_numpy_attention(monkeypatch, family):
         want, all_keys = naive(q, k, span, key_mask)  # (B, L_img, L_txt), (B, L_img, L_all)
         assert got.shape == (want.shape[0], rows, cols, want.shape[2]), (got.shape, want.shape)
         worst = max(worst, np.abs(got.reshape(want.shape) - want).max())
+        if key_mask is not None:  # padded text keys: exactly no attention
+            padded = ~np.array(key_mask)[:, span.text]  # (B, L_txt)
+            assert np.all(got.reshape(want.shape).transpose(0, 2, 1)[padded] == 0)
         text_share = want.sum(-1)  # the image tokens' share of attention on the text keys
         worst_share = max(worst_share, np.abs(got.sum(-1).reshape(text_share.shape) - text_share).max())
         if cross:
@@ -145,6 +174,17 @@ def test_maps_equal_numpy_attention(monkeypatch, family):
     print(f"{family}: {n_calls} calls, max |maps - numpy| = {worst:.2e}, max |sum over text - text share| = "
           f"{worst_share:.2e}")
     assert worst < 2e-6 and worst_share < 2e-6
+
+
+def test_sd3_second_attention_is_not_read(monkeypatch):
+    """SD3.5's MMDiT-X blocks attend twice; only the joint attention (with text) is read."""
+    mx.random.seed(0)
+    run = _sd3()[0]
+    spans, real = [], attn._read_out
+    monkeypatch.setattr(attn, "_read_out", lambda q, k, s, key_mask=None: (spans.append(s), real(q, k, s, key_mask))[1])
+    with attn.reading_out(lambda p: None):
+        mx.eval(run())
+    assert [s is None for s in spans] == [False, True, False, True, False]  # blocks 0, 1: joint, then image-only
 
 
 def test_coarser_levels_are_repeated_onto_the_finest_grid():
@@ -260,3 +300,121 @@ def test_generate_command_writes_word_maps(tmp_path, capsys):
     assert main(["--model", "weights/tiny-shapes", "--prompt", "x", "--output", str(tmp_path / "b.png"),
                  "--attention-maps", str(maps), "--attention-steps", "1,x"]) == 2
     assert "--attention-steps takes comma-separated indices" in capsys.readouterr().err
+
+
+def test_sd3_words_join_clip_and_t5_rows():
+    """SD3's maps index the joint text sequence [77 CLIP rows; T5 rows]: a word is its CLIP pieces
+    and its T5 pieces, matched by the prompt word they lie in; without T5 its CLIP pieces only."""
+    repo = fixture_path("sd3_pipeline", "repo")
+    clip, t5 = CLIPTokenizer.from_folder(repo / "tokenizer"), T5Tokenizer.from_folder(repo / "tokenizer_3")
+    words = am.sd3_words(clip, t5, PROMPT, t5_length=64)
+    assert _texts(words) == WORDS
+    clip_rows = [p for p in am.clip_pieces(clip, PROMPT)]
+    t5_rows = [am.CLIP_ROWS + p for p, *_ in am.t5_pieces(t5, PROMPT, 64)]
+    used = sorted(p for w in words for p in w.tokens)
+    assert used == sorted([p for p, *_ in clip_rows] + t5_rows)  # every piece of both, once; no special, no padding
+    for w in words:  # each word has rows in both parts
+        clip_part, t5_part = [p for p in w.tokens if p < 77], [p for p in w.tokens if p >= 77]
+        assert clip_part and t5_part, w
+    raw = PROMPT.split()  # the whitespace-separated words the pieces are matched through
+    for w in words:
+        k = WORDS.index(w.text.lower())
+        t5_part = [text for pos, text, _, j in am.t5_pieces(t5, PROMPT, 64) if am.CLIP_ROWS + pos in w.tokens]
+        assert all(text in raw[k] for text in t5_part), (w, t5_part)
+    short = am.sd3_words(clip, t5, PROMPT, t5_length=6)  # T5 cut after 5 pieces: later words CLIP-only
+    assert _texts(short) == WORDS and max(p for w in short for p in w.tokens if p >= 77) == 77 + 4
+    assert am.sd3_words(clip, None, PROMPT, 64) == am.clip_words(clip, PROMPT)
+
+
+def test_qwen_image_words_follow_its_template_and_drop():
+    """Qwen-Image reads its system template's hidden states less the first 34 tokens: a word's rows
+    are its templated positions - 34; the template's tail (<|im_end|>... assistant) is left out."""
+    from tiny_imagegen.conditioning.qwen import QWEN_IMAGE_DROP, QWEN_IMAGE_TEMPLATE
+
+    for vocab in (fixture_path("qwen_image_pipeline", "repo", "tokenizer"), fixture_path("qwen3", "tokenizer_real_pruned")):
+        tok = QwenTokenizer.from_folder(vocab)
+        words = am.qwen_words(tok, PROMPT, 512, QWEN_IMAGE_TEMPLATE, QWEN_IMAGE_DROP)
+        assert _texts(words) == WORDS
+        start = len(tok.encode(QWEN_IMAGE_TEMPLATE.split("{}")[0])) - QWEN_IMAGE_DROP
+        n = len(tok.encode(PROMPT))
+        assert sorted(p for w in words for p in w.tokens) == list(range(start, start + n))
+        cut = am.qwen_words(tok, PROMPT, start + 3, QWEN_IMAGE_TEMPLATE, QWEN_IMAGE_DROP)  # max_sequence_length
+        assert sorted(p for w in cut for p in w.tokens) == list(range(start, start + 3))
+
+
+# ---- SD3.5 and Qwen-Image pipelines (the tiny random repos of their parity tests) -----------------
+
+
+def _sd3_pipe():
+    from tiny_imagegen.pipelines import Pipeline
+
+    pipe = Pipeline.from_pretrained(str(fixture_path("sd3_pipeline", "repo")), keep_text_encoders=True)
+    pipe.text_encoder.encoders.t5_length = 16
+    return pipe
+
+
+def test_sd3_pipeline_maps():
+    """Batched CFG is [negative; positive]: the maps are the positive rows; the skip-layer pass and
+    the MMDiT-X second attention are not read; words hold CLIP and T5 rows (77 + 16 of them)."""
+    pipe, prompt = _sd3_pipe(), "a red circle to the left of a blue square"
+    run = dict(seed=1, steps=3, width=32, height=48, negative_prompt="blurry")
+    plain = pipe.generate(prompt, guidance=5.0, slg=(1,), slg_stop=0.6, **run)
+    images, maps = am.generate_with_attention_maps(pipe, prompt, guidance=5.0, slg=(1,), slg_stop=0.6,
+                                                   keep_each=True, **run)
+    assert np.array_equal(np.asarray(images[0]), np.asarray(plain[0]))  # the read-out changes nothing
+    assert maps.maps.shape == (1, 3, 2, 77 + 16)  # 16 px per token
+    assert len(maps.each) == 3 * 3  # 3 steps x 3 joint attentions: no negative, no skip-layer pass
+    assert _texts(maps.words[0]) == prompt.split()
+    assert all(min(w.tokens) < 77 <= max(w.tokens) for w in maps.words[0][:6])  # T5 cut at 16 keeps 6 words
+    share = maps.maps.sum(-1)
+    assert 0 < share.min() and share.max() < 1
+    # step 0 sees the same noise with and without guidance: its maps must be the positive rows'
+    _, first = am.generate_with_attention_maps(pipe, prompt, guidance=5.0, at_steps=[0], **run)
+    _, alone = am.generate_with_attention_maps(pipe, prompt, guidance=1.0, at_steps=[0], **run)
+    _, negative = am.generate_with_attention_maps(pipe, "blurry", guidance=1.0, at_steps=[0], **run)
+    err = np.abs(first.maps - alone.maps).max()
+    print(f"sd3: step-0 maps batched CFG vs positive alone: max |diff| = {err:.2e}")
+    assert err < 1e-5 and np.abs(first.maps - negative.maps).max() > 1e-3
+    _, no_t5 = am.generate_with_attention_maps(pipe, prompt, guidance=1.0, t5=False, **run)
+    assert _texts(no_t5.words[0]) == prompt.split() and max(p for w in no_t5.words[0] for p in w.tokens) < 77
+
+
+def test_qwen_image_pipeline_maps():
+    """True CFG runs the negative as its own forward: not read. Two prompts of different lengths:
+    the shorter's padded text rows get no attention, and micro-batches of one (each its own
+    length) give the same maps as one batch of two."""
+    from tiny_imagegen.pipelines import Pipeline
+
+    pipe = Pipeline.from_pretrained(str(fixture_path("qwen_image_pipeline", "repo")), keep_text_encoders=True)
+    prompts = ["a red cat sitting on a mat", "the quick brown fox jumps over the lazy dog near a river bank"]
+    run = dict(seed=[4, 5], steps=3, width=80, height=48, negative_prompt="blurry")
+    plain = pipe.generate(prompts, guidance=3.0, **run)
+    images, maps = am.generate_with_attention_maps(pipe, prompts, guidance=3.0, keep_each=True, **run)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, plain))
+    assert len(maps.each) == 3 * 2  # 3 steps x 2 blocks, the negative's forward not read
+    assert [_texts(w) for w in maps.words] == [p.split() for p in prompts]
+    from tiny_imagegen.conditioning.qwen import QWEN_IMAGE_DROP, QWEN_IMAGE_TEMPLATE
+
+    rows = [len(pipe.tokenizer.encode(QWEN_IMAGE_TEMPLATE.format(p))) - QWEN_IMAGE_DROP for p in prompts]
+    assert maps.maps.shape == (2, 3, 5, rows[1]) and rows[0] < rows[1]  # the prompt + the template's tail
+    assert np.all(maps.maps[0, ..., rows[0]:] == 0) and maps.maps[0, ..., : rows[0]].min() > 0  # padding: masked
+    share = maps.maps.sum(-1)
+    assert 0 < share.min() and share.max() < 1
+    _, single = am.generate_with_attention_maps(pipe, prompts, guidance=3.0, batch_size=1, **run)
+    err = np.abs(single.maps - maps.maps).max()
+    print(f"qwen-image: maps in micro-batches of 1 vs one batch of 2: max |diff| = {err:.2e}")
+    assert err < 1e-5
+    _, first = am.generate_with_attention_maps(pipe, prompts[:1], guidance=3.0, at_steps=[0], **{**run, "seed": 4})
+    _, alone = am.generate_with_attention_maps(pipe, prompts[:1], guidance=1.0, at_steps=[0], **{**run, "seed": 4})
+    assert np.abs(first.maps - alone.maps).max() < 1e-6
+
+
+@pytest.mark.parametrize("repo, extra", [("sd3_pipeline", ["--guidance", "4"]), ("qwen_image_pipeline", [])])
+def test_generate_command_writes_word_maps_for_new_families(tmp_path, repo, extra):
+    from tiny_imagegen.commands.generate import main
+
+    out, maps, prompt = tmp_path / "img.png", tmp_path / "maps", "a blue circle above a green square"
+    assert main(["--model", str(fixture_path(repo, "repo")), "--prompt", prompt, "--seed", "2", "--steps", "2",
+                 "--width", "32", "--height", "32", "--output", str(out), "--attention-maps", str(maps), *extra]) == 0
+    names = sorted(p.name for p in maps.iterdir())
+    assert names == [f"img-{k:02d}-{w}.png" for k, w in enumerate(prompt.split())] + ["img-sheet.png"]

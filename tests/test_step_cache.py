@@ -248,3 +248,144 @@ def test_dit_follows_the_same_rule():
     full = m(x, t, y, cache=state)
     assert_close("dit skipped step == computed step for the same input", m(x, t, y, cache=state), full, atol=1e-5)
     assert state.skipped == [1]
+
+
+# ---- Qwen-Image: diffusers' hook runs on QwenImagePipeline (tests/reference/step_cache_qwen_image.py) --
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fbc-qwen") / "Qwen-Image-tiny-fbc"
+    shutil.copytree(fixture_path("qwen_image_pipeline", "repo"), folder)
+    shutil.rmtree(folder / "transformer")
+    shutil.copytree(fixture_path("step_cache_qwen_image", "transformer"), folder / "transformer")
+    return Pipeline.from_pretrained(str(folder), dtype=mx.float32, keep_text_encoders=True)
+
+
+def _run_qwen(pipe, io, cache, **kw):
+    pipe.generate("a red cat sitting on a mat", width=80, height=48, steps=20, cache=cache,
+                  latents=io["noise"].reshape(1, 3, 5, 16), **{"guidance": 1.0, **kw})
+    return pipe.last_latents.reshape(1, 15, 16)
+
+
+@pytest.mark.parametrize("threshold", ["0.05", "0.1", "0.2"])
+def test_qwen_image_fbc_skips_the_steps_diffusers_skips_with_the_same_latents(qwen, threshold):
+    io = load_fixture("step_cache_qwen_image", "io.safetensors")
+    latents = _run_qwen(qwen, io, f"fbc:{threshold}")
+    (state,) = qwen.step_cache.states
+    print(f"qwen-image threshold {threshold}: skipped {state.skipped}")
+    assert state.skipped == _steps(io[f"skipped_{threshold}"])
+    assert len(state.skipped) >= 5  # the fixture is one where caching acts
+    assert_close(f"qwen-image fbc:{threshold} final latents (20 steps)", latents, io[f"latents_{threshold}"], atol=5e-5)
+    again = _run_qwen(qwen, io, f"fbc:{threshold}")
+    assert qwen.step_cache.states[0].skipped == state.skipped and np.array_equal(np.array(again), np.array(latents))
+
+
+def test_qwen_image_without_cache_and_at_threshold_zero(qwen):
+    io = load_fixture("step_cache_qwen_image", "io.safetensors")
+    plain = _run_qwen(qwen, io, None)
+    assert_close("qwen-image no cache: final latents", plain, io["latents_none"], atol=5e-5)
+    zero = _run_qwen(qwen, io, "fbc:0")
+    assert qwen.step_cache.states[0].skipped == [] and np.array_equal(np.array(zero), np.array(plain))
+
+
+def test_qwen_image_true_cfg_contexts_as_diffusers(qwen):
+    """QwenImagePipeline runs "cond" and "uncond" forwards in contexts of their own: so do we."""
+    io = load_fixture("step_cache_qwen_image", "io.safetensors")
+    latents = _run_qwen(qwen, io, "fbc:0.1", guidance=3.0, negative_prompt="blurry")
+    skipped = [state.skipped for state in qwen.step_cache.states]
+    print(f"qwen-image true CFG fbc:0.1: skipped {skipped}")
+    assert skipped == [_steps(io["skipped_cfg_cond"]), _steps(io["skipped_cfg_uncond"])]
+    assert_close("qwen-image fbc:0.1 true CFG final latents", latents, io["latents_cfg"], atol=5e-5)
+
+
+# ---- SD3.5: diffusers' hook cannot run (no cache_context in its loop): the same rule, by hand ------
+
+
+def _sd3_model():
+    from tiny_imagegen.models.sd3 import SD3Config, SD3Transformer
+
+    m = SD3Transformer(SD3Config(num_heads=2, head_dim=16, depth=4, context_dim=24, pooled_dim=8, pos_embed_max_size=8,
+                                 sample_size=8, dual_attention_layers=(0, 1)))  # MMDiT-X head, pre-only tail
+    m.pos_embed = mx.random.normal(m.pos_embed.shape, key=mx.random.key(7))
+    mx.eval(m.parameters())
+    return m
+
+
+def test_sd3_follows_the_same_rule():
+    """Every step computed == uncached bit for bit; a skipped step == the first block's output + the
+    residual the remaining blocks added on the last computed step, recomputed from the model's own
+    blocks (block 0 an MMDiT-X block, the last a pre-only one)."""
+    from tiny_imagegen.models.sd3 import pack_latents as sd3_pack, unpatchify
+
+    m = _sd3_model()
+    x = mx.random.normal((2, 6, 8, 16), key=mx.random.key(1))
+    txt, pooled = mx.random.normal((2, 5, 24), key=mx.random.key(2)), mx.random.normal((2, 8), key=mx.random.key(3))
+    call = lambda x, s, cache=None: m(x, txt, mx.array([s, s]), pooled, cache=cache)  # noqa: E731
+    always = FirstBlockCache(threshold=-1.0)
+    for s in (0.9, 0.8):
+        assert np.array_equal(np.array(call(x, s, always)), np.array(call(x, s)))
+    assert always.skipped == []
+    never = FirstBlockCache(threshold=float("inf"))
+    call(x, 0.9, never)
+    x2 = x + 0.01
+    skipped = call(x2, 0.8, never)
+    assert never.skipped == [1]
+
+    def streams(x, s):  # the embedded streams and c, as SD3Transformer.__call__ builds them
+        from tiny_imagegen.models.sd3 import crop_positions
+
+        img = m.x_embedder(sd3_pack(x, 2)) + crop_positions(m.pos_embed, 8, 3, 4)
+        return img, m.context_embedder(txt), m.conditioning(mx.array([s, s]), pooled)
+
+    img0, t0, c0 = streams(x, 0.9)
+    head0 = m.double_blocks[0](img0, t0, c0)
+    i, t = head0
+    for block in m.double_blocks[1:]:
+        i, out = block(i, t, c0)
+        t = t if out is None else out
+    tail_img = i - head0[0]
+    img1, t1, c1 = streams(x2, 0.8)
+    head1 = m.double_blocks[0](img1, t1, c1)
+    by_hand = unpatchify(m.final_layer(head1[0] + tail_img, c1), 6, 8, 2)
+    err = np.abs(np.array(skipped) - np.array(by_hand)).max()
+    print(f"sd3 skipped step vs by hand: max |diff| = {err:.2e}")
+    assert err < 1e-6
+
+
+@pytest.mark.parametrize("extra", [{}, {"slg": (1,), "slg_stop": 0.9}])
+def test_sd3_pipeline_contexts_per_guidance_pass(extra):
+    """SD3 pipeline with CFG ([negative; positive] batched, or two passes): threshold 0 == no cache bit
+    for bit; a huge threshold skips every step after each context's first, batched and unbatched
+    alike; the skip-layer pass is never cached."""
+    from test_sd3_pipeline import PROMPTS, pipeline
+
+    io = load_fixture("sd3_pipeline", "io.safetensors")
+    pipe = pipeline(keep_text_encoders=True)
+    run = dict(prompt=PROMPTS, width=32, height=48, steps=3, guidance=5.0, latents=io["noise"].transpose(0, 2, 3, 1),
+               **extra)
+    pipe.generate(**run)
+    plain = np.array(pipe.last_latents)
+    pipe.generate(**run, cache="fbc:0")
+    assert np.array_equal(np.array(pipe.last_latents), plain)
+    assert [s.skipped for s in pipe.step_cache.states] == [[], []]
+    skipped = {}
+    for batch_cfg in (True, False):
+        pipe.generate(**run, cache=CacheConfig("fbc", 1e9), batch_cfg=batch_cfg)
+        skipped[batch_cfg] = (np.array(pipe.last_latents), [s.skipped for s in pipe.step_cache.states])
+    assert skipped[True][1] == skipped[False][1] == [[1, 2], [1, 2]]
+    assert np.abs(skipped[True][0] - skipped[False][0]).max() < 1e-5
+    assert np.abs(skipped[True][0] - plain).max() > 1e-4
+
+
+@pytest.mark.parametrize("repo", ["sd3_pipeline", "qwen_image_pipeline"])
+def test_cli_cache_flag_on_sd3_and_qwen_image(tmp_path, repo, capsys):
+    from PIL import Image
+
+    from tiny_imagegen.commands.generate import main
+
+    out = tmp_path / "a.png"
+    assert main(["--model", str(fixture_path(repo, "repo")), "--prompt", "a red cat", "--steps", "4", "--width", "32",
+                 "--height", "32", "--guidance", "3", "--cache", "fbc:1e9", "--output", str(out), "--verbose"]) == 0
+    assert Image.open(out).text["cache"] == "fbc:1e+09"
+    assert "step cache fbc:1e+09: the remaining blocks ran on 1/4, 1/4 forwards" in capsys.readouterr().err

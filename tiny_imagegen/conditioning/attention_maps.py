@@ -1,7 +1,8 @@
 """Per-word attention maps: where in the image each word of the prompt is attended.
 
-For an MM-DiT (FLUX.1, FLUX.2, Z-Image) a map is the joint attention's probability from each image
-token (query) to each text token (key); for a cross-attention model (SD 1.5's U-Net, a DiT with
+For an MM-DiT (FLUX.1, FLUX.2, Z-Image, SD3.5, Qwen-Image) a map is the joint attention's
+probability from each image token (query) to each text token (key) -- SD3.5's second, image-only
+attention (MMDiT-X) is not read, Qwen-Image's padded text keys are masked out of the softmax; for a cross-attention model (SD 1.5's U-Net, a DiT with
 cross-attention) the cross-attention probability. Either is averaged over heads, over the chosen
 blocks and the chosen denoising steps, and laid out on the image's token grid:
 
@@ -11,9 +12,12 @@ with the softmax over every key the query sees (in joint attention the image's o
 sum_j maps[b, y, x, j] over all text tokens is the image token's text share of attention (1 for
 cross-attention). The U-Net's coarser levels are repeated up to the finest grid before averaging.
 
-Text tokens are then grouped into the prompt's words (T5 sentencepiece "▁" starts a word, CLIP's
-"</w>" ends one, Qwen's byte-level pieces start one with a space); special, template and padding
-tokens are left out, punctuation joins the word before it. A word's map is the sum of its tokens'.
+Text tokens are then grouped into the prompt's words (prompt_words.py: T5 sentencepiece "▁" starts
+a word, CLIP's "</w>" ends one, Qwen's byte-level pieces start one with a space); special, template
+and padding tokens are left out, punctuation joins the word before it. A word's map is the sum of
+its tokens':
+for SD3.5 its CLIP rows and its T5 rows of the joint text sequence [77 CLIP; T5] together
+(`sd3_words`); for Qwen-Image its rows after the 34 dropped template tokens.
 
 The read-out (layers/attention.py `reading_out`) runs only inside `generate_with_attention_maps`;
 the normal path keeps the fused attention. Its cost: each probed attention call also computes one
@@ -24,105 +28,20 @@ transformer runs uncompiled, and the collected sums are (B, L_img, L_txt) float3
 
 import inspect
 import math
-import string
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from ..layers.attention import reading_out
-from ..text.bpe import bytes_to_unicode
-from ..text.clip_bpe import CLIPTokenizer, normalize
-from ..text.qwen_bpe import USER_TURN, QwenTokenizer, chat_prompt
+from ..text.clip_bpe import CLIPTokenizer
+from ..text.qwen_bpe import QwenTokenizer
 from ..text.t5_sentencepiece import T5Tokenizer
-
-# ---- tokens -> words -------------------------------------------------------------------------------
-
-
-class Word(NamedTuple):
-    text: str  # as the tokenizer spells it (CLIP lowercases), without surrounding punctuation
-    tokens: tuple[int, ...]  # positions in the text sequence the denoiser reads
-
-
-def group_words(pieces: Sequence[tuple[int, str, bool]]) -> list[Word]:
-    """(position, text, starts a new word) for each prompt token, in order -> the words. A piece
-    without letters or digits (punctuation) joins the word before it (the first word: the next)."""
-    groups: list[tuple[str, list[int]]] = []
-    for pos, text, starts in pieces:
-        if groups and (not starts or not groups[-1][0].strip()):  # continue (also after a bare "▁")
-            groups[-1] = (groups[-1][0] + text, groups[-1][1] + [pos])
-        else:
-            groups.append((text, [pos]))
-    words: list[tuple[str, list[int]]] = []
-    carry: list[int] = []
-    for text, positions in groups:
-        if not any(c.isalnum() for c in text):
-            (words[-1][1].extend(positions) if words else carry.extend(positions))
-            continue
-        words.append((text, carry + positions))
-        carry = []
-    strip = string.punctuation + string.whitespace
-    return [Word(text.strip(strip) or text.strip(), tuple(sorted(p))) for text, p in words]
-
-
-def t5_words(tokenizer: T5Tokenizer, prompt: str, length: int) -> list[Word]:
-    """T5 (FLUX.1, tiny-shapes): the prompt's pieces at positions 0.., `</s>` and padding left out."""
-    ids = tokenizer.encode(prompt)[:-1][: length - 1]  # as __call__ truncates, keeping </s>
-    special = set(tokenizer.special.values())
-    pieces = [(i, tokenizer.sp.id_to_piece(t), None) for i, t in enumerate(ids) if t not in special]
-    return group_words([(i, p.replace("▁", " ").lstrip(), p.startswith("▁")) for i, p, _ in pieces])
-
-
-def clip_words(tokenizer: CLIPTokenizer, prompt: str) -> list[Word]:
-    """CLIP (SD 1.5): start token at 0, the prompt's pieces after it, end and padding left out.
-    CLIP's "</w>" ends a pre-tokenizer word ("orange-ish" is three); words here are the prompt's
-    whitespace-separated ones, so each piece is found in the normalised prompt and starts a word
-    where whitespace precedes it."""
-    ids = tokenizer.encode(prompt)[1:-1][: tokenizer.max_length - 2]
-    inverse = {i: s for s, i in tokenizer.vocab.items()}
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    text, cursor, pieces = normalize(prompt), 0, []
-    for pos, t in enumerate(ids, start=1):
-        if t in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id):
-            continue
-        piece = bytes(byte_of[c] for c in inverse[t].removesuffix("</w>")).decode("utf-8", "replace")
-        found = text.find(piece, cursor)
-        starts = not pieces or found < 0 or text[cursor:found].isspace() or (found > 0 and text[found - 1] == " ")
-        cursor = cursor if found < 0 else found + len(piece)
-        pieces.append((pos, piece, starts))
-    return group_words(pieces)
-
-
-def qwen_words(tokenizer: QwenTokenizer, prompt: str, length: int) -> list[Word]:
-    """Qwen (Z-Image, FLUX.2): the chat template's tokens are left out; the prompt's tokens keep
-    their positions in the templated sequence. A piece that begins with whitespace starts a word."""
-    ids = tokenizer.encode(chat_prompt(prompt))[:length]
-    inverse = {i: s for s, i in tokenizer.vocab.items()}
-    added = {i: s for s, i in tokenizer.added_tokens.items()}
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    lo = len(USER_TURN.split("{prompt}")[0].encode())
-    hi = lo + len(prompt.encode())
-    pieces, offset = [], 0
-    for pos, t in enumerate(ids):
-        raw = added[t].encode() if t in added else bytes(byte_of[c] for c in inverse[t])
-        if t not in added and lo <= offset and offset + len(raw) <= hi:
-            text = raw.decode("utf-8", "replace")
-            pieces.append((pos, text.strip(), not pieces or text[:1].isspace()))
-        offset += len(raw)
-    return group_words(pieces)
-
-
-def prompt_words(tokenizer, prompt: str, length: int) -> list[Word]:
-    """The words of `prompt` for any of the three tokenizers; `length`: the text sequence length."""
-    if isinstance(tokenizer, T5Tokenizer):
-        return t5_words(tokenizer, prompt, length)
-    if isinstance(tokenizer, CLIPTokenizer):
-        return clip_words(tokenizer, prompt)
-    if isinstance(tokenizer, QwenTokenizer):
-        return qwen_words(tokenizer, prompt, length)
-    raise TypeError(f"no word grouping for a {type(tokenizer).__name__}")
-
+from .prompt_words import (  # noqa: F401  (re-exported: the words are part of this module's API)
+    CLIP_ROWS, Word, clip_pieces, clip_words, group_words, prompt_words, qwen_words, sd3_words, t5_pieces, t5_words,
+)
+from .qwen import QWEN_IMAGE_DROP, QWEN_IMAGE_TEMPLATE, QwenImagePromptEncoder
 
 # ---- collecting during a generation ----------------------------------------------------------------
 
@@ -144,7 +63,8 @@ class Recorder:
 
     Each attention call the model makes within a step is one block (numbered in the model's
     order: FLUX's double then single blocks; the U-Net's down, mid, up transformers). Rows beyond
-    the images' (the negative prompt of batched guidance) are dropped."""
+    the images' (the negative prompt of batched guidance) are dropped: the last rows where the
+    batch is [negative; positive] (`negative_first`, SD3's order)."""
 
     width: int
     height: int
@@ -152,6 +72,7 @@ class Recorder:
     blocks: set[int] | None = None  # None: all
     steps: set[int] | None = None  # None: all
     keep_each: bool = False
+    negative_first: bool = False
     sums: dict = field(default_factory=dict)  # grid -> (sum over calls of (B, rows, cols, L), calls)
     each: list = field(default_factory=list)  # (step, block, (B, rows, cols, L)) when keep_each
     _group: int = 0
@@ -165,7 +86,8 @@ class Recorder:
             return
         if self.steps is not None and self._step not in self.steps:
             return
-        p = np.array(probs[: self.group_sizes[self._group]], dtype=np.float32)
+        n = self.group_sizes[self._group]
+        p = np.array(probs[-n:] if self.negative_first else probs[:n], dtype=np.float32)
         p = p.reshape(p.shape[0], *token_grid(p.shape[1], self.width, self.height), p.shape[2])
         total, n = self.sums.get(p.shape[1:3], (0.0, 0))
         self.sums[p.shape[1:3]] = (total + p, n + 1)
@@ -192,7 +114,8 @@ class Recorder:
                 up = np.repeat(np.repeat(total, f, axis=1), f, axis=2)[:, :rows, :cols]
                 acc, calls = acc + up, calls + n
             out.append(acc / calls)
-        return np.concatenate(out)
+        width = max(o.shape[-1] for o in out)  # text padded per micro-batch (Qwen-Image): zeros beyond
+        return np.concatenate([np.pad(o, [(0, 0)] * 3 + [(0, width - o.shape[-1])]) for o in out])
 
 
 @dataclass
@@ -224,7 +147,26 @@ def find_tokenizer(pipe):
         if isinstance(obj, (T5Tokenizer, CLIPTokenizer, QwenTokenizer)):
             return obj
     raise ValueError(f"{pipe.name}: attention maps need a text-conditioned model "
-                    "(FLUX.1, FLUX.2, Z-Image, SD 1.5)")
+                    "(FLUX.1, FLUX.2, Z-Image, SD 1.5, SD3.5, Qwen-Image)")
+
+
+def word_reader(pipe):
+    """prompt -> its words at their rows of the text sequence `pipe`'s denoiser reads."""
+    enc = pipe.text_encoder
+    sd3 = getattr(enc, "encoders", None)
+    if isinstance(getattr(sd3, "clip_l_tokenizer", None), CLIPTokenizer):  # SD3: CLIP and T5 rows
+        options = getattr(enc, "options", {})  # read when called: `condition` sets use_t5 per generation
+
+        def sd3_reader(prompt):
+            with_t5 = sd3.t5 is not None and options.get("use_t5", True)
+            return sd3_words(sd3.clip_l_tokenizer, sd3.t5_tokenizer if with_t5 else None, prompt, sd3.t5_length)
+        return sd3_reader
+    qwen_image = getattr(enc, "encoder", None)
+    if isinstance(qwen_image, QwenImagePromptEncoder):  # its own template, 34 tokens dropped
+        return lambda prompt: qwen_words(qwen_image.tokenizer, prompt, qwen_image.max_sequence_length,
+                                         QWEN_IMAGE_TEMPLATE, QWEN_IMAGE_DROP)
+    tokenizer = find_tokenizer(pipe)
+    return lambda prompt: prompt_words(tokenizer, prompt, pipe.defaults.text_length)
 
 
 def generate_with_attention_maps(pipe, prompt: str | list[str], *, blocks: Sequence[int] | None = None,
@@ -234,7 +176,7 @@ def generate_with_attention_maps(pipe, prompt: str | list[str], *, blocks: Seque
     Guidance is run batched ([pos; neg] in one forward) so that each step is one forward."""
     if pipe.text_encoder is None:  # released by an earlier generate: re-loaded, as generate would
         pipe.text_encoder = pipe._load_text_encoder()
-    tokenizer = find_tokenizer(pipe)
+    words_of = word_reader(pipe)
     if "batch_cfg" in inspect.signature(pipe.sample).parameters:
         kwargs["batch_cfg"] = True
     if prompt is None and kwargs.get("conditioning") is not None:
@@ -249,7 +191,8 @@ def generate_with_attention_maps(pipe, prompt: str | list[str], *, blocks: Seque
     size = kwargs.get("batch_size") or len(per_image)
     groups = [min(size, len(per_image) - s) for s in range(0, len(per_image), size)]
     rec = Recorder(width, height, groups, None if blocks is None else set(blocks),
-                   None if at_steps is None else set(at_steps), keep_each)
+                   None if at_steps is None else set(at_steps), keep_each,
+                   negative_first=getattr(pipe, "negative_first", False))
     user_progress = kwargs.pop("progress", None)
 
     def progress(done, total, seconds):
@@ -259,8 +202,7 @@ def generate_with_attention_maps(pipe, prompt: str | list[str], *, blocks: Seque
 
     with reading_out(rec):
         images = pipe.generate(prompt, progress=progress, **kwargs)
-    length = d.text_length
-    words = [prompt_words(tokenizer, p, length) for p in per_image]
+    words = [words_of(p) for p in per_image]
     maps = AttentionMaps(per_image, rec.mean(), words, rec.each, None if blocks is None else sorted(blocks),
                          None if at_steps is None else sorted(at_steps))
     return images, maps

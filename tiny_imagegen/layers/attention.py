@@ -116,9 +116,11 @@ _readout: Callable[[mx.array], None] | None = None
 
 
 @contextmanager
-def reading_out(fn: Callable[[mx.array], None]):
+def reading_out(fn: Callable[[mx.array], None] | None):
     """Within the block, fn receives text_attention(...) (B, L_img, L_txt) from every attention
-    call that names a TextSpan, in the order the model makes them."""
+    call that names a TextSpan, in the order the model makes them. `reading_out(None)` suspends
+    the read-out: for forwards that are not the prompt's (a negative prompt's own pass, SD3's
+    skip-layer pass), so that each step's calls are the positive forward's blocks only."""
     global _readout
     previous, _readout = _readout, fn
     try:

@@ -119,6 +119,7 @@ class QwenImageTransformer(nn.Module):
         txt_mask: mx.array | None = None,  # (B, L_txt) bool/0-1, False on padding; None: no padding
         rope: tuple[mx.array, mx.array] | None = None,  # rope_table(*grid, L_txt), else built here
         intermediates: list | None = None,  # if given, receives (img, txt) after every block
+        cache=None,  # a step_cache.FirstBlockCache: may skip all blocks but the first
     ) -> mx.array:  # (B, grid_h * grid_w, patch² * out_channels) predicted velocity noise - x0
         cfg, dtype = self.config, self.dtype
         B = img.shape[0]
@@ -140,8 +141,16 @@ class QwenImageTransformer(nn.Module):
             key_mask = mx.concatenate([txt_mask.astype(mx.bool_), mx.ones((B, img.shape[1]), mx.bool_)], axis=1)
         img = self.img_in(img.astype(dtype))
         txt = self.txt_in(self.txt_norm(txt.astype(dtype)))
-        for block in self.double_blocks:
-            img, txt = double_stream(block, img, txt, block.img_mod(c), block.txt_mod(c), rope, key_mask=key_mask)
-            if intermediates is not None:
-                intermediates.append((img, txt))
+
+        def blocks(img, txt, start=0, stop=None):
+            for block in self.double_blocks[start:stop]:
+                img, txt = double_stream(block, img, txt, block.img_mod(c), block.txt_mod(c), rope, key_mask=key_mask)
+                if intermediates is not None:
+                    intermediates.append((img, txt))
+            return img, txt
+
+        if cache is None:
+            img, txt = blocks(img, txt)
+        else:  # First-Block Cache: block 0 is the head, as diffusers' hook takes transformer_blocks[0]
+            img, txt = cache(img, txt, lambda i, t: blocks(i, t, 0, 1), lambda i, t: blocks(i, t, 1))
         return self.final_layer(img, c)

@@ -190,6 +190,7 @@ class SD3Transformer(nn.Module):
         timesteps: mx.array,  # (B,) σ in [0, 1]; 1 is pure noise
         pooled: mx.array,  # (B, pooled_dim)
         skip_layers: tuple[int, ...] = (),  # blocks left out (skip-layer guidance)
+        cache=None,  # a step_cache.FirstBlockCache: may skip all blocks but the first
     ) -> mx.array:  # (B, h, w, out_channels) predicted velocity noise - x0
         cfg = self.config
         if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
@@ -203,7 +204,16 @@ class SD3Transformer(nn.Module):
         img = self.x_embedder(pack_latents(x.astype(dtype), p)) + pos.astype(dtype)
         c = self.conditioning(timesteps, pooled)
         txt = self.context_embedder(txt.astype(dtype))
-        for i, block in enumerate(self.double_blocks):
-            if i not in skip_layers:
-                img, txt = block(img, txt, c)
+        order = [block for i, block in enumerate(self.double_blocks) if i not in skip_layers]
+
+        def blocks(img, txt, start=0, stop=None):
+            for block in order[start:stop]:
+                img, out = block(img, txt, c)
+                txt = txt if out is None else out  # the pre-only last block ends the text stream: kept, unused
+            return img, txt
+
+        if cache is None:
+            img, _ = blocks(img, txt)
+        else:  # First-Block Cache (diffusers' hook cannot run on SD3; the same rule, step_cache.py)
+            img, _ = cache(img, txt, lambda i, t: blocks(i, t, 0, 1), lambda i, t: blocks(i, t, 1))
         return unpatchify(self.final_layer(img, c), h, w, p)

@@ -37,12 +37,14 @@ from ..checkpoints.qwen3 import load_qwen3
 from ..checkpoints.qwen_image import load_qwen_image_transformer, load_qwen_vae
 from ..checkpoints.quantize import quantize_component
 from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
+from ..layers.attention import reading_out
 from .loading import load_converted_parts, reloading
 from ..models.vae_flux2 import patchify, unpatchify
 from .pipeline import Conditioning, Pipeline
 from ..conditioning.qwen import QwenImagePromptEncoder, qwen_image_tokens_cut
 from ..registry import SamplingDefaults
 from ..diffusion.flow_matching import euler_step_in_model_dtype, img2img_schedule, stretched_shift_schedule
+from ..diffusion.step_cache import CacheConfig, for_generation
 from ..text import QwenTokenizer
 
 TRANSFORMER, VAE, TEXT_ENCODER = "qwen_image_transformer", "qwen_vae", "qwen3"
@@ -157,7 +159,10 @@ class QwenImagePipeline(Pipeline):
         return self.vae.decode_latents(unpatchify(latents.astype(self.dtype)), tiled=bool(tiled))
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
-               mask: mx.array | None = None):
+               mask: mx.array | None = None, cache: str | CacheConfig | None = None):
+        """`cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py, as diffusers' hook runs on
+        QwenImagePipeline: the positive and the negative forward each in its own context, "cond"
+        and "uncond"); its contexts are kept in `self.step_cache`."""
         B, h, w, C = noise.shape
         dtype = self.dtype  # the latents take the text's dtype (QP:590)
         schedule = stretched_shift_schedule(steps, h * w, **self.schedule)
@@ -174,11 +179,21 @@ class QwenImagePipeline(Pipeline):
         streams = [(c["txt"], None if bool(mx.all(c["txt_mask"])) else c["txt_mask"],
                     self.transformer.rope_table(h, w, c["txt"].shape[1])) for c in streams]
 
+        caches = self.step_cache = for_generation(cache, guidance=len(streams) == 2)
+
+        def forward(x, ts, stream, context):
+            txt, mask, rope = stream
+            return self.transformer(x, txt, ts, (h, w), mask, rope, cache=context)
+
         def velocity(x, t):
             # the scheduler's timestep σ·1000 (float32) in the latents' dtype, / 1000 (QP:643-647)
             ts = mx.full((B,), np.float32(np.float32(t) * np.float32(1000.0))).astype(dtype) / 1000
-            v = [self.transformer(x, txt, ts, (h, w), mask, rope) for txt, mask, rope in streams]
-            return v[0] if len(v) == 1 else true_cfg(v[0], v[1], guidance)
+            v = forward(x, ts, streams[0], caches and caches.positive)
+            if len(streams) == 1:
+                return v
+            with reading_out(None):  # the negative's pass is not read into attention maps
+                v_neg = forward(x, ts, streams[1], caches and caches.negative)
+            return true_cfg(v, v_neg, guidance)
 
         def step(i, x):
             return euler_step_in_model_dtype(x, velocity(x, schedule[i]), schedule[i], schedule[i + 1])

@@ -33,9 +33,11 @@ from ..checkpoints.sd3 import load_sd3_transformer
 from ..checkpoints.text_encoders import load_clip_text_model, load_t5_encoder
 from ..checkpoints.vae import load_vae
 from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
+from ..layers.attention import reading_out, reading_out_active
 from .pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults
 from ..diffusion.flow_matching import euler_step_in_model_dtype, img2img_schedule, noise_image
+from ..diffusion.step_cache import CacheConfig, for_generation, run_blocks
 from ..conditioning.sd3 import SD3TextEncoders
 from ..text import CLIPTokenizer, T5Tokenizer
 
@@ -90,6 +92,7 @@ class SD3Pipeline(Pipeline):
     batch_cfg = True  # negative and positive in one forward
     inpaint = True  # StableDiffusion3InpaintPipeline on the 16-channel transformer
     init_posterior = "sample"  # retrieve_latents' default sample_mode (SD3I:751)
+    negative_first = True  # that batch is [negative; positive] (SP:998): attention maps read its last rows
 
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
@@ -165,6 +168,8 @@ class SD3Pipeline(Pipeline):
     def forward(self, skip_layers: tuple[int, ...] = ()):
         """The transformer's forward, compiled once per set of skipped layers (see Flux1Pipeline.forward)."""
         tr = self.transformer
+        if reading_out_active():  # attention maps: the read-out is Python, which a trace would skip
+            return lambda x, txt, t, pooled: tr(x, txt, t, pooled, skip_layers)
         cache = getattr(self, "_forwards", None)
         if cache is None or cache[0] is not tr:
             cache = self._forwards = (tr, {})
@@ -175,10 +180,13 @@ class SD3Pipeline(Pipeline):
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
                slg: tuple[int, ...] | None = None, slg_scale: float = 2.8, slg_start: float = 0.01,
                slg_stop: float = 0.2, shift: float | None = None, clip_skip: int | None = None, t5: bool = True,
-               batch_cfg: bool | None = None, mask: mx.array | None = None):
+               batch_cfg: bool | None = None, mask: mx.array | None = None, cache: str | CacheConfig | None = None):
         """Family options: `slg` the blocks skip-layer guidance leaves out (None: off; True: 7, 8, 9)
         with its scale and step window; `shift` overrides the schedule's; `batch_cfg=False` runs the
-        negative prompt as a second forward. `clip_skip` and `t5` act in `condition`."""
+        negative prompt as a second forward. `clip_skip` and `t5` act in `condition`.
+        `cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py; diffusers' hook cannot run on SD3,
+        the same rule as on FLUX.1 here): the positive and negative passes in contexts of their own
+        (batched or not), the skip-layer pass uncached; contexts kept in `self.step_cache`."""
         B, dtype = noise.shape[0], self.dtype
         sigmas = sd3_sigmas(steps, self.defaults.shift if shift is None else shift)
         x, region = noise.astype(dtype), None  # the latents live in the prompt embeddings' dtype (SP:1038)
@@ -201,20 +209,34 @@ class SD3Pipeline(Pipeline):
             txt_b = mx.concatenate([cond.negative["txt"], txt])
             pooled_b = mx.concatenate([cond.negative["pooled"], pooled])
 
+        caches = self.step_cache = for_generation(cache, guidance=cfg)
+
+        def forward(context: str):
+            """A pass's forward: compiled without a cache; with one, uncompiled (its decision reads a
+            value mid-forward, `.item()`) in the pass's context; a batch [negative; positive] runs
+            each slice in its own."""
+            if caches is None:
+                return self.forward()
+            state = {"positive": caches.positive, "negative": caches.negative,
+                     "batched": lambda *a: run_blocks([caches.negative, caches.positive], *a)}[context]
+            return lambda x, txt, t, pooled: self.transformer(x, txt, t, pooled, cache=state)
+
         def step(i, x):
             t = mx.full((B,), sigmas[i], dtype=mx.float32)  # σ stays float32 in every dtype (SP:1069)
-            forward = self.forward()
             if not cfg:
-                v = forward(x, txt, t, pooled)
+                v = forward("positive")(x, txt, t, pooled)
             else:
                 if batched:
-                    out = forward(mx.concatenate([x, x]), txt_b, mx.concatenate([t, t]), pooled_b)
+                    out = forward("batched")(mx.concatenate([x, x]), txt_b, mx.concatenate([t, t]), pooled_b)
                     uncond, text = out[:B], out[B:]
                 else:
-                    uncond, text = forward(x, cond.negative["txt"], t, cond.negative["pooled"]), forward(x, txt, t, pooled)
+                    with reading_out(None):  # the negative's own pass: not read into the maps
+                        uncond = forward("negative")(x, cond.negative["txt"], t, cond.negative["pooled"])
+                    text = forward("positive")(x, txt, t, pooled)
                 v = uncond + guidance * (text - uncond)
                 if skip and n * slg_start < i < n * slg_stop:  # strict, as SP:1087-1092
-                    v = v + (text - self.forward(skip)(x, txt, t, pooled)) * slg_scale
+                    with reading_out(None):  # a guidance pass, not one the maps average
+                        v = v + (text - self.forward(skip)(x, txt, t, pooled)) * slg_scale
             return euler_step_in_model_dtype(x, v, sigmas[i], sigmas[i + 1])
 
         return run(masked_steps(step, region, sigmas), x, n)
