@@ -1,7 +1,8 @@
 """The routes: OpenAI's images API, our job API, the images, the models, the page.
 
     POST   /v1/images/generations  OpenAI's shape; waits for the image(s)
-    POST   /v1/images/edits        501 until editing/inpainting exists in the package
+    POST   /v1/images/edits        OpenAI's shape (multipart: image, mask, prompt, ...): inpainting,
+                                   reference editing or image-to-image; waits for the image(s)
     GET    /v1/models              the models this server can run, OpenAI's list shape
     POST   /api/jobs               queue a job (generate's parameters) -> 202 {id, position}
     GET    /api/jobs/{id}          state, queue position, progress, images
@@ -18,6 +19,7 @@ anything the request got wrong. `Guard` is the outermost layer: the Host check (
 answer only to loopback names, against DNS rebinding), the bearer token, the body size.
 """
 
+import argparse
 import asyncio
 import base64
 import hmac
@@ -37,12 +39,14 @@ from starlette.staticfiles import StaticFiles
 
 from .jobs import FINAL, Job, QueueFull, Worker
 from .openapi import openapi
-from .params import Limits, RequestError, generate_arguments, parse_size
+from .params import Limits, RequestError, generate_arguments, job_arguments, parse_size, typed, validate
+from . import uploads
 from .pool import ModelPool
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 OPENAI_MODELS = re.compile(r"^(dall-e-\d|gpt-image-.*)$")  # OpenAI's names: the server's default model
+EDITS = "/v1/images/edits"
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.png$")
 
 
@@ -86,12 +90,33 @@ class Guard:
                 response = error(401, "missing or wrong bearer token: send Authorization: Bearer <token>",
                                  kind="authentication_error", code="invalid_api_key",
                                  headers={"WWW-Authenticate": "Bearer"})
+        limit = body_limit(self.config.limits, path)
         if response is None and headers.get("content-length", "0").isdigit() and \
-                int(headers.get("content-length", "0")) > self.config.limits.body_bytes:
-            response = error(413, f"the request body is over {self.config.limits.body_bytes} bytes")
+                int(headers.get("content-length", "0")) > limit:
+            response = error(413, f"the request body is over {limit} bytes")
         if response is not None:
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+def suffix(image) -> str:
+    """A kept upload's suffix: its format's usual one."""
+    return {"JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}.get(image.format, ".png")
+
+
+def body_limit(limits: Limits, path: str) -> int:
+    """Bytes a request body may have: the edits route carries images, the rest JSON."""
+    return limits.upload_bytes if path == EDITS else limits.body_bytes
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, at most `limit` bytes also when it comes in chunks (no Content-Length)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(f"the request body is over {limit} bytes", status=413)
+    return bytes(body)
 
 
 async def read_json(request: Request, limit: int):
@@ -101,11 +126,7 @@ async def read_json(request: Request, limit: int):
         # also what stops a page on another site from posting here without a CORS preflight
         raise RequestError(f"send the parameters as JSON (Content-Type: application/json), not {media or 'nothing'}",
                            status=415)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(f"the request body is over {limit} bytes", status=413)
+    body = await read_body(request, limit)
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -135,11 +156,12 @@ def create_app(config: Config) -> Starlette:
     worker = Worker(pool, config.limits.queue)
     state = {"models": available_models()}
 
-    def submit(fields: dict) -> Job:
-        name, args, jobs, paths = generate_arguments(
+    def submit(fields: dict, prepared=None) -> Job:
+        """Queue a job for the fields (or the `prepared` (name, args, jobs, paths, edit) of them)."""
+        name, args, jobs, paths, edit = prepared or generate_arguments(
             fields, limits=config.limits, output=config.output, models=runnable(state["models"]),
             default_model=config.default_model, lora_dir=config.lora_dir)
-        job = Job(name, args, jobs[0], paths, {k: v for k, v in fields.items() if v is not None})
+        job = Job(name, args, jobs[0], paths, {k: v for k, v in fields.items() if v is not None}, edit=edit)
         try:
             worker.submit(job)
         except QueueFull as e:
@@ -158,19 +180,28 @@ def create_app(config: Config) -> Starlette:
     async def openapi_json(request: Request):
         return JSONResponse(openapi(config))
 
-    async def generations(request: Request):
-        body = await read_json(request, config.limits.body_bytes)
-        if not isinstance(body, dict):
-            raise RequestError("the request body must be a JSON object")
+    def openai_fields(body: dict, keys: tuple) -> tuple[dict, str]:
+        """OpenAI's fields -> (our job fields, response_format); OpenAI's model names mean ours by default."""
         response_format = body.get("response_format") or "b64_json"
         if response_format not in ("b64_json", "url"):
             raise RequestError(f"response_format: {response_format!r:.40} is not 'b64_json' or 'url'", "response_format")
         model = body.get("model")
         width, height = parse_size(body.get("size"))
-        fields = {k: body.get(k) for k in ("prompt", "n", "seed", "steps", "guidance", "negative_prompt", "lora")}
+        fields = {k: body.get(k) for k in keys}
         fields.update(width=width, height=height,
                       model=None if model is None or (isinstance(model, str) and OPENAI_MODELS.match(model)) else model)
-        job = submit(fields)
+        return fields, response_format
+
+    async def generations(request: Request):
+        body = await read_json(request, config.limits.body_bytes)
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        fields, response_format = openai_fields(
+            body, ("prompt", "n", "seed", "steps", "guidance", "negative_prompt", "lora"))
+        return await respond(request, submit(fields), response_format)
+
+    async def respond(request: Request, job: Job, response_format: str):
+        """Wait for the job; OpenAI's response: its images as base64 or URLs."""
         while job.state not in FINAL:
             if await request.is_disconnected():
                 worker.cancel(job)
@@ -190,8 +221,79 @@ def create_app(config: Config) -> Starlette:
         return JSONResponse({"created": int(job.created), "data": data})
 
     async def edits(request: Request):
-        return error(501, "image editing (POST /v1/images/edits) is not implemented: tiny_imagegen has no "
-                          "inpainting yet; use /v1/images/generations", code="not_implemented")
+        """OpenAI's edits: multipart image (+ mask) + prompt. With a mask (or an image with
+        transparent pixels): inpainting; else the image is a reference (klein, Kontext) or the
+        init image of image-to-image at `strength`. See uploads.py for the mask mapping."""
+        from ..commands.inputs import UsageError, read_edit_inputs
+        from ..pipelines.pipeline import pipeline_class
+
+        # a multipart form is what any web page may post here without a CORS preflight: refuse what a
+        # browser marks as coming from another site (clients such as curl and openai send neither header)
+        origin = request.headers.get("origin")
+        if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none") or (
+                origin is not None and origin.split("://", 1)[-1] != request.headers.get("host")):
+            raise RequestError(f"a cross-site request (Origin {origin!r:.60}): edits are taken from this server's "
+                               "own page or from programs, not from other sites' pages", status=403,
+                               kind="permission_error")
+        form = uploads.parse_form(await read_body(request, config.limits.upload_bytes),
+                                  request.headers.get("content-type", ""))
+        body = dict(form.fields)
+        for key in ("n", "seed", "steps", "guidance", "strength"):  # form fields are text: numbers as JSON reads them
+            if body.get(key) not in (None, ""):
+                try:
+                    body[key] = json.loads(body[key])
+                except ValueError:
+                    raise RequestError(f"{key}: {body[key]!r:.40} is not a number", key) from None
+            else:
+                body.pop(key, None)
+        fields, response_format = openai_fields(
+            body, ("prompt", "n", "seed", "steps", "guidance", "negative_prompt", "strength"))
+        images = form.files.get("image", []) + form.files.get("image[]", [])
+        masks = form.files.get("mask", [])
+        if not images:
+            raise RequestError("image: missing, send the image to edit as a file field 'image'", "image")
+        if len(masks) > 1:
+            raise RequestError("mask: one mask, not several", "mask")
+        # the other fields first, as the command checks them (no image read yet)
+        name, args = job_arguments(fields, limits=config.limits, output=config.output,
+                                   models=runnable(state["models"]), default_model=config.default_model)
+        if fields.get("strength") is not None:  # generate's --strength (a job of /api/jobs has no image)
+            args.strength = typed("strength", fields["strength"], float)
+        validate(args)
+        decoded = [uploads.decode(data, "image") for data in images]
+        mask = uploads.our_mask(uploads.decode(masks[0], "mask")) if masks else None
+        if mask is None and len(decoded) == 1 and uploads.transparent(decoded[0]) is not None:
+            mask = uploads.our_mask(decoded[0])  # OpenAI: no mask, the image's transparency is the mask
+        cls = pipeline_class(args.model)
+        if mask is not None or not getattr(cls, "max_references", 0):
+            if len(decoded) > 1:
+                raise RequestError(f"image: {len(decoded)} images, {args.model} edits one (several are references "
+                                   "for FLUX.2 klein / FLUX.1 Kontext)", "image")
+            side = max(decoded[0].size) if args.width is None or args.height is None else 0
+            if side > config.limits.side:
+                raise RequestError(f"image: {decoded[0].size[0]}x{decoded[0].size[1]}, the output takes its size and "
+                                   f"this server makes at most {config.limits.side}: send a size", "image")
+            inputs = {"image": uploads.Upload(images[0], "image"),
+                      "mask": None if mask is None else uploads.Upload(uploads.png_bytes(mask), "mask"), "ref": []}
+        else:  # reference editing: the model reads the images beside its noisy tokens
+            inputs = {"image": None, "mask": None, "ref": [uploads.Upload(d, "image") for d in images]}
+        # the command's checks of the inputs, on the files in memory: nothing is written before they pass
+        probe = argparse.Namespace(**{**vars(args), **inputs})
+        try:
+            read_edit_inputs(probe, cls)
+        except UsageError as e:  # the command's words, with the form's field names for its flags
+            message = re.sub(r"--(image|mask|ref) \(uploaded (image|mask)\)", r"\2", str(e))
+            message = re.sub(r"--(image|mask|strength)\b", r"\1", message).replace("--ref", "image")
+            raise RequestError(message, "mask" if re.match(r"--mask\b", str(e)) else "image") from None
+        kept = config.output / "inputs"
+        if inputs["ref"]:
+            args.ref = [str(uploads.keep(kept, data, suffix(d))) for data, d in zip(images, decoded)]
+        else:
+            args.image = str(uploads.keep(kept, images[0], suffix(decoded[0])))
+            if mask is not None:
+                # as "L": what the pipeline reads of any checked mask (masks.pixel_mask converts so)
+                args.mask = str(uploads.keep(kept, uploads.png_bytes(mask.convert("L"))))
+        return await respond(request, submit(fields, (name, args, *validate(args))), response_format)
 
     async def openai_models(request: Request):
         return JSONResponse({"object": "list", "data": [
@@ -304,7 +406,7 @@ def create_app(config: Config) -> Starlette:
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
         Route("/openapi.json", openapi_json),
         Route("/v1/images/generations", generations, methods=["POST"]),
-        Route("/v1/images/edits", edits, methods=["POST"]),
+        Route(EDITS, edits, methods=["POST"]),
         Route("/v1/models", openai_models),
         Route("/api/jobs", create_job, methods=["POST"]),
         Route("/api/jobs", list_jobs, methods=["GET"]),

@@ -62,6 +62,7 @@ class Job:
     watchers: int = 0  # clients subscribed to the events
     last_step: dict = field(default_factory=dict)
     cancel: threading.Event = field(default_factory=threading.Event)
+    edit: EditInputs = field(default_factory=EditInputs)  # the input images (POST /v1/images/edits)
 
     def emit(self, event: dict) -> None:
         self.events.append({"type": event.pop("type"), **event, "time": round(time.time(), 3)})
@@ -149,7 +150,7 @@ class Worker:
         outcome = ("done", {"type": "done"})
         try:
             pipe = self.pool.get(job.args)
-            images, metadata = render(pipe, job.args, job.job, sampler_options(pipe, job.args), EditInputs(),
+            images, metadata = render(pipe, job.args, job.job, sampler_options(pipe, job.args), job.edit,
                                       self._progress(job), self._preview(job, pipe))
             for image, seed, path in zip(images, job.job.seeds, job.paths):
                 save_png(image, path, {**metadata, "seed": seed})
