@@ -168,6 +168,17 @@ def test_a_model_without_inpainting_is_a_400(client, monkeypatch):
     bad(edit(client, image=png(picture()), mask=png(grey_mask())), "mask", "has no inpainting here")
 
 
+def test_an_image_alone_is_a_reference_for_the_families_that_edit_from_references(client, monkeypatch):
+    """Checked as the command checks --ref (the tiny model made to take references; a 32-pixel
+    image is under the reference pipelines' 64-pixel minimum)."""
+    from tiny_imagegen.pipelines.flux1 import Flux1Pipeline
+
+    monkeypatch.setattr(Flux1Pipeline, "max_references", 1)
+    r = edit(client, image=png(picture()))
+    bad(r, "image", "image")
+    assert "64" in r.json()["error"]["message"], r.text
+
+
 def test_upload_bounds(tmp_path):
     require_serve()
     with make_client(tmp_path, limits={"upload_bytes": 4096, "side": 32}) as c:

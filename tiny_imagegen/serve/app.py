@@ -19,7 +19,6 @@ anything the request got wrong. `Guard` is the outermost layer: the Host check (
 answer only to loopback names, against DNS rebinding), the bearer token, the body size.
 """
 
-import argparse
 import asyncio
 import base64
 import hmac
@@ -41,6 +40,7 @@ from .jobs import FINAL, Job, QueueFull, Worker
 from .openapi import openapi
 from .params import Limits, RequestError, generate_arguments, job_arguments, parse_size, typed, validate
 from . import uploads
+from .edits import EDIT_FIELDS, attach, cross_site, form_fields
 from .pool import ModelPool
 
 STATIC = Path(__file__).parent / "static"
@@ -97,11 +97,6 @@ class Guard:
         if response is not None:
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
-
-
-def suffix(image) -> str:
-    """A kept upload's suffix: its format's usual one."""
-    return {"JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}.get(image.format, ".png")
 
 
 def body_limit(limits: Limits, path: str) -> int:
@@ -221,78 +216,22 @@ def create_app(config: Config) -> Starlette:
         return JSONResponse({"created": int(job.created), "data": data})
 
     async def edits(request: Request):
-        """OpenAI's edits: multipart image (+ mask) + prompt. With a mask (or an image with
-        transparent pixels): inpainting; else the image is a reference (klein, Kontext) or the
-        init image of image-to-image at `strength`. See uploads.py for the mask mapping."""
-        from ..commands.inputs import UsageError, read_edit_inputs
-        from ..pipelines.pipeline import pipeline_class
-
-        # a multipart form is what any web page may post here without a CORS preflight: refuse what a
-        # browser marks as coming from another site (clients such as curl and openai send neither header)
-        origin = request.headers.get("origin")
-        if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none") or (
-                origin is not None and origin.split("://", 1)[-1] != request.headers.get("host")):
-            raise RequestError(f"a cross-site request (Origin {origin!r:.60}): edits are taken from this server's "
-                               "own page or from programs, not from other sites' pages", status=403,
-                               kind="permission_error")
+        """OpenAI's edits (edits.py): the form's fields checked as a job's, then its images."""
+        problem = cross_site(request.headers)
+        if problem:
+            raise RequestError(problem, status=403, kind="permission_error")
         form = uploads.parse_form(await read_body(request, config.limits.upload_bytes),
                                   request.headers.get("content-type", ""))
-        body = dict(form.fields)
-        for key in ("n", "seed", "steps", "guidance", "strength"):  # form fields are text: numbers as JSON reads them
-            if body.get(key) not in (None, ""):
-                try:
-                    body[key] = json.loads(body[key])
-                except ValueError:
-                    raise RequestError(f"{key}: {body[key]!r:.40} is not a number", key) from None
-            else:
-                body.pop(key, None)
-        fields, response_format = openai_fields(
-            body, ("prompt", "n", "seed", "steps", "guidance", "negative_prompt", "strength"))
-        images = form.files.get("image", []) + form.files.get("image[]", [])
-        masks = form.files.get("mask", [])
-        if not images:
+        fields, response_format = openai_fields(form_fields(form.fields), EDIT_FIELDS)
+        if not form.files.get("image") and not form.files.get("image[]"):
             raise RequestError("image: missing, send the image to edit as a file field 'image'", "image")
-        if len(masks) > 1:
-            raise RequestError("mask: one mask, not several", "mask")
         # the other fields first, as the command checks them (no image read yet)
         name, args = job_arguments(fields, limits=config.limits, output=config.output,
                                    models=runnable(state["models"]), default_model=config.default_model)
         if fields.get("strength") is not None:  # generate's --strength (a job of /api/jobs has no image)
             args.strength = typed("strength", fields["strength"], float)
         validate(args)
-        decoded = [uploads.decode(data, "image") for data in images]
-        mask = uploads.our_mask(uploads.decode(masks[0], "mask")) if masks else None
-        if mask is None and len(decoded) == 1 and uploads.transparent(decoded[0]) is not None:
-            mask = uploads.our_mask(decoded[0])  # OpenAI: no mask, the image's transparency is the mask
-        cls = pipeline_class(args.model)
-        if mask is not None or not getattr(cls, "max_references", 0):
-            if len(decoded) > 1:
-                raise RequestError(f"image: {len(decoded)} images, {args.model} edits one (several are references "
-                                   "for FLUX.2 klein / FLUX.1 Kontext)", "image")
-            side = max(decoded[0].size) if args.width is None or args.height is None else 0
-            if side > config.limits.side:
-                raise RequestError(f"image: {decoded[0].size[0]}x{decoded[0].size[1]}, the output takes its size and "
-                                   f"this server makes at most {config.limits.side}: send a size", "image")
-            inputs = {"image": uploads.Upload(images[0], "image"),
-                      "mask": None if mask is None else uploads.Upload(uploads.png_bytes(mask), "mask"), "ref": []}
-        else:  # reference editing: the model reads the images beside its noisy tokens
-            inputs = {"image": None, "mask": None, "ref": [uploads.Upload(d, "image") for d in images]}
-        # the command's checks of the inputs, on the files in memory: nothing is written before they pass
-        probe = argparse.Namespace(**{**vars(args), **inputs})
-        try:
-            read_edit_inputs(probe, cls)
-        except UsageError as e:  # the command's words, with the form's field names for its flags
-            message = re.sub(r"--(image|mask|ref) \(uploaded (image|mask)\)", r"\2", str(e))
-            message = re.sub(r"--(image|mask|strength)\b", r"\1", message).replace("--ref", "image")
-            raise RequestError(message, "mask" if re.match(r"--mask\b", str(e)) else "image") from None
-        kept = config.output / "inputs"
-        if inputs["ref"]:
-            args.ref = [str(uploads.keep(kept, data, suffix(d))) for data, d in zip(images, decoded)]
-        else:
-            args.image = str(uploads.keep(kept, images[0], suffix(decoded[0])))
-            if mask is not None:
-                # as "L": what the pipeline reads of any checked mask (masks.pixel_mask converts so)
-                args.mask = str(uploads.keep(kept, uploads.png_bytes(mask.convert("L"))))
+        attach(form, args, config.limits.side, config.output / "inputs")
         return await respond(request, submit(fields, (name, args, *validate(args))), response_format)
 
     async def openai_models(request: Request):

@@ -152,6 +152,11 @@ def png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
+def suffix(image) -> str:
+    """A kept upload's suffix: its format's usual one."""
+    return {"JPEG": ".jpg", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}.get(image.format, ".png")
+
+
 def keep(folder: Path, data: bytes, suffix: str = ".png") -> Path:
     """Checked bytes -> <folder>/<sha256><suffix>, written once (temporary name, then renamed)."""
     folder.mkdir(parents=True, exist_ok=True)
