@@ -112,6 +112,24 @@ def test_openais_transparent_mask_is_our_white_mask(client, tmp_path):
     assert np.array_equal(np.asarray(Image.open(meta["mask"])), np.asarray(grey_mask()))
 
 
+def test_the_same_form_to_api_jobs_is_a_job_with_steps(client):
+    """The page's way: the edits form posted to /api/jobs queues a job (202) whose events show the
+    steps, and its image is the edits route's for the same fields."""
+    from test_serve import events, wait
+
+    files = {"image": ("i.png", png(picture()), "image/png"), "mask": ("m.png", png(grey_mask()), "image/png")}
+    r = client.post("/api/jobs", data=EDIT, files=files)
+    assert r.status_code == 202, r.text
+    job = wait(client, r.json()["id"])
+    assert job["state"] == "done", job
+    steps = [d["step"] for name, d in events(client, job["id"]) if name == "step"]
+    assert steps == [1, 2]
+    image = client.get(job["images"][0]["url"]).content
+    assert image == served_png(client.post("/v1/images/edits", data=EDIT, files=files))
+    r = client.post("/api/jobs", data=EDIT, files=files, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403, r.text
+
+
 def test_an_image_alone_is_image_to_image_at_the_strength(client, tmp_path):
     image = png(picture())
     served = served_png(edit(client, {**EDIT, "strength": "0.5", "size": "32x32"}, image=image))

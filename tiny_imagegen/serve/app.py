@@ -4,7 +4,8 @@
     POST   /v1/images/edits        OpenAI's shape (multipart: image, mask, prompt, ...): inpainting,
                                    reference editing or image-to-image; waits for the image(s)
     GET    /v1/models              the models this server can run, OpenAI's list shape
-    POST   /api/jobs               queue a job (generate's parameters) -> 202 {id, position}
+    POST   /api/jobs               queue a job (generate's parameters) -> 202 {id, position}; as the
+                                   edits route's multipart form: an edit job (the page's uploads)
     GET    /api/jobs/{id}          state, queue position, progress, images
     GET    /api/jobs/{id}/events   server-sent events: queued, started, step (+ preview), done | error | cancelled
     DELETE /api/jobs/{id}          cancel: off the queue, or stopped at the next step
@@ -100,8 +101,8 @@ class Guard:
 
 
 def body_limit(limits: Limits, path: str) -> int:
-    """Bytes a request body may have: the edits route carries images, the rest JSON."""
-    return limits.upload_bytes if path == EDITS else limits.body_bytes
+    """Bytes a request body may have: the routes that take an edit's images, or JSON."""
+    return limits.upload_bytes if path in (EDITS, "/api/jobs") else limits.body_bytes
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -215,8 +216,9 @@ def create_app(config: Config) -> Starlette:
                 data.append({"b64_json": base64.b64encode((config.output / image["name"]).read_bytes()).decode()})
         return JSONResponse({"created": int(job.created), "data": data})
 
-    async def edits(request: Request):
-        """OpenAI's edits (edits.py): the form's fields checked as a job's, then its images."""
+    async def edit_job(request: Request) -> tuple[Job, str]:
+        """A multipart edit (edits.py): the form's fields checked as a job's, then its images -> the
+        queued job and the response_format asked for."""
         problem = cross_site(request.headers)
         if problem:
             raise RequestError(problem, status=403, kind="permission_error")
@@ -232,7 +234,10 @@ def create_app(config: Config) -> Starlette:
             args.strength = typed("strength", fields["strength"], float)
         validate(args)
         attach(form, args, config.limits.side, config.output / "inputs")
-        return await respond(request, submit(fields, (name, args, *validate(args))), response_format)
+        return submit(fields, (name, args, *validate(args))), response_format
+
+    async def edits(request: Request):
+        return await respond(request, *(await edit_job(request)))
 
     async def openai_models(request: Request):
         return JSONResponse({"object": "list", "data": [
@@ -240,7 +245,10 @@ def create_app(config: Config) -> Starlette:
             for name in dict.fromkeys(runnable(state["models"]).values())]})
 
     async def create_job(request: Request):
-        job = submit(await read_json(request, config.limits.body_bytes))
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            job, _ = await edit_job(request)  # an edit, as the page sends it: its events as any job's
+        else:
+            job = submit(await read_json(request, config.limits.body_bytes))
         return JSONResponse({"id": job.id, "state": job.state, "position": worker.position(job),
                              "events": f"/api/jobs/{job.id}/events"}, status_code=202)
 

@@ -67,6 +67,15 @@ def edits_op(config, errors: dict) -> dict:
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}}}
 
 
+def jobs_op(config, errors: dict) -> dict:
+    """POST /api/jobs: generate's parameters as JSON, or an edit as the edits route's form."""
+    out = op("queue a job (JSON), or an edit job (the edits route's multipart form)",
+             {"202": ok("{id, state, position, events}"), "403": ERROR, **errors},
+             {"$ref": "#/components/schemas/JobRequest"})
+    out["requestBody"]["content"].update(edits_op(config, errors)["requestBody"]["content"])
+    return out
+
+
 def openapi(config) -> dict:
     openai_body = {"type": "object", "required": ["prompt"], "properties": {
         "prompt": {"type": "string", "maxLength": config.limits.prompt_chars},
@@ -97,8 +106,7 @@ def openapi(config) -> dict:
             "/v1/images/edits": {"post": edits_op(config, errors)},
             "/v1/models": {"get": op("the models this server can run", {"200": ok("OpenAI's model list")})},
             "/api/jobs": {
-                "post": op("queue a job", {"202": ok("{id, state, position, events}"), **errors},
-                           {"$ref": "#/components/schemas/JobRequest"}),
+                "post": jobs_op(config, errors),
                 "get": op("the latest jobs", {"200": ok("a list of jobs")})},
             "/api/jobs/{id}": {
                 "get": op("a job: state, queue position, progress, images", {"200": ok("the job"), "404": ERROR},
