@@ -124,6 +124,7 @@ def test_the_same_form_to_api_jobs_is_a_job_with_steps(client):
     assert job["state"] == "done", job
     steps = [d["step"] for name, d in events(client, job["id"]) if name == "step"]
     assert steps == [1, 2]
+    assert client.app.state.worker.jobs[job["id"]].edit.image is None  # a finished job holds no upload
     image = client.get(job["images"][0]["url"]).content
     assert image == served_png(client.post("/v1/images/edits", data=EDIT, files=files))
     r = client.post("/api/jobs", data=EDIT, files=files, headers={"Origin": "http://evil.example"})

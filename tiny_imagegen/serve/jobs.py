@@ -167,8 +167,10 @@ class Worker:
             print(f"job {job.id} failed: {type(e).__name__}: {e}", file=sys.stderr)
             job.error, job.error_kind = f"{type(e).__name__}: {e}", "internal"
             outcome = ("error", {"type": "error", "message": job.error})
-        # here, out of the except blocks, the traceback (and the arrays its frames held) is gone
+        # here, out of the except blocks, the traceback (and the arrays its frames held) is gone;
+        # a finished job keeps no input images (KEEP_JOBS of them stay known)
         pipe = images = None
+        job.edit = EditInputs()
         gc.collect()
         if outcome[0] != "done":
             mx.clear_cache()
