@@ -10,7 +10,7 @@ from conftest import require_modules
 
 
 def require_serve():
-    require_modules("starlette", "uvicorn", "httpx")
+    require_modules("starlette", "uvicorn", "httpx", "python_multipart")
 
 
 @contextmanager

@@ -129,11 +129,6 @@ def test_generations_url(client):
     assert image.content.startswith(b"\x89PNG") and b"a blue square" in image.content
 
 
-def test_edits_is_not_implemented_yet(client):
-    r = client.post("/v1/images/edits", json={"prompt": "x"})
-    assert r.status_code == 501 and "not implemented" in r.json()["error"]["message"]
-
-
 # ---- jobs ---------------------------------------------------------------------------------------
 
 def test_job_runs_with_events_in_order_and_the_model_stays_loaded(client):

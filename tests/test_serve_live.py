@@ -44,6 +44,47 @@ def test_the_openai_client_draws(server, tmp_path):
     assert [m.id for m in client.models.list()] == ["tiny-shapes"]
 
 
+def test_the_openai_client_inpaints(server, tmp_path):
+    """client.images.edit: the package's own multipart upload, with OpenAI's transparent mask."""
+    require_modules("openai")
+    import hashlib
+
+    import numpy as np
+    import openai
+    from PIL import Image
+
+    url, app = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused-without-a-token", max_retries=0, timeout=120)
+    image = Image.fromarray((np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8))
+    alpha = np.full((32, 32), 255, np.uint8)
+    alpha[:16] = 0  # the top half: edit
+    mask = Image.new("RGBA", (32, 32))
+    mask.putalpha(Image.fromarray(alpha))
+    files = {name: (f"{name}.png", _png(im), "image/png") for name, im in (("image", image), ("mask", mask))}
+    result = client.images.edit(image=files["image"], mask=files["mask"], prompt="a blue square",
+                                extra_body={"seed": 3, "steps": 2, "strength": 1.0})
+    served = base64.b64decode(result.data[0].b64_json)
+    kept = app.state.config.output / "inputs"
+    ours = Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), mode="L")  # white = repaint
+    mask_path = kept / f"{hashlib.sha256(_png(ours)).hexdigest()}.png"
+    image_path = kept / f"{hashlib.sha256(files['image'][1]).hexdigest()}.png"
+    from tiny_imagegen.commands.generate import main
+
+    assert main(["--prompt", "a blue square", "--image", str(image_path), "--mask", str(mask_path), "--strength", "1",
+                 "--seed", "3", "--steps", "2", "--output", str(tmp_path / "cmd.png")]) == 0
+    assert served == (tmp_path / "cmd.png").read_bytes()
+    with pytest.raises(openai.BadRequestError, match="mask is 16x16 but image is 32x32"):
+        client.images.edit(image=files["image"], mask=("m.png", _png(mask.resize((16, 16))), "image/png"), prompt="x")
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_forty_jobs_from_eight_clients(server):
     import httpx
 

@@ -87,3 +87,58 @@ def test_generate_watch_and_reuse(browser, server, screen):
         (app.state.config.output / names[1].images[0]["name"]).read_bytes()
     assert not errors, errors
     page.close()
+
+
+def test_edit_an_uploaded_image_with_its_steps(browser, server, tmp_path):
+    """An image and a mask chosen on the page: the edit is queued as a job, its steps shown, and its
+    image is what `generate --image --mask` writes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tiny_imagegen.commands.generate import main
+    from tiny_imagegen.commands.metadata import read_parameters
+
+    def png(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    url, app = server
+    picture = Image.fromarray((np.random.default_rng(2).random((32, 32, 3)) * 255).astype(np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.wait_for_selector("#model option[value='tiny-shapes']", state="attached")
+    page.fill("#prompt", "a green triangle")
+    page.fill("#steps", "3")
+    page.uncheck("#random-seed")
+    page.fill("#seed", "4")
+    page.click("#edit summary")
+    page.set_input_files("#image", files=[{"name": "photo.png", "mimeType": "image/png", "buffer": png(picture)}])
+    page.set_input_files("#mask", files=[{"name": "mask.png", "mimeType": "image/png",
+                                          "buffer": png(Image.fromarray(mask, mode="L"))}])
+    page.evaluate("""() => {
+        window.seen = [];
+        new MutationObserver(() => window.seen.push(document.getElementById('status').textContent))
+            .observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true});
+    }""")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=60_000)
+    seen = page.evaluate("window.seen")
+    assert [f"step {i} / 3" for i in range(1, 4)] == [s.split(" (")[0] for s in seen if s.startswith("step")], seen
+    page.wait_for_selector(".card:has(dd:text-is('a green triangle'))")
+    job = [j for j in app.state.worker.jobs.values() if j.state == "done"][-1]
+    served = app.state.config.output / job.images[0]["name"]
+    meta = read_parameters(served)
+    assert main(["--prompt", "a green triangle", "--image", meta["image"], "--mask", meta["mask"], "--steps", "3",
+                 "--seed", "4", "--output", str(tmp_path / "cmd.png")]) == 0
+    assert served.read_bytes() == (tmp_path / "cmd.png").read_bytes()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "serve-page-edit.png"), full_page=True)
+    assert not errors, errors
+    page.close()

@@ -11,7 +11,7 @@ INSTALL = 'tiny-imagegen serve needs the serve extra: pip install "tiny_imagegen
 
 
 def main(argv=None) -> int:
-    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("starlette", "uvicorn", "python_multipart") if importlib.util.find_spec(m) is None]
     if missing:
         print(f"error: {INSTALL} ({', '.join(missing)} missing)", file=sys.stderr)
         return 2

@@ -1,9 +1,11 @@
 """The routes: OpenAI's images API, our job API, the images, the models, the page.
 
     POST   /v1/images/generations  OpenAI's shape; waits for the image(s)
-    POST   /v1/images/edits        501 until editing/inpainting exists in the package
+    POST   /v1/images/edits        OpenAI's shape (multipart: image, mask, prompt, ...): inpainting,
+                                   reference editing or image-to-image; waits for the image(s)
     GET    /v1/models              the models this server can run, OpenAI's list shape
-    POST   /api/jobs               queue a job (generate's parameters) -> 202 {id, position}
+    POST   /api/jobs               queue a job (generate's parameters) -> 202 {id, position}; as the
+                                   edits route's multipart form: an edit job (the page's uploads)
     GET    /api/jobs/{id}          state, queue position, progress, images
     GET    /api/jobs/{id}/events   server-sent events: queued, started, step (+ preview), done | error | cancelled
     DELETE /api/jobs/{id}          cancel: off the queue, or stopped at the next step
@@ -37,12 +39,15 @@ from starlette.staticfiles import StaticFiles
 
 from .jobs import FINAL, Job, QueueFull, Worker
 from .openapi import openapi
-from .params import Limits, RequestError, generate_arguments, parse_size
+from .params import Limits, RequestError, generate_arguments, job_arguments, parse_size, typed, validate
+from . import uploads
+from .edits import EDIT_FIELDS, attach, cross_site, form_fields
 from .pool import ModelPool
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 OPENAI_MODELS = re.compile(r"^(dall-e-\d|gpt-image-.*)$")  # OpenAI's names: the server's default model
+EDITS = "/v1/images/edits"
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.png$")
 
 
@@ -86,12 +91,28 @@ class Guard:
                 response = error(401, "missing or wrong bearer token: send Authorization: Bearer <token>",
                                  kind="authentication_error", code="invalid_api_key",
                                  headers={"WWW-Authenticate": "Bearer"})
+        limit = body_limit(self.config.limits, path)
         if response is None and headers.get("content-length", "0").isdigit() and \
-                int(headers.get("content-length", "0")) > self.config.limits.body_bytes:
-            response = error(413, f"the request body is over {self.config.limits.body_bytes} bytes")
+                int(headers.get("content-length", "0")) > limit:
+            response = error(413, f"the request body is over {limit} bytes")
         if response is not None:
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+def body_limit(limits: Limits, path: str) -> int:
+    """Bytes a request body may have: the routes that take an edit's images, or JSON."""
+    return limits.upload_bytes if path in (EDITS, "/api/jobs") else limits.body_bytes
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, at most `limit` bytes also when it comes in chunks (no Content-Length)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(f"the request body is over {limit} bytes", status=413)
+    return bytes(body)
 
 
 async def read_json(request: Request, limit: int):
@@ -101,11 +122,7 @@ async def read_json(request: Request, limit: int):
         # also what stops a page on another site from posting here without a CORS preflight
         raise RequestError(f"send the parameters as JSON (Content-Type: application/json), not {media or 'nothing'}",
                            status=415)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(f"the request body is over {limit} bytes", status=413)
+    body = await read_body(request, limit)
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -135,11 +152,12 @@ def create_app(config: Config) -> Starlette:
     worker = Worker(pool, config.limits.queue)
     state = {"models": available_models()}
 
-    def submit(fields: dict) -> Job:
-        name, args, jobs, paths = generate_arguments(
+    def submit(fields: dict, prepared=None) -> Job:
+        """Queue a job for the fields (or the `prepared` (name, args, jobs, paths, edit) of them)."""
+        name, args, jobs, paths, edit = prepared or generate_arguments(
             fields, limits=config.limits, output=config.output, models=runnable(state["models"]),
             default_model=config.default_model, lora_dir=config.lora_dir)
-        job = Job(name, args, jobs[0], paths, {k: v for k, v in fields.items() if v is not None})
+        job = Job(name, args, jobs[0], paths, {k: v for k, v in fields.items() if v is not None}, edit=edit)
         try:
             worker.submit(job)
         except QueueFull as e:
@@ -158,19 +176,28 @@ def create_app(config: Config) -> Starlette:
     async def openapi_json(request: Request):
         return JSONResponse(openapi(config))
 
-    async def generations(request: Request):
-        body = await read_json(request, config.limits.body_bytes)
-        if not isinstance(body, dict):
-            raise RequestError("the request body must be a JSON object")
+    def openai_fields(body: dict, keys: tuple) -> tuple[dict, str]:
+        """OpenAI's fields -> (our job fields, response_format); OpenAI's model names mean ours by default."""
         response_format = body.get("response_format") or "b64_json"
         if response_format not in ("b64_json", "url"):
             raise RequestError(f"response_format: {response_format!r:.40} is not 'b64_json' or 'url'", "response_format")
         model = body.get("model")
         width, height = parse_size(body.get("size"))
-        fields = {k: body.get(k) for k in ("prompt", "n", "seed", "steps", "guidance", "negative_prompt", "lora")}
+        fields = {k: body.get(k) for k in keys}
         fields.update(width=width, height=height,
                       model=None if model is None or (isinstance(model, str) and OPENAI_MODELS.match(model)) else model)
-        job = submit(fields)
+        return fields, response_format
+
+    async def generations(request: Request):
+        body = await read_json(request, config.limits.body_bytes)
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        fields, response_format = openai_fields(
+            body, ("prompt", "n", "seed", "steps", "guidance", "negative_prompt", "lora"))
+        return await respond(request, submit(fields), response_format)
+
+    async def respond(request: Request, job: Job, response_format: str):
+        """Wait for the job; OpenAI's response: its images as base64 or URLs."""
         while job.state not in FINAL:
             if await request.is_disconnected():
                 worker.cancel(job)
@@ -189,9 +216,28 @@ def create_app(config: Config) -> Starlette:
                 data.append({"b64_json": base64.b64encode((config.output / image["name"]).read_bytes()).decode()})
         return JSONResponse({"created": int(job.created), "data": data})
 
+    async def edit_job(request: Request) -> tuple[Job, str]:
+        """A multipart edit (edits.py): the form's fields checked as a job's, then its images -> the
+        queued job and the response_format asked for."""
+        problem = cross_site(request.headers)
+        if problem:
+            raise RequestError(problem, status=403, kind="permission_error")
+        form = uploads.parse_form(await read_body(request, config.limits.upload_bytes),
+                                  request.headers.get("content-type", ""))
+        fields, response_format = openai_fields(form_fields(form.fields), EDIT_FIELDS)
+        if not form.files.get("image") and not form.files.get("image[]"):
+            raise RequestError("image: missing, send the image to edit as a file field 'image'", "image")
+        # the other fields first, as the command checks them (no image read yet)
+        name, args = job_arguments(fields, limits=config.limits, output=config.output,
+                                   models=runnable(state["models"]), default_model=config.default_model)
+        if fields.get("strength") is not None:  # generate's --strength (a job of /api/jobs has no image)
+            args.strength = typed("strength", fields["strength"], float)
+        validate(args)
+        attach(form, args, config.limits.side, config.output / "inputs")
+        return submit(fields, (name, args, *validate(args))), response_format
+
     async def edits(request: Request):
-        return error(501, "image editing (POST /v1/images/edits) is not implemented: tiny_imagegen has no "
-                          "inpainting yet; use /v1/images/generations", code="not_implemented")
+        return await respond(request, *(await edit_job(request)))
 
     async def openai_models(request: Request):
         return JSONResponse({"object": "list", "data": [
@@ -199,7 +245,10 @@ def create_app(config: Config) -> Starlette:
             for name in dict.fromkeys(runnable(state["models"]).values())]})
 
     async def create_job(request: Request):
-        job = submit(await read_json(request, config.limits.body_bytes))
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            job, _ = await edit_job(request)  # an edit, as the page sends it: its events as any job's
+        else:
+            job = submit(await read_json(request, config.limits.body_bytes))
         return JSONResponse({"id": job.id, "state": job.state, "position": worker.position(job),
                              "events": f"/api/jobs/{job.id}/events"}, status_code=202)
 
@@ -304,7 +353,7 @@ def create_app(config: Config) -> Starlette:
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
         Route("/openapi.json", openapi_json),
         Route("/v1/images/generations", generations, methods=["POST"]),
-        Route("/v1/images/edits", edits, methods=["POST"]),
+        Route(EDITS, edits, methods=["POST"]),
         Route("/v1/models", openai_models),
         Route("/api/jobs", create_job, methods=["POST"]),
         Route("/api/jobs", list_jobs, methods=["GET"]),

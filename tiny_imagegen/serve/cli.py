@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="characters per prompt (default %(default)s)")
     p.add_argument("--max-body", type=int, default=DEFAULT_LIMITS.body_bytes,
                    help="bytes per request body (default %(default)s)")
+    p.add_argument("--max-upload", type=int, default=DEFAULT_LIMITS.upload_bytes,
+                   help="bytes per POST /v1/images/edits body: its image and mask (default %(default)s)")
     return p
 
 
@@ -62,7 +64,7 @@ def config_from(args):
              "request must carry it")
     if args.token is not None and len(args.token) < 16:
         fail("--token must be at least 16 characters (e.g. python -c 'import secrets; print(secrets.token_urlsafe())')")
-    for flag in ("max_queue", "max_images", "max_side", "max_steps", "max_prompt", "max_body"):
+    for flag in ("max_queue", "max_images", "max_side", "max_steps", "max_prompt", "max_body", "max_upload"):
         if getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be at least 1")
     if args.lora_dir is not None and not args.lora_dir.is_dir():
@@ -72,7 +74,7 @@ def config_from(args):
     except OSError as e:
         fail(f"--output {args.output}: {e.strerror}")
     budget = int(args.memory_budget * 2**30) if args.memory_budget else int((device_memory() or 16 << 30) * 3 // 4)
-    limits = Limits(body_bytes=args.max_body, prompt_chars=args.max_prompt, images=args.max_images,
+    limits = Limits(body_bytes=args.max_body, upload_bytes=args.max_upload, prompt_chars=args.max_prompt, images=args.max_images,
                     side=args.max_side, steps=args.max_steps, queue=args.max_queue)
     return Config(output=args.output, default_model=args.model, limits=limits, token=args.token,
                   memory_budget=budget, lora_dir=args.lora_dir, keep_text_encoders=args.keep_text_encoders,

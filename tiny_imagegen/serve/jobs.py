@@ -62,6 +62,7 @@ class Job:
     watchers: int = 0  # clients subscribed to the events
     last_step: dict = field(default_factory=dict)
     cancel: threading.Event = field(default_factory=threading.Event)
+    edit: EditInputs = field(default_factory=EditInputs)  # the input images (POST /v1/images/edits)
 
     def emit(self, event: dict) -> None:
         self.events.append({"type": event.pop("type"), **event, "time": round(time.time(), 3)})
@@ -149,7 +150,7 @@ class Worker:
         outcome = ("done", {"type": "done"})
         try:
             pipe = self.pool.get(job.args)
-            images, metadata = render(pipe, job.args, job.job, sampler_options(pipe, job.args), EditInputs(),
+            images, metadata = render(pipe, job.args, job.job, sampler_options(pipe, job.args), job.edit,
                                       self._progress(job), self._preview(job, pipe))
             for image, seed, path in zip(images, job.job.seeds, job.paths):
                 save_png(image, path, {**metadata, "seed": seed})
@@ -166,8 +167,10 @@ class Worker:
             print(f"job {job.id} failed: {type(e).__name__}: {e}", file=sys.stderr)
             job.error, job.error_kind = f"{type(e).__name__}: {e}", "internal"
             outcome = ("error", {"type": "error", "message": job.error})
-        # here, out of the except blocks, the traceback (and the arrays its frames held) is gone
+        # here, out of the except blocks, the traceback (and the arrays its frames held) is gone;
+        # a finished job keeps no input images (KEEP_JOBS of them stay known)
         pipe = images = None
+        job.edit = EditInputs()
         gc.collect()
         if outcome[0] != "done":
             mx.clear_cache()

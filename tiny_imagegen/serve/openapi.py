@@ -46,6 +46,36 @@ def ok(description: str, media: str = "application/json") -> dict:
     return {"description": description, "content": {media: {}}}
 
 
+def edits_op(config, errors: dict) -> dict:
+    """OpenAI's edits: a multipart form (the files and the text fields)."""
+    image = {"type": "string", "contentMediaType": "image/png"}
+    form = {"type": "object", "required": ["image", "prompt"], "properties": {
+        "image": {**image, "description": "the image to edit (PNG, JPEG, WebP); several as image[] are references "
+                                          "(FLUX.2 klein, FLUX.1 Kontext)"},
+        "mask": {**image, "description": "the image's size; OpenAI's convention where it has transparency "
+                                         "(alpha 0 = edit), else ours: greyscale, white = repaint, black = keep"},
+        "prompt": {"type": "string", "maxLength": config.limits.prompt_chars},
+        "model": {"type": "string", "description": "a registered model that edits; OpenAI's names mean the default"},
+        "n": {"type": "integer", "minimum": 1, "maximum": config.limits.images},
+        "size": {"type": "string", "description": "WIDTHxHEIGHT; default the image's size"},
+        "response_format": {"type": "string", "enum": ["b64_json", "url"], "default": "b64_json"},
+        "strength": {"type": "number", "description": "how far from the image (0, 1], default 0.75"},
+        "seed": {"type": "integer"}, "steps": {"type": "integer"}, "guidance": {"type": "number"},
+        "negative_prompt": {"type": "string"}}, "additionalProperties": True}
+    return {"summary": "edit or inpaint an image (waits for the result)",
+            "responses": {"200": ok("{created, data: [{b64_json | url}]}"), **errors},
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": form}}}}
+
+
+def jobs_op(config, errors: dict) -> dict:
+    """POST /api/jobs: generate's parameters as JSON, or an edit as the edits route's form."""
+    out = op("queue a job (JSON), or an edit job (the edits route's multipart form)",
+             {"202": ok("{id, state, position, events}"), "403": ERROR, **errors},
+             {"$ref": "#/components/schemas/JobRequest"})
+    out["requestBody"]["content"].update(edits_op(config, errors)["requestBody"]["content"])
+    return out
+
+
 def openapi(config) -> dict:
     openai_body = {"type": "object", "required": ["prompt"], "properties": {
         "prompt": {"type": "string", "maxLength": config.limits.prompt_chars},
@@ -73,12 +103,10 @@ def openapi(config) -> dict:
         "paths": {
             "/v1/images/generations": {"post": op("draw images (waits for them)", {
                 "200": ok("{created, data: [{b64_json | url}]}"), **errors}, openai_body)},
-            "/v1/images/edits": {"post": op("not implemented: no inpainting in tiny_imagegen yet",
-                                            {"501": ERROR})},
+            "/v1/images/edits": {"post": edits_op(config, errors)},
             "/v1/models": {"get": op("the models this server can run", {"200": ok("OpenAI's model list")})},
             "/api/jobs": {
-                "post": op("queue a job", {"202": ok("{id, state, position, events}"), **errors},
-                           {"$ref": "#/components/schemas/JobRequest"}),
+                "post": jobs_op(config, errors),
                 "get": op("the latest jobs", {"200": ok("a list of jobs")})},
             "/api/jobs/{id}": {
                 "get": op("a job: state, queue position, progress, images", {"200": ok("the job"), "404": ERROR},

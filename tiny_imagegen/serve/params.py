@@ -34,6 +34,7 @@ class Limits:
     """What one request may ask for (the server's flags set them)."""
 
     body_bytes: int = 1 << 20  # a JSON request body
+    upload_bytes: int = 16 << 20  # a multipart body of POST /v1/images/edits (its image and mask)
     prompt_chars: int = 2000
     images: int = 4  # per request (OpenAI's n)
     side: int = 1024  # pixels, width and height
@@ -120,9 +121,17 @@ def lora_specs(value: list, lora_dir: Path | None) -> list[str]:
 
 def generate_arguments(fields: dict, *, limits: Limits, output: Path, models: dict[str, str],
                        default_model: str, lora_dir: Path | None = None):
-    """-> (name, the generate arguments, the command's jobs, output paths) for a job's fields.
-    `models`: registered name or alias -> its name, for the models whose weights are here.
-    Unknown fields are ignored (as OpenAI's API does); `name` is the job's id and file stem."""
+    """-> (name, the generate arguments, the command's jobs, output paths, the input images) for a
+    job's fields. `models`: registered name or alias -> its name, for the models whose weights are
+    here. Unknown fields are ignored (as OpenAI's API does); `name` is the job's id and file stem."""
+    name, args = job_arguments(fields, limits=limits, output=output, models=models, default_model=default_model,
+                               lora_dir=lora_dir)
+    return (name, args, *validate(args))
+
+
+def job_arguments(fields: dict, *, limits: Limits, output: Path, models: dict[str, str],
+                  default_model: str, lora_dir: Path | None = None):
+    """-> (name, the generate arguments): the fields typed, bounded and copied on, not yet validated."""
     if not isinstance(fields, dict):
         raise RequestError("the request body must be a JSON object")
     args = build_parser().parse_args([])
@@ -148,8 +157,7 @@ def generate_arguments(fields: dict, *, limits: Limits, output: Path, models: di
     check_bounds(args, limits)
     name = uuid.uuid4().hex[:12]
     args.output = str(output / f"{name}-{{i}}.png")
-    jobs, paths = validate(args)
-    return name, args, jobs, paths
+    return name, args
 
 
 def check_bounds(args, limits: Limits) -> None:
@@ -170,11 +178,12 @@ def check_bounds(args, limits: Limits) -> None:
 
 
 def validate(args):
-    """The command's own checks (one place to switch to a shared validation layer): -> (jobs, paths)."""
+    """The command's own checks (one place to switch to a shared validation layer): -> (jobs, paths,
+    the input images: commands/inputs.py EditInputs)."""
     try:
-        jobs, paths, _ = check_inputs(args)
+        jobs, paths, edit = check_inputs(args)
     except UsageError as e:
         message = str(e)
         flag = re.match(r"--([a-z-]+)", message)
         raise RequestError(message, flag.group(1).replace("-", "_") if flag else None) from None
-    return jobs, paths
+    return jobs, paths, edit

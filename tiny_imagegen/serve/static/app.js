@@ -1,4 +1,5 @@
-// The page of `tiny-imagegen serve`: a form that queues jobs (POST /api/jobs), their events read
+// The page of `tiny-imagegen serve`: a form that queues jobs (POST /api/jobs; with an image, the
+// edits route's multipart form, so an edit shows its steps too), their events read
 // as a stream (so the bearer token can be sent, which EventSource cannot), and a gallery of the
 // output folder's images with their parameters (GET /api/images).
 "use strict";
@@ -87,12 +88,26 @@ function formFields() {
   return fields;
 }
 
+// An edit (an image chosen): the edits route's multipart form, sent to /api/jobs to follow its steps.
+function editForm(fields) {
+  const form = new FormData();
+  form.append("image", $("image").files[0]);
+  if ($("mask").files.length) form.append("mask", $("mask").files[0]);
+  for (const key of ["prompt", "negative_prompt", "model", "steps", "guidance", "seed", "n"]) {
+    if (fields[key] !== undefined) form.append(key, String(fields[key]));
+  }
+  if (fields.width !== undefined && fields.height !== undefined) form.append("size", `${fields.width}x${fields.height}`);
+  if ($("strength").value.trim() !== "") form.append("strength", $("strength").value.trim());
+  return form;
+}
+
 async function submit(event) {
   event.preventDefault();
   $("form-error").hidden = true;
   try {
-    const job = await json("/api/jobs", {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(formFields()),
+    const fields = formFields();
+    const job = await json("/api/jobs", $("image").files.length ? { method: "POST", body: editForm(fields) } : {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(fields),
     });
     waiting.push(job.id);
     watch(job.id);
