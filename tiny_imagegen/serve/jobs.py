@@ -25,7 +25,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..commands.generate import render, sampler_options
+from ..commands.rendering import render, sampler_options
 from ..commands.inputs import EditInputs, UsageError
 from ..commands.metadata import read_parameters, save_png
 

@@ -2,7 +2,7 @@
 
 The arguments start as the command's own defaults (its argparse parser with no flags), the
 request's fields are typed and copied onto them, then `validate` runs the command's checks
-(commands/generate.py `check_inputs`: prompts, seeds, sizes, output paths). The server adds its
+(commands/rendering.py `check_inputs`: prompts, seeds, sizes, output paths). The server adds its
 bounds (`Limits`: prompt length, images per request, side, steps) and what a remote caller must
 not reach: a model is a registered name whose weights are already here (no download, no local
 path), a LoRA a file name inside the server's --lora-dir, the output a name the server chooses
@@ -17,7 +17,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..commands.generate import build_parser, check_inputs
+from ..commands.generate import build_parser
+from ..commands.rendering import check_inputs
 from ..commands.inputs import UsageError
 
 

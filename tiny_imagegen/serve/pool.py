@@ -18,7 +18,7 @@ from collections import OrderedDict
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from ..commands.generate import load_pipeline
+from ..commands.rendering import load_pipeline
 
 
 def resident_bytes(pipe) -> int:
