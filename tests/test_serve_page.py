@@ -53,7 +53,9 @@ def test_generate_watch_and_reuse(browser, server, screen):
     page.fill("#steps", "6")
     page.evaluate("""() => {  // every status the page shows, however fast they pass
         window.seen = [];
-        new MutationObserver(() => window.seen.push(document.getElementById('status').textContent))
+        // each record's added text node, not the element's text at callback time: records that
+        // arrive in one batch (fast steps) would otherwise show only the last status
+        new MutationObserver(records => records.forEach(r => r.addedNodes.forEach(n => window.seen.push(n.textContent))))
             .observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true});
     }""")
     page.click("#generate")
@@ -124,7 +126,9 @@ def test_edit_an_uploaded_image_with_its_steps(browser, server, tmp_path):
                                           "buffer": png(Image.fromarray(mask, mode="L"))}])
     page.evaluate("""() => {
         window.seen = [];
-        new MutationObserver(() => window.seen.push(document.getElementById('status').textContent))
+        // each record's added text node, not the element's text at callback time: records that
+        // arrive in one batch (fast steps) would otherwise show only the last status
+        new MutationObserver(records => records.forEach(r => r.addedNodes.forEach(n => window.seen.push(n.textContent))))
             .observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true});
     }""")
     page.click("#generate")
