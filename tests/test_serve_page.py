@@ -51,18 +51,9 @@ def test_generate_watch_and_reuse(browser, server, screen):
     page.wait_for_selector("#model option[value='tiny-shapes']", state="attached")
     page.fill("#prompt", "a blue square")
     page.fill("#steps", "6")
-    page.evaluate("""() => {  // every status the page shows, however fast they pass
-        window.seen = [];
-        // each record's added text node, not the element's text at callback time: records that
-        // arrive in one batch (fast steps) would otherwise show only the last status
-        new MutationObserver(records => records.forEach(r => r.addedNodes.forEach(n => window.seen.push(n.textContent))))
-            .observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true});
-    }""")
-    page.click("#generate")
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=60_000)
+    statuses = generate_and_watch(page)
     # the live progress: each step was shown, and the preview holds the decoded latents
-    seen = page.evaluate("window.seen")
-    assert [f"step {i} / 6" for i in range(1, 7)] == [s.split(" (")[0] for s in seen if s.startswith("step")], seen
+    assert [f"step {i} / 6" for i in range(1, 7)] == [s.split(" (")[0] for s in statuses if s.startswith("step")], statuses
     assert page.eval_on_selector("#progress", "p => p.value") == 1
     assert page.eval_on_selector("#preview", "img => img.src").startswith("data:image/png;base64,")
     card = page.wait_for_selector(".card:has(dd:text-is('a blue square'))")
@@ -89,6 +80,20 @@ def test_generate_watch_and_reuse(browser, server, screen):
         (app.state.config.output / names[1].images[0]["name"]).read_bytes()
     assert not errors, errors
     page.close()
+
+
+def generate_and_watch(page) -> list[str]:
+    """Click Generate and return every status the page showed until 'done', however fast they passed:
+    each mutation record's added text node, not the element's text when the observer runs (records
+    that arrive in one batch, as fast steps do, would otherwise show only the last status)."""
+    page.evaluate("""() => {
+        window.seen = [];
+        new MutationObserver(records => records.forEach(r => r.addedNodes.forEach(n => window.seen.push(n.textContent))))
+            .observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true});
+    }""")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=60_000)
+    return page.evaluate("window.seen")
 
 
 def test_edit_an_uploaded_image_with_its_steps(browser, server, tmp_path):
@@ -124,17 +129,8 @@ def test_edit_an_uploaded_image_with_its_steps(browser, server, tmp_path):
     page.set_input_files("#image", files=[{"name": "photo.png", "mimeType": "image/png", "buffer": png(picture)}])
     page.set_input_files("#mask", files=[{"name": "mask.png", "mimeType": "image/png",
                                           "buffer": png(Image.fromarray(mask, mode="L"))}])
-    page.evaluate("""() => {
-        window.seen = [];
-        // each record's added text node, not the element's text at callback time: records that
-        // arrive in one batch (fast steps) would otherwise show only the last status
-        new MutationObserver(records => records.forEach(r => r.addedNodes.forEach(n => window.seen.push(n.textContent))))
-            .observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true});
-    }""")
-    page.click("#generate")
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=60_000)
-    seen = page.evaluate("window.seen")
-    assert [f"step {i} / 3" for i in range(1, 4)] == [s.split(" (")[0] for s in seen if s.startswith("step")], seen
+    statuses = generate_and_watch(page)
+    assert [f"step {i} / 3" for i in range(1, 4)] == [s.split(" (")[0] for s in statuses if s.startswith("step")], statuses
     page.wait_for_selector(".card:has(dd:text-is('a green triangle'))")
     job = [j for j in app.state.worker.jobs.values() if j.state == "done"][-1]
     served = app.state.config.output / job.images[0]["name"]
