@@ -51,6 +51,24 @@ def test_fbc_skips_the_steps_diffusers_skips_with_the_same_latents(pipe, thresho
     assert pipe.step_cache.states[0].skipped == state.skipped and np.array_equal(np.array(again), np.array(latents))
 
 
+def check_guided_cache(pipe, run: dict) -> None:
+    """A guided 3-step run: threshold 0 computes every step (bit-identical to no cache, one state per
+    guidance pass); a threshold that always skips skips steps 1 and 2 in both passes, batched and
+    unbatched alike, and changes the result."""
+    pipe.generate(**run)
+    plain = np.array(pipe.last_latents)
+    pipe.generate(**run, cache="fbc:0")
+    assert np.array_equal(np.array(pipe.last_latents), plain)
+    assert [s.skipped for s in pipe.step_cache.states] == [[], []]
+    skipped = {}
+    for batch_cfg in (True, False):
+        pipe.generate(**run, cache=CacheConfig("fbc", 1e9), batch_cfg=batch_cfg)
+        skipped[batch_cfg] = (np.array(pipe.last_latents), [s.skipped for s in pipe.step_cache.states])
+    assert skipped[True][1] == skipped[False][1] == [[1, 2], [1, 2]]
+    assert np.abs(skipped[True][0] - skipped[False][0]).max() < 1e-5
+    assert np.abs(skipped[True][0] - plain).max() > 1e-4  # skipping changed the result
+
+
 def test_without_cache_and_at_threshold_zero_every_step_is_computed(pipe):
     io = load_fixture("step_cache", "io.safetensors")
     assert_close("no cache: final latents", _run(pipe, io, None), io["latents_none"], atol=2e-5)
@@ -212,18 +230,7 @@ def test_pipelines_keep_one_context_per_guidance_pass(tmp_path, family):
         pipe = Pipeline.from_pretrained(str(hub_folder(tmp_path)), dtype=mx.float32)
         run = dict(conditioning=conditioning(io, True), width=48, height=32, steps=3, guidance=1.5,
                    latents=io["noise"].transpose(0, 2, 3, 1))
-    pipe.generate(**run)
-    plain = np.array(pipe.last_latents)
-    pipe.generate(**run, cache="fbc:0")
-    assert np.array_equal(np.array(pipe.last_latents), plain)
-    assert [s.skipped for s in pipe.step_cache.states] == [[], []]
-    skipped = {}
-    for batch_cfg in (True, False):
-        pipe.generate(**run, cache=CacheConfig("fbc", 1e9), batch_cfg=batch_cfg)
-        skipped[batch_cfg] = (np.array(pipe.last_latents), [s.skipped for s in pipe.step_cache.states])
-    assert skipped[True][1] == skipped[False][1] == [[1, 2], [1, 2]]
-    assert np.abs(skipped[True][0] - skipped[False][0]).max() < 1e-5
-    assert np.abs(skipped[True][0] - plain).max() > 1e-4  # skipping changed the result
+    check_guided_cache(pipe, run)
 
 
 def test_dit_follows_the_same_rule():
@@ -364,18 +371,7 @@ def test_sd3_pipeline_contexts_per_guidance_pass(extra):
     pipe = pipeline(keep_text_encoders=True)
     run = dict(prompt=PROMPTS, width=32, height=48, steps=3, guidance=5.0, latents=io["noise"].transpose(0, 2, 3, 1),
                **extra)
-    pipe.generate(**run)
-    plain = np.array(pipe.last_latents)
-    pipe.generate(**run, cache="fbc:0")
-    assert np.array_equal(np.array(pipe.last_latents), plain)
-    assert [s.skipped for s in pipe.step_cache.states] == [[], []]
-    skipped = {}
-    for batch_cfg in (True, False):
-        pipe.generate(**run, cache=CacheConfig("fbc", 1e9), batch_cfg=batch_cfg)
-        skipped[batch_cfg] = (np.array(pipe.last_latents), [s.skipped for s in pipe.step_cache.states])
-    assert skipped[True][1] == skipped[False][1] == [[1, 2], [1, 2]]
-    assert np.abs(skipped[True][0] - skipped[False][0]).max() < 1e-5
-    assert np.abs(skipped[True][0] - plain).max() > 1e-4
+    check_guided_cache(pipe, run)
 
 
 @pytest.mark.parametrize("repo", ["sd3_pipeline", "qwen_image_pipeline"])
