@@ -22,7 +22,6 @@ Writes under out/editing/:
                          tests/fixtures/zimage, from the prompt): ε, noise, final latents (B, h, w, 16), pixels
 """
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -107,9 +106,10 @@ def klein(out: Path, pics: dict) -> None:
     save(out / "klein_inpaint.safetensors", io_inpaint)
 
 
-def flux1(out: Path, pics: dict) -> None:
+def flux1_components() -> dict:
+    """The tiny dev-like FLUX.1 repo of the pipeline fixtures, as the pipelines' keyword arguments."""
     text = FIXTURES / "text_encoders" / "flux"
-    pipe = FluxInpaintPipeline(
+    return dict(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS["dev"]),
         vae=AutoencoderKL.from_pretrained(FIXTURES / "flux_pipeline" / "vae").eval(),
         transformer=FluxTransformer2DModel.from_pretrained(FIXTURES / "flux_pipeline" / "dev_like" / "transformer").eval(),
@@ -118,6 +118,10 @@ def flux1(out: Path, pics: dict) -> None:
         text_encoder_2=T5EncoderModel.from_pretrained(text / "text_encoder_2").eval(),
         tokenizer_2=T5Tokenizer.from_pretrained(text / "tokenizer_2"),
     )
+
+
+def flux1(out: Path, pics: dict) -> None:
+    pipe = FluxInpaintPipeline(**flux1_components())
     seed = 276
     latents, pixels = run(pipe, image=pil(pics["flux1_image"]), mask_image=pil(pics["flux1_mask"]), height=32, width=48,
                           strength=0.6, num_inference_steps=5, guidance_scale=3.5, generator=seeded(seed),
@@ -183,16 +187,7 @@ def kontext(out: Path, pics: dict) -> None:
     from diffusers import FluxKontextPipeline
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
-    text = FIXTURES / "text_encoders" / "flux"
-    pipe = FluxKontextPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS["dev"]),
-        vae=AutoencoderKL.from_pretrained(FIXTURES / "flux_pipeline" / "vae").eval(),
-        transformer=FluxTransformer2DModel.from_pretrained(FIXTURES / "flux_pipeline" / "dev_like" / "transformer").eval(),
-        text_encoder=CLIPTextModel.from_pretrained(text / "text_encoder").eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(text / "tokenizer"),
-        text_encoder_2=T5EncoderModel.from_pretrained(text / "text_encoder_2").eval(),
-        tokenizer_2=T5Tokenizer.from_pretrained(text / "tokenizer_2"),
-    )
+    pipe = FluxKontextPipeline(**flux1_components())
     seed = 280
     latents, pixels = run(pipe, image=pil(pics["ref1"]), height=64, width=64, max_area=64 * 64, num_inference_steps=3,
                           guidance_scale=2.5, generator=seeded(seed), max_sequence_length=512, _auto_resize=False)

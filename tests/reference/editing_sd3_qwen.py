@@ -29,7 +29,7 @@ import torch
 from diffusers import QwenImageInpaintPipeline, StableDiffusion3InpaintPipeline
 
 from ._common import save, seeded
-from .editing import PROMPT, pil, run  # run: pipe(prompt=PROMPT, ...) -> (last latents, uint8 pixels)
+from .editing import pil, run  # run: pipe(prompt=PROMPT, ...) -> (last latents, uint8 pixels)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
