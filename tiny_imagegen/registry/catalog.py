@@ -266,33 +266,25 @@ def _sd3_configs(transformer_preset: str) -> dict:
 
 
 _SD3_LICENCE = "Stability AI Community License (free below USD 1M annual revenue; an enterprise licence above)"
-# steps and guidance from the model cards' examples; the shift 3.0 of their scheduler_config.json;
-# StableDiffusion3Pipeline's max_sequence_length 256
+
+
+def _sd35(size: str, description: str, steps: int, guidance: float, preset: str, alias: str) -> ModelSpec:
+    """Stable Diffusion 3.5: one family, three published models (gated, one licence). Steps and
+    guidance from the model cards' examples; the shift 3.0 of their scheduler_config.json;
+    StableDiffusion3Pipeline's max_sequence_length 256."""
+    return ModelSpec(
+        f"sd3.5-{size}", "sd3", description=description, licence=_SD3_LICENCE,
+        defaults=SamplingDefaults(steps=steps, guidance=guidance, shift=3.0, text_length=256),
+        repo_id=f"stabilityai/stable-diffusion-3.5-{size}", gated=True, aliases=(alias,), configs=_sd3_configs(preset))
+
+
 _SD3_MODELS = (
-    ModelSpec(
-        "sd3.5-large", "sd3",
-        description="Stable Diffusion 3.5 Large, 8.1 B MM-DiT, CLIP-L + bigG + T5-XXL text",
-        licence=_SD3_LICENCE,
-        defaults=SamplingDefaults(steps=28, guidance=3.5, shift=3.0, text_length=256),
-        repo_id="stabilityai/stable-diffusion-3.5-large", gated=True, aliases=("sd35-large",),
-        configs=_sd3_configs("SD35_LARGE"),
-    ),
-    ModelSpec(
-        "sd3.5-large-turbo", "sd3",
-        description="Stable Diffusion 3.5 Large Turbo, 8.1 B, distilled for 4 steps without guidance",
-        licence=_SD3_LICENCE,
-        defaults=SamplingDefaults(steps=4, guidance=0.0, shift=3.0, text_length=256),
-        repo_id="stabilityai/stable-diffusion-3.5-large-turbo", gated=True, aliases=("sd35-turbo",),
-        configs=_sd3_configs("SD35_LARGE"),
-    ),
-    ModelSpec(
-        "sd3.5-medium", "sd3",
-        description="Stable Diffusion 3.5 Medium, 2.5 B MMDiT-X (dual attention in blocks 0-12)",
-        licence=_SD3_LICENCE,
-        defaults=SamplingDefaults(steps=40, guidance=4.5, shift=3.0, text_length=256),
-        repo_id="stabilityai/stable-diffusion-3.5-medium", gated=True, aliases=("sd35-medium",),
-        configs=_sd3_configs("SD35_MEDIUM"),
-    ),
+    _sd35("large", "Stable Diffusion 3.5 Large, 8.1 B MM-DiT, CLIP-L + bigG + T5-XXL text", 28, 3.5,
+          "SD35_LARGE", "sd35-large"),
+    _sd35("large-turbo", "Stable Diffusion 3.5 Large Turbo, 8.1 B, distilled for 4 steps without guidance", 4, 0.0,
+          "SD35_LARGE", "sd35-turbo"),
+    _sd35("medium", "Stable Diffusion 3.5 Medium, 2.5 B MMDiT-X (dual attention in blocks 0-12)", 40, 4.5,
+          "SD35_MEDIUM", "sd35-medium"),
 )
 
 MODELS: tuple[ModelSpec, ...] = (
