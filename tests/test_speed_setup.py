@@ -32,6 +32,16 @@ def test_blas_plan_loads_openblas_only_on_linux_with_the_bundled_reference_blas(
     assert blas.plan("darwin", "/opt/ob/libopenblas.so.0", True, False).load == ()
 
 
+def test_openblas_kernels_are_named_from_the_cpu_flags():
+    """OpenBLAS 0.3.21 falls back to its SSE3 kernels on CPUs it does not know (4x slower here)."""
+    avx512 = {"sse3", "avx", "avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512cd"}
+    assert blas.kernel_for(avx512) == "SKYLAKEX"
+    assert blas.kernel_for(avx512 - {"avx512bw"}) == "HASWELL"  # Knights Landing: AVX-512 without BW
+    assert blas.kernel_for({"sse3", "avx", "avx2", "fma"}) == "HASWELL"
+    assert blas.kernel_for({"sse3", "avx", "avx2"}) is None  # no FMA: OpenBLAS decides
+    assert blas.kernel_for(set()) is None  # not x86 (or no /proc/cpuinfo)
+
+
 def _fresh(code: str, **env) -> subprocess.CompletedProcess:
     full = {**os.environ, **env}
     return subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"],
@@ -73,6 +83,14 @@ def test_openblas_when_installed_is_what_mlx_uses():
     lines = r.stdout.splitlines()
     assert lines[0] == "64.0" and lines[1].startswith("OpenBLAS ") and "loaded before MLX" in lines[1]
     assert float(lines[2]) < 1e-4  # the same product as float64 numpy
+    kernel = blas.kernel_for(blas._cpu_flags())
+    if kernel and "OPENBLAS_CORETYPE" not in os.environ:  # the kernels chosen from the flags are the ones running
+        assert f", {kernel.lower()} kernels" in lines[1].lower(), lines[1]
+    forced = _fresh(MATMUL, TINY_IMAGEGEN_BLAS=setting, OPENBLAS_CORETYPE="Prescott")  # the user's choice wins
+    assert ", prescott kernels" in forced.stdout.lower(), forced.stdout
+    if "OPENBLAS_CORETYPE" not in os.environ:  # the environment is left as it was
+        env = _fresh("import tiny_imagegen, os; print(sorted(os.environ))", TINY_IMAGEGEN_BLAS=setting)
+        assert env.returncode == 0 and "OPENBLAS_CORETYPE" not in env.stdout
     late = _fresh("import mlx.core; " + MATMUL, TINY_IMAGEGEN_BLAS=setting)  # MLX first: too late, and said
     assert "too late" in late.stdout and "OpenBLAS " not in late.stdout
 
