@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -145,3 +146,52 @@ def test_tiny_model_generates_the_same_image_compiled_or_not(monkeypatch):
         pipe = Pipeline.from_pretrained("tiny-shapes", dtype=mx.float32)
         images[setting] = np.asarray(pipe.generate("a red circle", steps=3, seed=5)[0])
     assert np.array_equal(images["auto"], images["on"])
+
+
+# ---- matmuls across the cores with the single-threaded reference BLAS (layers/linear.py) ----------
+
+def test_row_split_linear_computes_what_nn_linear_computes():
+    """In this process (whichever BLAS): the pieces joined == one call, to float32 rounding; below
+    the row threshold it is one call; a quantized layer is left alone."""
+    from tiny_imagegen.device.streams import cpu_streams
+    from tiny_imagegen.layers.linear import MIN_ROWS_PER_CORE, RowSplitLinear, split_rows_across_cores
+
+    model = nn.Sequential(nn.Linear(48, 80), nn.Linear(80, 32, bias=False), nn.QuantizedLinear(64, 64))
+    x = mx.random.normal((2, 37, 48), key=mx.random.key(3))  # 74 rows: pieces of unequal length
+    h = model.layers[0](x)
+    expected = (np.array(h), np.array(model.layers[1](h)))
+    split_rows_across_cores(model)
+    assert [type(m).__name__ for m in model.layers] == ["RowSplitLinear", "RowSplitLinear", "QuantizedLinear"]
+    got = (np.array(model.layers[0](x)), np.array(model.layers[1](model.layers[0](x))))
+    for e, g in zip(expected, got):
+        assert g.shape == e.shape and np.abs(g - e).max() <= 1e-5 * np.abs(e).max(), np.abs(g - e).max()
+    few = x[:1, : MIN_ROWS_PER_CORE * len(cpu_streams()) - 1]  # below the threshold: one nn.Linear call
+    assert np.array_equal(np.array(model.layers[0](few)), np.array(nn.Linear.__call__(model.layers[0], few)))
+    assert isinstance(model.layers[0], nn.Linear) and isinstance(model.layers[0], RowSplitLinear)
+
+
+SPLIT_IMAGE = """
+import numpy as np, mlx.core as mx, mlx.nn as nn
+from tiny_imagegen.device import blas
+from tiny_imagegen.pipelines.pipeline import Pipeline
+pipe = Pipeline.from_pretrained("tiny-shapes", dtype=mx.float32)
+kinds = sorted({type(m).__name__ for _, m in pipe.transformer.named_modules() if isinstance(m, nn.Linear)})
+split = np.asarray(pipe.generate("a red circle", steps=3, seed=5)[0])
+for _, m in pipe.transformer.named_modules():
+    if type(m).__name__ == "RowSplitLinear":
+        m.__class__ = nn.Linear
+plain = np.asarray(pipe.generate("a red circle", steps=3, seed=5)[0])
+print(blas.single_threaded(), ",".join(kinds), np.array_equal(split, plain))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the BLAS choice is Linux-only")
+def test_pipelines_split_matmuls_only_on_the_reference_blas_and_the_image_is_the_same():
+    r = _fresh("import tiny_imagegen" + SPLIT_IMAGE, TINY_IMAGEGEN_BLAS="off")
+    assert r.returncode == 0, r.stderr
+    if (os.cpu_count() or 1) > 1:  # the same bytes, split across the cores or not
+        assert r.stdout.split() == ["True", "RowSplitLinear", "True"], r.stdout
+    setting = _system_openblas()
+    if setting is not None:  # OpenBLAS threads its own matmuls: left as nn.Linear
+        r = _fresh("import tiny_imagegen" + SPLIT_IMAGE, TINY_IMAGEGEN_BLAS=setting)
+        assert r.returncode == 0 and r.stdout.split()[:2] == ["False", "Linear"], r.stdout + r.stderr

@@ -142,14 +142,24 @@ def preload() -> str | None:
     return _state["loaded"]
 
 
-def _mapped_blas() -> list[str]:
-    """The BLAS libraries mapped into this process (Linux: /proc/self/maps)."""
+def _mapped_blas() -> tuple[list[str], list[str]]:
+    """(OpenBLAS files, MLX's bundled reference BLAS files) mapped into this process (Linux:
+    /proc/self/maps). numpy's and torch's own OpenBLAS copies carry suffixed symbols and other
+    names (libscipy_openblas64_, ...): they are not MLX's and are not counted."""
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "blas" in line.lower() and "/" in line}
+            paths = sorted({line.split()[-1] for line in f if "blas" in line.lower() and "/" in line})
     except OSError:
-        return []
-    return sorted(paths)
+        return [], []
+    openblas = [m for m in paths if os.path.basename(m).startswith("libopenblas") and "64" not in os.path.basename(m)]
+    return openblas, [m for m in paths if "mlx_cpu.libs" in m]
+
+
+def single_threaded() -> bool:
+    """Whether MLX's CPU matmuls run on the bundled reference BLAS, one thread per matmul (then the
+    pipelines cut them across the cores themselves: layers/linear.py)."""
+    openblas, reference = _mapped_blas() if sys.platform.startswith("linux") else ([], [])
+    return bool(reference) and not openblas
 
 
 def describe() -> str:
@@ -158,15 +168,12 @@ def describe() -> str:
         return "Accelerate (macOS)"
     if not sys.platform.startswith("linux"):
         return f"as linked by MLX on {sys.platform}"
-    mapped = _mapped_blas()
-    # (numpy's and torch's own OpenBLAS copies carry suffixed symbols and other names: not MLX's)
-    openblas = [m for m in mapped if os.path.basename(m).startswith("libopenblas") and "64" not in os.path.basename(m)]
-    reference = [m for m in mapped if "mlx_cpu.libs" in m]
+    openblas, reference = _mapped_blas()
     if openblas and (_state["loaded"] or os.environ.get("LD_PRELOAD")):
         how = "loaded before MLX" if _state["loaded"] else "LD_PRELOAD"
         kernel = f", {_state['kernel']} kernels" if _state["kernel"] else ""
         return f"OpenBLAS {openblas[0]} ({how}{kernel})"
-    if reference or (not mapped and _bundled_reference_blas()):
+    if reference or ("mlx.core" not in sys.modules and _bundled_reference_blas()):  # (before MLX is loaded)
         note = _state["note"] or "not chosen yet"
         return f"MLX's bundled reference BLAS, slow ({note}" + (f"; {INSTALL_HINT})" if note == "no OpenBLAS found" else ")")
     return f"as linked by MLX ({_state['note'] or 'no bundled reference BLAS'})"

@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..device.streams import cpu_streams, pieces
 from .rope import apply_rope
 
 
@@ -38,12 +39,6 @@ class QKNorm(nn.Module):
 
 # Below this many attention scores (B H Lq Lk) one call is as fast as the pieces and their joins.
 PARALLEL_MIN_SCORES = 1 << 22
-_cpu_streams: list = []
-
-
-def _pieces(n: int, parts: int) -> list[slice]:
-    step = -(-n // parts)
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def _take(a: mx.array | None, axis: int, piece: slice) -> mx.array | None:
@@ -79,16 +74,14 @@ def sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | N
     if (mx.default_device() != mx.cpu or cores < 2 or B * H * Lq * Lk < PARALLEL_MIN_SCORES
             or (mask is not None and (not isinstance(mask, mx.array) or mask.ndim != 4))):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    while len(_cpu_streams) < cores:
-        _cpu_streams.append(mx.new_stream(mx.cpu))
     if H % cores == 0 and H_kv % cores == 0:  # piece i: a run of q heads and the kv heads they read
         axis = 1
-        parts = [(q[:, h], k[:, g], v[:, g], _take(mask, 1, h)) for h, g in zip(_pieces(H, cores), _pieces(H_kv, cores))]
+        parts = [(q[:, h], k[:, g], v[:, g], _take(mask, 1, h)) for h, g in zip(pieces(H, cores), pieces(H_kv, cores))]
     else:  # a run of queries, each reading all keys
         axis = 2
-        parts = [(q[:, :, i], k, v, _take(mask, 2, i)) for i in _pieces(Lq, cores)]
+        parts = [(q[:, :, i], k, v, _take(mask, 2, i)) for i in pieces(Lq, cores)]
     outs = [mx.fast.scaled_dot_product_attention(qi, ki, vi, scale=scale, mask=mi, stream=stream)
-            for (qi, ki, vi, mi), stream in zip(parts, _cpu_streams)]
+            for (qi, ki, vi, mi), stream in zip(parts, cpu_streams())]
     return mx.concatenate(outs, axis=axis)
 
 

@@ -8,6 +8,16 @@ import mlx.core as mx
 
 from ..checkpoints.convert import load_component, read_manifest
 from ..checkpoints.quantize import quantize_component
+from ..device.blas import single_threaded
+from ..layers.linear import split_rows_across_cores
+
+
+def on_this_machine(model):
+    """A loaded component made ready for this machine: on a CPU whose BLAS is single-threaded (MLX's
+    bundled reference BLAS), its Linear layers compute their rows on every core (layers/linear.py)."""
+    if mx.default_device() == mx.cpu and single_threaded():
+        split_rows_across_cores(model)
+    return model
 
 
 def load_converted_parts(folder: Path, dtype: mx.Dtype, quantize: int | None, verify: bool,
@@ -24,7 +34,7 @@ def load_converted_parts(folder: Path, dtype: mx.Dtype, quantize: int | None, ve
         for n in quantized_on_load:
             if n in parts:
                 quantize_component(n, parts[n], quantize)
-    return parts, manifest
+    return {n: on_this_machine(model) for n, model in parts.items()}, manifest
 
 
 def reloading(parts: dict, folder: Path, dtype: mx.Dtype, quantize: int | None, quantized_on_load: tuple[str, ...]):
@@ -37,6 +47,6 @@ def reloading(parts: dict, folder: Path, dtype: mx.Dtype, quantize: int | None, 
         model = load_component(folder, name, dtype=dtype)
         if quantize and name in quantized_on_load:
             quantize_component(name, model, quantize)
-        return model
+        return on_this_machine(model)
 
     return component
