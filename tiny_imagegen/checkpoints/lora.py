@@ -42,6 +42,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..layers.lora import LoRALinear, Update, apply_updates, get_layer, linear_shape
 from .flux import BFL, DIFFUSERS
 from .qwen_image import DIFFUSERS as QWEN_IMAGE_DIFFUSERS
+from .lora_specs import lora_metadata, parse_lora_spec, sha256_file  # noqa: F401  (the names callers import from here)
 from .mapping import CheckpointError, source_keys, swap_halves
 from .text_encoders import CLIP_HUB, CLIP_TRANSFORMERS5
 
@@ -337,30 +338,6 @@ def _pattern(patterns: dict, module: str, default):
 # ---- the entry point ---------------------------------------------------------------------------------
 
 
-def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """'PATH[:WEIGHT]' -> (PATH, WEIGHT); the weight defaults to 1."""
-    path, sep, tail = spec.rpartition(":")
-    if sep and not Path(spec).expanduser().is_file():
-        try:
-            weight = float(tail)
-        except ValueError:
-            raise ValueError(f"--lora {spec!r}: the weight {tail!r} after ':' is not a number") from None
-        if not math.isfinite(weight):  # NaN or inf: every merged weight, and so the image, would be NaN
-            raise ValueError(f"--lora {spec!r}: the weight {tail!r} after ':' is not a finite number")
-        return path, weight
-    return spec, 1.0
-
-
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def apply_loras(components: dict[str, nn.Module] | nn.Module, loras, merge: bool | None = None,
                 skip_clip: bool = False, only: tuple[str, ...] | None = None, resolve=Path) -> list[dict]:
     """Apply LoRA files to a transformer (or {"transformer": ..., "clip": ...}) in place.
@@ -392,10 +369,3 @@ def apply_loras(components: dict[str, nn.Module] | nn.Module, loras, merge: bool
     for record in records:
         record["applied"] = "merged" if not counts["branch"] else ("branch" if not counts["merged"] else "mixed")
     return records
-
-
-def lora_metadata(records: list[dict]) -> dict[str, list[str]]:
-    """PNG text for the LoRAs an image was made with: `loras` as the --lora values that remake it,
-    `lora_sha256` the first 12 hex digits of each file."""
-    return {"loras": [f"{r['name']}:{r['weight']:g}" for r in records],
-            "lora_sha256": [r["sha256"][:12] for r in records]}

@@ -46,7 +46,7 @@ def slg_layers(value: str | None) -> list[int] | None:
 
 def check_inputs(args: argparse.Namespace):
     """Every check that needs no model: -> (jobs, output paths, the input images), or one UsageError."""
-    from ..checkpoints.lora import parse_lora_spec
+    from ..checkpoints.lora_specs import parse_lora_spec
     from ..pipelines.pipeline import MAX_SIDE
 
     try:  # every value against its type and range (validation.py), before anything else
@@ -85,7 +85,7 @@ def check_inputs(args: argparse.Namespace):
 def load_pipeline(args: argparse.Namespace, keep_text_encoders: bool):
     """The pipeline that generate's arguments name (model, dtype, quantization, LoRAs); a model or
     file that cannot be loaded is a UsageError. `tiny-imagegen serve` keeps what this returns loaded."""
-    from ..checkpoints.lora import parse_lora_spec
+    from ..checkpoints.lora_specs import parse_lora_spec
     from ..checkpoints.mapping import CheckpointError
     from ..checkpoints.quantize import Quantization
     from ..registry.hub import ModelNotAvailable
@@ -118,7 +118,7 @@ def render(pipe, args: argparse.Namespace, job, options: dict, edit, progress, p
     seed): what `generate` writes, and what `serve` writes, byte for byte. `edit`: the input images
     (commands/inputs.py EditInputs). `generate(pipe, prompt, **kw)` stands in for `pipe.generate`
     (the attention-map read-out: it returns (images, maps))."""
-    from ..checkpoints.lora import lora_metadata
+    from ..checkpoints.lora_specs import lora_metadata
 
     try:
         width, height = pipe.output_size(job.width, job.height, edit.image, edit.references)

@@ -20,6 +20,8 @@ modules; adding a published model of a known family is one ModelSpec.
 """
 
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -61,12 +63,19 @@ class ModelSpec:
     repo_id: str | None = None  # None: shipped with the package (weights/<name>)
     gated: bool = False  # the licence must be accepted on the model page before the hub serves files
     aliases: tuple[str, ...] = ()
-    configs: dict = field(default_factory=dict, compare=False)  # component -> published config
+    # () -> {component: published config}; called when asked for, so that reading the registry does
+    # not import every family's model modules (a first image of the tiny model needs none of them)
+    make_configs: Callable[[], dict] | None = field(default=None, compare=False)
     recipe: str = ""  # family-specific variant of the pipeline (e.g. text "t5-mean")
 
     @property
     def shipped(self) -> bool:
         return self.repo_id is None
+
+    @property
+    def configs(self) -> dict:
+        """component -> the published config of the model (empty for the shipped ones)."""
+        return self.make_configs() if self.make_configs else {}
 
 
 # ---- the families ---------------------------------------------------------------------------------
@@ -228,7 +237,7 @@ def _klein(size: str, text_encoder: str, licence: str, **spec) -> ModelSpec:
         description=f"FLUX.2 [klein] {size.upper()}, step-distilled (4 steps), {text_encoder} text, 32-channel VAE",
         licence=licence,
         defaults=SamplingDefaults(steps=4, guidance=1.0, shift=True, text_length=512),
-        repo_id=f"black-forest-labs/FLUX.2-klein-{size.upper()}", configs=_flux2_configs(size), **spec)
+        repo_id=f"black-forest-labs/FLUX.2-klein-{size.upper()}", make_configs=partial(_flux2_configs, size), **spec)
 
 
 def _dit_xl_2(pixels: int) -> ModelSpec:
@@ -240,7 +249,7 @@ def _dit_xl_2(pixels: int) -> ModelSpec:
         description=f"DiT-XL/2, 675 M, class-conditional ImageNet {pixels}x{pixels} (prompt: a class id or name)",
         licence=_DIT_LICENCE,
         defaults=SamplingDefaults(steps=50, guidance=4.0, text_length=0, width=pixels, height=pixels),
-        repo_id=f"facebook/DiT-XL-2-{pixels}", aliases=(f"dit-{pixels}",), configs=_dit_configs(pixels // 8))
+        repo_id=f"facebook/DiT-XL-2-{pixels}", aliases=(f"dit-{pixels}",), make_configs=partial(_dit_configs, pixels // 8))
 
 
 # ---- SD3.5 (pipelines/sd3.py) --------------------------------------------------------------------
@@ -275,7 +284,7 @@ def _sd35(size: str, description: str, steps: int, guidance: float, preset: str,
     return ModelSpec(
         f"sd3.5-{size}", "sd3", description=description, licence=_SD3_LICENCE,
         defaults=SamplingDefaults(steps=steps, guidance=guidance, shift=3.0, text_length=256),
-        repo_id=f"stabilityai/stable-diffusion-3.5-{size}", gated=True, aliases=(alias,), configs=_sd3_configs(preset))
+        repo_id=f"stabilityai/stable-diffusion-3.5-{size}", gated=True, aliases=(alias,), make_configs=partial(_sd3_configs, preset))
 
 
 _SD3_MODELS = (
@@ -301,7 +310,7 @@ MODELS: tuple[ModelSpec, ...] = (
         licence="Apache-2.0",
         defaults=SamplingDefaults(steps=4, guidance=1.0, shift=False, text_length=256),
         repo_id="black-forest-labs/FLUX.1-schnell", aliases=("schnell", "flux-schnell"),
-        configs=_flux1_configs(guidance_embed=False),
+        make_configs=partial(_flux1_configs, guidance_embed=False),
     ),
     ModelSpec(
         "flux1-dev", "flux1",
@@ -309,7 +318,7 @@ MODELS: tuple[ModelSpec, ...] = (
         licence="FLUX.1 [dev] Non-Commercial License",
         defaults=SamplingDefaults(steps=28, guidance=3.5, shift=True, text_length=512),
         repo_id="black-forest-labs/FLUX.1-dev", gated=True, aliases=("dev", "flux-dev"),
-        configs=_flux1_configs(guidance_embed=True),
+        make_configs=partial(_flux1_configs, guidance_embed=True),
     ),
     ModelSpec(
         "flux1-kontext-dev", "flux1-kontext",
@@ -319,7 +328,7 @@ MODELS: tuple[ModelSpec, ...] = (
         # shift as FLUX.1-dev; the size: the reference's (resized to a trained resolution, ~1024²)
         defaults=SamplingDefaults(steps=28, guidance=3.5, shift=True, text_length=512),
         repo_id="black-forest-labs/FLUX.1-Kontext-dev", gated=True, aliases=("kontext", "flux1-kontext"),
-        configs=_flux1_configs(guidance_embed=True),
+        make_configs=partial(_flux1_configs, guidance_embed=True),
     ),
     ModelSpec(
         "z-image-turbo", "zimage",
@@ -329,7 +338,7 @@ MODELS: tuple[ModelSpec, ...] = (
         # text tokens; FlowMatchEulerDiscreteScheduler(shift=3.0), static
         defaults=SamplingDefaults(steps=8, guidance=0.0, shift=3.0, text_length=512),
         repo_id="Tongyi-MAI/Z-Image-Turbo", aliases=("zimage-turbo", "z-image"),
-        configs=_zimage_configs(),
+        make_configs=_zimage_configs,
     ),
     ModelSpec(
         "sd15", "sd15",
@@ -338,7 +347,7 @@ MODELS: tuple[ModelSpec, ...] = (
         # StableDiffusionPipeline's defaults: guidance 7.5, 512x512 (unet sample_size 64 x 8), 50 steps
         defaults=SamplingDefaults(steps=50, guidance=7.5, text_length=77, width=512, height=512),
         repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5", aliases=("sd1.5", "stable-diffusion-1.5"),
-        configs=_sd15_configs(),
+        make_configs=_sd15_configs,
     ),
     _klein("4b", "Qwen3-4B", "Apache-2.0", aliases=("klein-4b", "klein")),
     _klein("9b", "Qwen3-8B", "FLUX Non-Commercial License, non-commercial use only", gated=True, aliases=("klein-9b",)),
@@ -349,7 +358,7 @@ MODELS: tuple[ModelSpec, ...] = (
         licence="Apache-2.0",
         defaults=_QWEN_IMAGE_DEFAULTS,
         repo_id="Qwen/Qwen-Image", aliases=("qwen",),
-        configs=_qwen_image_configs(),
+        make_configs=_qwen_image_configs,
     ),
     ModelSpec(
         "qwen-image-2512", "qwen_image",
@@ -357,7 +366,7 @@ MODELS: tuple[ModelSpec, ...] = (
         licence="Apache-2.0",
         defaults=_QWEN_IMAGE_DEFAULTS,
         repo_id="Qwen/Qwen-Image-2512", aliases=("qwen-2512",),
-        configs=_qwen_image_configs(),
+        make_configs=_qwen_image_configs,
     ),
     # ---- end Qwen-Image ----
     _dit_xl_2(256),
