@@ -62,8 +62,8 @@ def test_encode_and_decode_bf16_against_torch_bf16():
 
 
 def test_latents_normalisation_round_trips():
-    vae = AutoencoderKLQwenImage(QwenVAEConfig(base_dim=4, z_dim=4, latents_mean=(0.1, -0.5, 0.9, -0.2),
-                                               latents_std=(2.5, 1.5, 0.75, 1.25)))
+    vae = AutoencoderKLQwenImage(QwenVAEConfig(latent_channels=4, block_out_channels=(4, 8, 16, 16),
+                                               latents_mean=(0.1, -0.5, 0.9, -0.2), latents_std=(2.5, 1.5, 0.75, 1.25)))
     z = mx.random.normal((1, 2, 3, 4), key=mx.random.key(0))
     latents = vae.to_latents(z)
     expected = (np.array(z) - np.array([0.1, -0.5, 0.9, -0.2])) / np.array([2.5, 1.5, 0.75, 1.25])

@@ -140,7 +140,7 @@ class QwenImagePipeline(Pipeline):
 
     def latent_shape(self, width, height):
         f = self.size_multiple
-        return (height // f, width // f, 4 * self.vae.config.z_dim)  # (h, w, 64), packed
+        return (height // f, width // f, 4 * self.vae.config.latent_channels)  # (h, w, 64), packed
 
     def tokens_cut(self, prompt: str) -> int:
         return qwen_image_tokens_cut(self.tokenizer, prompt, self.defaults.text_length) if self.tokenizer else 0
@@ -153,7 +153,7 @@ class QwenImagePipeline(Pipeline):
         """The mask nearest on the 8x latent grid, broadcast over the z channels and packed like
         the latents (QIP: prepare_mask_latents): (1, H/16, W/16, 4 z)."""
         m = super().latent_mask(mask, width, height)  # (1, h, w, 1)
-        return patchify(mx.broadcast_to(m, (*m.shape[:3], self.vae.config.z_dim)))
+        return patchify(mx.broadcast_to(m, (*m.shape[:3], self.vae.config.latent_channels)))
 
     def decode(self, latents, tiled=None):
         return self.vae.decode_latents(unpatchify(latents.astype(self.dtype)), tiled=bool(tiled))
