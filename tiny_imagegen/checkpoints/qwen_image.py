@@ -14,15 +14,14 @@ ones Linears, its fused mid-block q/k/v three Linears, its norm scales γ vector
 `time_conv`s, never run on one frame, are left unread.
 """
 
-import json
 from pathlib import Path
 
-from . import flux
 import mlx.core as mx
 
-from .mapping import CheckpointError, KeyTable, Rule, conv_channels_last, load_checkpoint, swap_halves
+from . import flux
+from .mapping import KeyTable, Rule, conv_channels_last, load_checkpoint, swap_halves
+from .safetensors_io import read_diffusers_component
 from .vae import linear_from_conv1x1
-from .safetensors_io import read_checkpoint
 
 _D = "transformer_blocks.{i}."
 DIFFUSERS = KeyTable(
@@ -48,23 +47,8 @@ def load_qwen_image_transformer(path: str | Path, dtype=None, config=None):
     config.json) into it, in `dtype` if given. Every key is checked before anything is loaded."""
     from ..models.qwen_image import QwenImageConfig, QwenImageTransformer
 
-    path = Path(path)
-    if path.is_dir() and (path / "transformer").is_dir():
-        path = path / "transformer"
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: the Qwen-Image transformer loads from a diffusers transformer/ folder")
-    if config is None:
-        cfg_file = path / "config.json"
-        if not cfg_file.exists():
-            raise CheckpointError(f"{path} has no config.json")
-        cfg = json.loads(cfg_file.read_text())
-        if cfg.get("_class_name", "QwenImageTransformer2DModel") != "QwenImageTransformer2DModel":
-            raise CheckpointError(f"{path} holds a {cfg['_class_name']}, not a QwenImageTransformer2DModel")
-        try:
-            config = QwenImageConfig.from_diffusers(cfg)
-        except ValueError as e:
-            raise CheckpointError(f"{cfg_file}: {e}") from None
-    tensors = read_checkpoint(path, prefix="diffusion_pytorch_model")
+    tensors, config = read_diffusers_component(path, "transformer", "QwenImageTransformer2DModel",
+                                               QwenImageConfig.from_diffusers, config)
     return load_checkpoint(QwenImageTransformer(config), DIFFUSERS, tensors, dtype)
 
 
@@ -132,19 +116,6 @@ def load_qwen_vae(path: str | Path, dtype=None, config=None):
     """Build an AutoencoderKLQwenImage and load a diffusers `vae/` folder (or a repo folder holding one)."""
     from ..models.vae_qwen import AutoencoderKLQwenImage, QwenVAEConfig
 
-    path = Path(path)
-    if path.is_dir() and (path / "vae").is_dir():
-        path = path / "vae"
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: the Qwen-Image VAE loads from a diffusers vae/ folder")
-    if config is None:
-        cfg_file = path / "config.json"
-        if not cfg_file.exists():
-            raise CheckpointError(f"{path} has no config.json")
-        try:
-            config = QwenVAEConfig.from_dict(json.loads(cfg_file.read_text()))
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{cfg_file}: {e}") from None
-    tensors = read_checkpoint(path, prefix="diffusion_pytorch_model")
+    tensors, config = read_diffusers_component(path, "vae", "AutoencoderKLQwenImage", QwenVAEConfig.from_dict, config)
     table = vae_key_table(config.layers_per_block, len(config.block_out_channels))
     return load_checkpoint(AutoencoderKLQwenImage(config), table, tensors, dtype)
