@@ -38,7 +38,8 @@ from ..checkpoints.flux2 import load_flux2_transformer, load_flux2_vae
 from .loading import load_converted_parts, reloading
 from .pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults
-from ..diffusion.flow_matching import classifier_free_guidance, euler_step_in_model_dtype, flux2_schedule, img2img_schedule
+from ..diffusion.flow_matching import (classifier_free_guidance, euler_step_in_model_dtype, flux2_schedule,
+                                      img2img_schedule, timesteps_in_dtype)
 from ..diffusion.step_cache import CacheConfig, for_generation
 
 HIDDEN_LAYERS = (9, 18, 27)  # FP:222, text_encoder_out_layers
@@ -224,8 +225,7 @@ class Flux2KleinPipeline(Pipeline):
 
         def velocity(x, t):
             xs = mx.concatenate([x, x]) if batched else x
-            # the pipeline's timestep: t·1000 in float32, cast to the latents' dtype, / 1000 (FP:841, 851)
-            ts = mx.full((xs.shape[0],), np.float32(np.float32(t) * np.float32(1000.0))).astype(dtype) / 1000
+            ts = timesteps_in_dtype(t, xs.shape[0], dtype)
             v = forward(xs, txt, ts, caches and (caches.batched if batched else caches.positive))
             if batched:
                 return classifier_free_guidance(v[:B], v[B:], guidance)

@@ -43,7 +43,8 @@ from ..models.vae_flux2 import patchify, unpatchify
 from .pipeline import Conditioning, Pipeline
 from ..conditioning.qwen import QwenImagePromptEncoder, qwen_image_tokens_cut
 from ..registry import SamplingDefaults
-from ..diffusion.flow_matching import euler_step_in_model_dtype, img2img_schedule, stretched_shift_schedule
+from ..diffusion.flow_matching import (euler_step_in_model_dtype, img2img_schedule, noise_image,
+                                      stretched_shift_schedule, timesteps_in_dtype)
 from ..diffusion.step_cache import CacheConfig, for_generation
 from ..text import QwenTokenizer
 
@@ -170,7 +171,7 @@ class QwenImagePipeline(Pipeline):
         if init is not None:  # scale_noise at the first kept sigma (QI:457), in float32
             schedule = img2img_schedule(schedule, strength)
             s = float(np.float32(schedule[0]))
-            x = (s * noise.astype(mx.float32) + (1 - s) * mx.broadcast_to(init, noise.shape)).astype(dtype)
+            x = noise_image(mx.broadcast_to(init, noise.shape), noise.astype(mx.float32), s).astype(dtype)
             if mask is not None:  # the known region, as tokens (B, N, C) like x, in the model dtype (QIP:960-970)
                 tokens = lambda a: mx.broadcast_to(a, noise.shape).reshape(B, h * w, C).astype(dtype)  # noqa: E731
                 region = KnownRegion(tokens(init), tokens(noise), tokens(mask), flow_noised)
@@ -186,8 +187,7 @@ class QwenImagePipeline(Pipeline):
             return self.transformer(x, txt, ts, (h, w), mask, rope, cache=context)
 
         def velocity(x, t):
-            # the scheduler's timestep σ·1000 (float32) in the latents' dtype, / 1000 (QP:643-647)
-            ts = mx.full((B,), np.float32(np.float32(t) * np.float32(1000.0))).astype(dtype) / 1000
+            ts = timesteps_in_dtype(t, B, dtype)  # σ·1000 rounded to the latents' dtype, / 1000
             v = forward(x, ts, streams[0], caches and caches.positive)
             if len(streams) == 1:
                 return v
