@@ -90,5 +90,8 @@ def test_bad_config_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"attn_scales": [0.5]}))
     with pytest.raises(CheckpointError, match="attn_scales"):
         load_qwen_vae(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"dim_mult": [2, 2, 4, 4]}))  # conv_in is base_dim wide
+    with pytest.raises(CheckpointError, match="dim_mult"):
+        load_qwen_vae(tmp_path)
     with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
         _load().encode(mx.zeros((1, 3, 16, 16)))

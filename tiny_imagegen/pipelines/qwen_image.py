@@ -3,12 +3,12 @@ QP:410-715, and QwenImageImg2ImgPipeline). The shared loop is pipeline.py's.
 
 - text: Qwen2.5-VL-7B's language model, `hidden_states[-1]` of the prompt in Qwen-Image's system
   template, less the template's first 34 tokens, re-padded to the longest prompt with a mask
-  (qwen_conditioning.QwenImagePromptEncoder): {"txt": (B, L, 3584), "txt_mask": (B, L)}. The
+  (conditioning/qwen.py QwenImagePromptEncoder): {"txt": (B, L, 3584), "txt_mask": (B, L)}. The
   mask stays with its row, so several images per prompt keep the right mask (diffusers repeats
   the embeddings per prompt but the masks per batch, QP:260-263: a bug for > 1 prompt).
 - noise: drawn in the packed space, (1, H/16, W/16, 64): a 2x2 patch of the 16-channel latent per
   token, feature c·4 + 2·dy + dx; the tokens are that grid row-major (QP:333-354).
-- sampler: Euler on the flow, `sampling.stretched_shift_schedule` (dynamic exponential shift, then
+- sampler: Euler on the flow, `flow_matching.stretched_shift_schedule` (dynamic exponential shift, then
   stretched to end at 0.02). The model sees (σ·1000 in float32, cast to the latents' dtype) / 1000;
   the latents stay in the model dtype between steps (`euler_step_in_model_dtype`).
 - guidance: `guidance` is QwenImagePipeline's `true_cfg_scale`. Above 1 it runs true classifier-
