@@ -93,10 +93,11 @@ def vae_key_table(num_res_blocks: int = 2, levels: int = 4) -> KeyTable:
         first, up = i * (n + 1), f"decoder.up_blocks.{levels - 1 - i}."  # first: level i's first resnet
         for j in range(n):
             rules += _block(f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{first + j}.")
-        rules.append(Rule(f"encoder.down.{i}.downsample.conv.{{p}}", f"encoder.down_blocks.{first + n}.resample.1.{{p}}",
-                          conv_channels_last))
+        rules.append(Rule(f"encoder.down.{i}.downsample.conv.{{p}}",
+                          f"encoder.down_blocks.{first + n}.resample.1.{{p}}", conv_channels_last))
         rules += _block(f"decoder.up.{i}.block.{{j}}.", up + "resnets.{j}.")
-        rules.append(Rule(f"decoder.up.{i}.upsample.conv.{{p}}", up + "upsamplers.0.resample.1.{p}", conv_channels_last))
+        rules.append(Rule(f"decoder.up.{i}.upsample.conv.{{p}}", up + "upsamplers.0.resample.1.{p}",
+                          conv_channels_last))
     rules += [*_block("{part}.mid.block_1.", mid + "resnets.0."), *_block("{part}.mid.block_2.", mid + "resnets.1."),
               *(Rule(f"{{part}}.mid.attn_1.{x}.{{p}}", mid + "attentions.0.to_qkv.{p}", qkv_part(c))
                 for c, x in enumerate("qkv")),

@@ -68,9 +68,11 @@ class QwenVAEConfig(VAEConfig):
             raise ValueError(f"vae config: input_channels {d['input_channels']}: only RGB is implemented")
         mult = tuple(d.get("dim_mult", (1, 2, 4, 4)))
         if len(mult) > 4 or mult[0] != 1:  # (diffusers' decoder itself halves the input of levels 1-3 only)
-            raise ValueError(f"vae config: dim_mult {list(mult)}: up to 4 levels, the first base_dim wide, are implemented")
-        return cls(latent_channels=d.get("z_dim", 16), block_out_channels=tuple(d.get("base_dim", 96) * m for m in mult),
-                   layers_per_block=d.get("num_res_blocks", 2), latents_mean=tuple(d.get("latents_mean", LATENTS_MEAN)),
+            raise ValueError(f"vae config: dim_mult {list(mult)}: up to 4 levels, the first base_dim wide, "
+                             "are implemented")
+        return cls(latent_channels=d.get("z_dim", 16), layers_per_block=d.get("num_res_blocks", 2),
+                   block_out_channels=tuple(d.get("base_dim", 96) * m for m in mult),
+                   latents_mean=tuple(d.get("latents_mean", LATENTS_MEAN)),
                    latents_std=tuple(d.get("latents_std", LATENTS_STD)))
 
 

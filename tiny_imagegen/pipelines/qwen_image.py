@@ -33,12 +33,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoints.qwen3 import load_qwen3
-from ..checkpoints.qwen_image import load_qwen_image_transformer, load_qwen_vae
-from ..checkpoints.quantize import quantize_component
 from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
 from ..layers.attention import reading_out
-from .loading import load_converted_parts, reloading
+from .loading import load_parts
 from ..models.vae_flux2 import patchify, unpatchify
 from .pipeline import Conditioning, Pipeline
 from ..conditioning.qwen import QwenImagePromptEncoder, qwen_image_tokens_cut
@@ -103,29 +100,10 @@ class QwenImagePipeline(Pipeline):
 
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
-        from ..registry.hub import is_converted
-
         folder = Path(folder)
         defaults = spec.defaults if spec else DEFAULTS
-        if is_converted(folder):
-            parts, _ = load_converted_parts(folder, dtype, quantize, verify, QUANTIZED_ON_LOAD)
-            transformer, vae = parts[TRANSFORMER], parts[VAE]
-            component = reloading(parts, folder, dtype, quantize, QUANTIZED_ON_LOAD)
-
-            def encoder():
-                return component(TEXT_ENCODER)
-        else:
-            transformer = load_qwen_image_transformer(folder / "transformer", dtype=dtype)
-            vae = load_qwen_vae(folder / "vae", dtype=dtype)
-            if quantize:
-                quantize_component(TRANSFORMER, transformer, quantize)
-
-            def encoder():
-                model = load_qwen3(folder / "text_encoder", dtype)
-                if quantize:
-                    quantize_component(TEXT_ENCODER, model, quantize)
-                return model
-
+        transformer, vae, encoder, _ = load_parts(folder, (TRANSFORMER, VAE, TEXT_ENCODER), dtype, quantize, verify,
+                                                  QUANTIZED_ON_LOAD)
         tokenizer = QwenTokenizer.from_folder(folder / "tokenizer")
 
         def text():
