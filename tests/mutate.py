@@ -90,6 +90,8 @@ MUTATIONS = [
              "return (z - self.config.shift_factor) * self.config.scaling_factor",
              "return z * self.config.scaling_factor - self.config.shift_factor",
              ("tests/test_flux_paths.py", "-k", "image_to_image")),
+    Mutation("qwen vae: q and k of the fused to_qkv swapped", "tiny_imagegen/checkpoints/qwen_image.py",
+             'for c, x in enumerate("qkv")', 'for c, x in enumerate("kqv")', ("tests/test_qwen_vae.py", "-k", "fp32")),
     Mutation("z-image pad token ignored", "tiny_imagegen/models/zimage.py",
              "x_pad = mx.broadcast_to(self.x_pad_token, (B, layout.img_len - layout.n_img, cfg.dim))",
              "x_pad = mx.zeros((B, layout.img_len - layout.n_img, cfg.dim), dtype=x.dtype)", ("tests/test_zimage.py",)),

@@ -120,11 +120,11 @@ def test_quantize_on_load_runs(monkeypatch, bits):
 
     import mlx.nn as nn
 
-    import tiny_imagegen.pipelines.qwen_image as qwen_pipeline
+    import tiny_imagegen.pipelines.loading as loading
     from tiny_imagegen.checkpoints.quantize import quantize_component
 
     # the tiny model is 32 wide: groups of 32 (the default 64 would leave no layer to quantize)
-    monkeypatch.setattr(qwen_pipeline, "quantize_component", functools.partial(quantize_component, group_size=32))
+    monkeypatch.setattr(loading, "quantize_component", functools.partial(quantize_component, group_size=32))
     pipe = Pipeline.from_pretrained(str(fixture_path("qwen_image_pipeline", "repo")), dtype=mx.float32, quantize=bits)
     block = pipe.transformer.double_blocks[0]
     assert isinstance(block.img_attn.qkv, nn.QuantizedLinear) and isinstance(block.img_mod.lin, nn.QuantizedLinear)

@@ -88,6 +88,16 @@ def test_padding_rows_are_zero_and_cut_is_counted():
         _encoder(max_sequence_length=1025)
 
 
+def test_from_folder_reads_the_hub_layout():
+    """tokenizer/ + text_encoder/ as the repo holds them; with bits=8 too (the tiny widths are below
+    the quantization groups, so the policy leaves every Linear as it is: the same embeddings)."""
+    repo, prompts = fixture_path("qwen_image_pipeline", "repo"), ["a red cat on a mat", "a cat"]
+    embeds, mask = QwenImagePromptEncoder.from_folder(repo, mx.float32)(prompts)
+    assert embeds.shape[0] == 2 and mask is not None and int(mask[1].sum()) < int(mask[0].sum())
+    embeds8, _ = QwenImagePromptEncoder.from_folder(repo, mx.float32, bits=8)(prompts)
+    assert mx.array_equal(embeds, embeds8)
+
+
 def test_full_size_manifest_maps_completely():
     manifest = json.loads(fixture_path("qwen_image_text", "manifest_qwen2_5_vl_7b.json").read_text())
     source = shape_placeholders(manifest)

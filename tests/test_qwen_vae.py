@@ -62,8 +62,8 @@ def test_encode_and_decode_bf16_against_torch_bf16():
 
 
 def test_latents_normalisation_round_trips():
-    vae = AutoencoderKLQwenImage(QwenVAEConfig(base_dim=4, z_dim=4, latents_mean=(0.1, -0.5, 0.9, -0.2),
-                                               latents_std=(2.5, 1.5, 0.75, 1.25)))
+    vae = AutoencoderKLQwenImage(QwenVAEConfig(latent_channels=4, block_out_channels=(4, 8, 16, 16),
+                                               latents_mean=(0.1, -0.5, 0.9, -0.2), latents_std=(2.5, 1.5, 0.75, 1.25)))
     z = mx.random.normal((1, 2, 3, 4), key=mx.random.key(0))
     latents = vae.to_latents(z)
     expected = (np.array(z) - np.array([0.1, -0.5, 0.9, -0.2])) / np.array([2.5, 1.5, 0.75, 1.25])
@@ -89,6 +89,9 @@ def test_full_size_manifest_maps_completely():
 def test_bad_config_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"attn_scales": [0.5]}))
     with pytest.raises(CheckpointError, match="attn_scales"):
+        load_qwen_vae(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"dim_mult": [2, 2, 4, 4]}))  # conv_in is base_dim wide
+    with pytest.raises(CheckpointError, match="dim_mult"):
         load_qwen_vae(tmp_path)
     with pytest.raises(ValueError, match=r"\(B, H, W, 3\)"):
         _load().encode(mx.zeros((1, 3, 16, 16)))

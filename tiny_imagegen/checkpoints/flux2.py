@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import flux, vae
 from .mapping import CheckpointError, KeyTable, Rule, load_checkpoint, swap_halves
-from .safetensors_io import read_checkpoint
+from .safetensors_io import read_checkpoint, read_diffusers_component
 
 BFL = KeyTable("FLUX.2 transformer (original layout)", flux.BFL.rules)
 
@@ -120,18 +120,9 @@ def load_flux2_transformer(path: str | Path, dtype=None, config=None):
 
 
 def load_flux2_vae(path: str | Path, dtype=None, config=None):
-    """Build an AutoencoderKLFlux2 and load a diffusers `vae/` folder (or a repo folder holding one)."""
+    """Build an AutoencoderKLFlux2 and load a diffusers `vae/` folder (or a repo folder holding one;
+    there is no original-layout table)."""
     from ..models.vae_flux2 import AutoencoderKLFlux2, Flux2VAEConfig
 
-    path = Path(path)
-    if path.is_dir() and (path / "vae").is_dir():
-        path = path / "vae"
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: the FLUX.2 VAE loads from a diffusers vae/ folder (no original-layout table)")
-    if config is None:
-        cfg_file = path / "config.json"
-        if not cfg_file.exists():
-            raise CheckpointError(f"{path} has no config.json")
-        config = Flux2VAEConfig.from_dict(json.loads(cfg_file.read_text()))
-    tensors = read_checkpoint(path, prefix="diffusion_pytorch_model")
+    tensors, config = read_diffusers_component(path, "vae", "AutoencoderKLFlux2", Flux2VAEConfig.from_dict, config)
     return load_checkpoint(AutoencoderKLFlux2(config), VAE_DIFFUSERS, tensors, dtype)

@@ -63,6 +63,30 @@ def read_checkpoint(path: str | Path, prefix: str = "") -> dict[str, mx.array]:
     return tensors
 
 
+def read_diffusers_component(path: str | Path, subfolder: str, class_name: str, parse, config=None):
+    """A diffusers component -> (tensors, config). `path` is its folder (config.json and
+    diffusion_pytorch_model shards) or a repo folder holding `subfolder/`; the config is `config`
+    if given, else `parse` of the config.json, which must name `class_name` if it names a class.
+    Every problem is a CheckpointError naming the folder or file."""
+    path = Path(path)
+    if path.is_dir() and (path / subfolder).is_dir():
+        path = path / subfolder
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: a {class_name} loads from a diffusers {subfolder}/ folder")
+    if config is None:
+        file = path / "config.json"
+        if not file.is_file():
+            raise CheckpointError(f"{path} has no config.json: not a diffusers {subfolder}/ folder")
+        try:
+            values = json.loads(file.read_text())
+            if values.get("_class_name", class_name) != class_name:
+                raise ValueError(f"it holds a {values['_class_name']}, not a {class_name}")
+            config = parse(values)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{file}: {e}") from None
+    return read_checkpoint(path, prefix="diffusion_pytorch_model"), config
+
+
 # ---- writing ---------------------------------------------------------------------------------------
 
 

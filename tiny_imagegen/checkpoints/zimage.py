@@ -9,11 +9,10 @@ Our names are diffusers' except where MLX or our layers differ:
     gate/up/down projections (diffusers' w1/w3/w2), Sequentials lose their index.
 """
 
-import json
 from pathlib import Path
 
-from .mapping import CheckpointError, KeyTable, Rule, concat, load_checkpoint
-from .safetensors_io import read_checkpoint
+from .mapping import KeyTable, Rule, concat, load_checkpoint
+from .safetensors_io import read_diffusers_component
 
 
 def _block(name: str) -> list[Rule]:
@@ -61,11 +60,6 @@ def load_zimage_transformer(folder: str | Path, dtype=None, config=None):
     checked before anything is loaded."""
     from ..models.zimage import ZImageConfig, ZImageTransformer
 
-    folder = Path(folder)
-    if config is None:
-        path = folder / "config.json"
-        if not path.is_file():
-            raise CheckpointError(f"{folder} has no config.json: not a diffusers Z-Image transformer folder")
-        config = ZImageConfig.from_diffusers(json.loads(path.read_text()))
-    tensors = read_checkpoint(folder, prefix="diffusion_pytorch_model")
+    tensors, config = read_diffusers_component(folder, "transformer", "ZImageTransformer2DModel",
+                                               ZImageConfig.from_diffusers, config)
     return load_checkpoint(ZImageTransformer(config), key_table(config.patch_size), tensors, dtype)

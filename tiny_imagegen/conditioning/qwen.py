@@ -35,6 +35,18 @@ FLUX2_HIDDEN_STATES = (9, 18, 27)
 MAX_SEQUENCE_LENGTH = 512
 
 
+def load_tokenizer_and_encoder(folder: str | Path, dtype: mx.Dtype | None = None, bits: int | None = None,
+                                num_layers: int | None = None) -> tuple[QwenTokenizer, Qwen3Model]:
+    """`folder/tokenizer` and `folder/text_encoder` (the first `num_layers` decoder layers, lazily;
+    `bits`: 4 or 8 quantizes the decoder's Linears)."""
+    model = load_qwen3(Path(folder) / "text_encoder", dtype, num_layers=num_layers)
+    if bits:
+        from ..checkpoints.quantize import quantize_component
+
+        quantize_component("qwen3", model, bits)
+    return QwenTokenizer.from_folder(Path(folder) / "tokenizer"), model
+
+
 class QwenPromptEncoder:
     def __init__(self, tokenizer: QwenTokenizer, model: Qwen3Model, hidden_states: Sequence[int], enable_thinking: bool,
                  keep_padding: bool, max_length: int = MAX_SEQUENCE_LENGTH):
@@ -49,15 +61,9 @@ class QwenPromptEncoder:
         """`folder` holds `tokenizer/` and `text_encoder/` as the hub repos do. Only the decoder
         layers the hidden states need are built and read. `bits`: 4 or 8 quantizes the decoder's
         Linears (the policy of checkpoints/convert.py)."""
-        folder = Path(folder)
-        config = Qwen3Config.from_config_json(folder / "text_encoder" / "config.json")
+        config = Qwen3Config.from_config_json(Path(folder) / "text_encoder" / "config.json")
         layers = max(hidden_state_indices(hidden_states, config.num_hidden_layers))
-        model = load_qwen3(folder / "text_encoder", dtype, num_layers=min(layers, config.num_hidden_layers))
-        if bits:
-            from ..checkpoints.quantize import quantize_component
-
-            quantize_component("qwen3", model, bits)
-        tokenizer = QwenTokenizer.from_folder(folder / "tokenizer")
+        tokenizer, model = load_tokenizer_and_encoder(folder, dtype, bits, min(layers, config.num_hidden_layers))
         return cls(tokenizer, model, hidden_states, enable_thinking, keep_padding, max_length)
 
     @classmethod
@@ -113,13 +119,7 @@ class QwenImagePromptEncoder:
     def from_folder(cls, folder: str | Path, dtype: mx.Dtype | None = None, bits: int | None = None,
                     max_sequence_length: int = MAX_SEQUENCE_LENGTH) -> "QwenImagePromptEncoder":
         """`folder` holds `tokenizer/` and `text_encoder/` (Qwen2.5-VL) as the hub repo does."""
-        folder = Path(folder)
-        model = load_qwen3(folder / "text_encoder", dtype)
-        if bits:
-            from .checkpoints.quantize import quantize_component
-
-            quantize_component("qwen3", model, bits)
-        return cls(QwenTokenizer.from_folder(folder / "tokenizer"), model, max_sequence_length)
+        return cls(*load_tokenizer_and_encoder(folder, dtype, bits), max_sequence_length)
 
     def __call__(self, prompts: str | list[str]) -> tuple[mx.array, mx.array | None]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)

@@ -129,6 +129,13 @@ def zimage_sigmas(steps: int, shift: float = 3.0) -> list[float]:
     return [float(v) for v in s] + [0.0]
 
 
+def timesteps_in_dtype(t: float, n: int, dtype: mx.Dtype) -> mx.array:
+    """(n,) model times t as the FLUX.2 and Qwen-Image pipelines pass them: the scheduler's
+    timestep t·1000 in float32, cast to the latents' dtype, then / 1000 (so a bf16 model sees t
+    rounded at the 1000 scale; FP:841, 851, QP:643-647)."""
+    return mx.full((n,), np.float32(np.float32(t) * np.float32(1000.0))).astype(dtype) / 1000
+
+
 def zimage_model_time(sigma: float) -> float:
     """The time the Z-Image transformer is given at noise level σ: t = 1 - σ (0 = pure noise),
     computed as the pipeline does it, ((1000 - σ·1000) / 1000) in float32, which is not (1 - σ)

@@ -13,9 +13,9 @@ convolutions around the latent.
              and a conv, except level 0) -> GroupNorm, SiLU -> conv_out (3 channels)
 
 Levels have channels `block_out_channels[i]` (FLUX: 128, 256, 512, 512); every norm is GroupNorm(32)
-with eps 1e-6 and every activation SiLU. The diffusion model works on rescaled latents
-(z - shift) * scale, so decoding a sampler's output takes z = latents / scale + shift first, as the
-FLUX pipeline does.
+with eps 1e-6 and every activation SiLU (Qwen-Image's VAE builds the same blocks with its own norm:
+`Body`). The diffusion model works on rescaled latents (z - shift) * scale, so decoding a sampler's
+output takes z = latents / scale + shift first, as the FLUX pipeline does.
 
 Layout: channels-last everywhere (MLX convolutions). Parameter names follow the original code
 (BFL's `ae.safetensors`, itself the LDM naming), e.g. `decoder.up.0.block.0.conv1.weight`; there
@@ -23,6 +23,8 @@ Layout: channels-last everywhere (MLX convolutions). Parameter names follow the 
 """
 
 from dataclasses import dataclass, fields, replace
+from functools import partial
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -91,6 +93,17 @@ def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6, pytorch_compatible=True)
 
 
+@dataclass(frozen=True)
+class Body:
+    """What the blocks are built of, where autoencoders differ: here GroupNorm, SiLU and 1x1 convs,
+    channels kept by the upsamplers; Qwen-Image's VAE (models/vae_qwen.py) has its own."""
+
+    norm: Callable[[int], nn.Module]  # channels -> norm layer
+    act: Callable[[mx.array], mx.array] = nn.silu
+    pointwise: Callable[[int, int], nn.Module] = partial(nn.Conv2d, kernel_size=1)  # (in, out) -> per pixel
+    upsample_halves: bool = False  # every upsampler halves the channels
+
+
 def upsample_nearest(x: mx.array) -> mx.array:
     """(B, H, W, C) -> (B, 2H, 2W, C), each value repeated over a 2x2 square."""
     B, H, W, C = x.shape
@@ -99,18 +112,19 @@ def upsample_nearest(x: mx.array) -> mx.array:
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, groups: int):
+    def __init__(self, in_channels: int, out_channels: int, body: Body):
         super().__init__()
-        self.norm1 = group_norm(in_channels, groups)
+        self.act = body.act
+        self.norm1 = body.norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels, groups)
+        self.norm2 = body.norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)  # "network in network": a 1x1 conv
+            self.nin_shortcut = body.pointwise(in_channels, out_channels)  # "network in network": a 1x1 conv
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.conv2(self.act(self.norm2(h)))
         if "nin_shortcut" in self:
             x = self.nin_shortcut(x)
         return x + h
@@ -120,9 +134,9 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions: the only global mixing in the VAE.
     q, k, v and the output projection are per-pixel linear maps (1x1 convs in the BFL file)."""
 
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, body: Body):
         super().__init__()
-        self.norm = group_norm(channels, groups)
+        self.norm = body.norm(channels)
         self.q = nn.Linear(channels, channels)
         self.k = nn.Linear(channels, channels)
         self.v = nn.Linear(channels, channels)
@@ -136,11 +150,11 @@ class AttnBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, groups: int):
+    def __init__(self, channels: int, body: Body):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, groups)
-        self.attn_1 = AttnBlock(channels, groups)
-        self.block_2 = ResnetBlock(channels, channels, groups)
+        self.block_1 = ResnetBlock(channels, channels, body)
+        self.attn_1 = AttnBlock(channels, body)
+        self.block_2 = ResnetBlock(channels, channels, body)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -157,9 +171,9 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, out_channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(upsample_nearest(x))
@@ -168,13 +182,13 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution level: `n` resnets, then an optional down- or upsampling."""
 
-    def __init__(self, in_channels: int, out_channels: int, n: int, groups: int, resample: str | None):
+    def __init__(self, in_channels: int, out_channels: int, n: int, body: Body, resample: str | None):
         super().__init__()
-        self.block = [ResnetBlock(in_channels if j == 0 else out_channels, out_channels, groups) for j in range(n)]
+        self.block = [ResnetBlock(in_channels if j == 0 else out_channels, out_channels, body) for j in range(n)]
         if resample == "down":
             self.downsample = Downsample(out_channels)
         elif resample == "up":
-            self.upsample = Upsample(out_channels)
+            self.upsample = Upsample(out_channels, out_channels // 2 if body.upsample_halves else out_channels)
 
     def __call__(self, x: mx.array) -> mx.array:
         for block in self.block:
@@ -190,15 +204,17 @@ class Level(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, body: Body):
         super().__init__()
-        ch, g, last = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels) - 1
+        ch, last = cfg.block_out_channels, len(cfg.block_out_channels) - 1
+        self.act = body.act
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down = [
-            Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, "down" if i < last else None) for i in range(last + 1)
+            Level(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, body, "down" if i < last else None)
+            for i in range(last + 1)
         ]
-        self.mid = MidBlock(ch[-1], g)
-        self.norm_out = group_norm(ch[-1], g)
+        self.mid = MidBlock(ch[-1], body)
+        self.norm_out = body.norm(ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:  # (B, H, W, 3) -> (B, H/8, W/8, 2C)
@@ -206,27 +222,30 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)
         h = self.mid(h)
-        return self.conv_out(nn.silu(self.norm_out(h)))
+        return self.conv_out(self.act(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, body: Body):
         super().__init__()
-        ch, g, last = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels) - 1
+        ch, last = cfg.block_out_channels, len(cfg.block_out_channels) - 1
+        halve = 2 if body.upsample_halves else 1
+        self.act = body.act
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
-        self.mid = MidBlock(ch[-1], g)
+        self.mid = MidBlock(ch[-1], body)
+        # level i reads the mid block's output (i = last) or level i + 1's upsampled one
+        ins = [ch[i + 1] // halve if i < last else ch[last] for i in range(last + 1)]
         self.up = [
-            Level(ch[min(i + 1, last)], ch[i], cfg.layers_per_block + 1, g, "up" if i > 0 else None)
-            for i in range(last + 1)
+            Level(ins[i], ch[i], cfg.layers_per_block + 1, body, "up" if i > 0 else None) for i in range(last + 1)
         ]
-        self.norm_out = group_norm(ch[0], g)
+        self.norm_out = body.norm(ch[0])
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def __call__(self, z: mx.array) -> mx.array:  # (B, h, w, C) -> (B, 8h, 8w, 3)
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):  # deepest level first
             h = level(h)
-        return self.conv_out(nn.silu(self.norm_out(h)))
+        return self.conv_out(self.act(self.norm_out(h)))
 
 
 class DiagonalGaussian:
@@ -252,16 +271,17 @@ AUTO_TILE_LATENT_AREA = 96 * 96
 
 
 class AutoencoderKL(nn.Module):
-    def __init__(self, config: VAEConfig = VAE_PRESETS["flux"]):
+    def __init__(self, config: VAEConfig = VAE_PRESETS["flux"], body: Body | None = None):
         super().__init__()
         self.config = config
         c = config.latent_channels
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        body = body or Body(lambda channels: group_norm(channels, config.norm_num_groups))
+        self.encoder = Encoder(config, body)
+        self.decoder = Decoder(config, body)
         if config.use_quant_conv:
-            self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1)
+            self.quant_conv = body.pointwise(2 * c, 2 * c)
         if config.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv2d(c, c, 1)
+            self.post_quant_conv = body.pointwise(c, c)
 
     @property
     def dtype(self) -> mx.Dtype:

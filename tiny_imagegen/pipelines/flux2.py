@@ -31,14 +31,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoints.quantize import quantize_component
 from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
 from ..layers.positions import flux2_image_ids
-from ..checkpoints.flux2 import load_flux2_transformer, load_flux2_vae
-from .loading import load_converted_parts, reloading
+from .loading import load_parts
 from .pipeline import Conditioning, Pipeline
 from ..registry import SamplingDefaults
-from ..diffusion.flow_matching import classifier_free_guidance, euler_step_in_model_dtype, flux2_schedule, img2img_schedule
+from ..diffusion.flow_matching import (classifier_free_guidance, euler_step_in_model_dtype, flux2_schedule,
+                                      img2img_schedule, timesteps_in_dtype)
 from ..diffusion.step_cache import CacheConfig, for_generation
 
 HIDDEN_LAYERS = (9, 18, 27)  # FP:222, text_encoder_out_layers
@@ -91,33 +90,13 @@ class Flux2KleinPipeline(Pipeline):
 
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
-        from ..checkpoints.qwen3 import load_qwen3
-        from ..registry.hub import is_converted
         from ..text import QwenTokenizer
 
         folder = Path(folder)
-        if is_converted(folder):
-            parts, manifest = load_converted_parts(folder, dtype, quantize, verify, QUANTIZED_ON_LOAD)
-            transformer, vae = parts["flux2_transformer"], parts["flux2_vae"]
-            recipe = manifest.get("pipeline", {})
-            distilled = recipe.get("is_distilled", True)
-
-            component = reloading(parts, folder, dtype, quantize, QUANTIZED_ON_LOAD)
-
-            def encoder():
-                return component("qwen3")
-        else:
-            transformer = load_flux2_transformer(folder / "transformer", dtype=dtype)
-            vae = load_flux2_vae(folder / "vae", dtype=dtype)
-            distilled = is_distilled(folder)
-            if quantize:
-                quantize_component("flux2_transformer", transformer, quantize)
-
-            def encoder():
-                model = load_qwen3(folder / "text_encoder", dtype=dtype, num_layers=max(HIDDEN_LAYERS))
-                if quantize:
-                    quantize_component("qwen3", model, quantize)
-                return model
+        names = ("flux2_transformer", "flux2_vae", "qwen3")
+        transformer, vae, encoder, manifest = load_parts(folder, names, dtype, quantize, verify, QUANTIZED_ON_LOAD,
+                                                         num_layers=max(HIDDEN_LAYERS))
+        distilled = is_distilled(folder) if manifest is None else manifest.get("pipeline", {}).get("is_distilled", True)
         defaults = spec.defaults if spec else (DISTILLED if distilled else BASE)
         shift = scheduler_shift(folder)
         defaults = SamplingDefaults(defaults.steps, defaults.guidance, shift, defaults.text_length,
@@ -224,8 +203,7 @@ class Flux2KleinPipeline(Pipeline):
 
         def velocity(x, t):
             xs = mx.concatenate([x, x]) if batched else x
-            # the pipeline's timestep: t·1000 in float32, cast to the latents' dtype, / 1000 (FP:841, 851)
-            ts = mx.full((xs.shape[0],), np.float32(np.float32(t) * np.float32(1000.0))).astype(dtype) / 1000
+            ts = timesteps_in_dtype(t, xs.shape[0], dtype)
             v = forward(xs, txt, ts, caches and (caches.batched if batched else caches.positive))
             if batched:
                 return classifier_free_guidance(v[:B], v[B:], guidance)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..checkpoints.components import COMPONENTS, import_ref
 from ..checkpoints.convert import load_component, read_manifest
 from ..checkpoints.quantize import quantize_component
 from ..device.blas import single_threaded
@@ -50,3 +51,26 @@ def reloading(parts: dict, folder: Path, dtype: mx.Dtype, quantize: int | None, 
         return on_this_machine(model)
 
     return component
+
+
+def load_parts(folder: Path, names: tuple[str, str, str], dtype: mx.Dtype, quantize: int | None, verify: bool,
+               quantized_on_load: tuple[str, ...], **text_encoder_options):
+    """A transformer, a VAE and a text encoder, named as in checkpoints/components.py, from a
+    converted folder or a hub folder (each component from its subfolder by its loader), lazily,
+    `quantize` applied to `quantized_on_load` -> (transformer, vae, text encoder loader, model.json
+    or None). The text encoder is read when asked for, and again after a release."""
+    from ..registry.hub import is_converted
+
+    transformer, vae, text_encoder = names
+    if is_converted(folder):
+        parts, manifest = load_converted_parts(folder, dtype, quantize, verify, quantized_on_load)
+        component = reloading(parts, folder, dtype, quantize, quantized_on_load)
+        return parts[transformer], parts[vae], lambda: component(text_encoder), manifest
+
+    def from_hub(name: str, **options):
+        model = import_ref(COMPONENTS[name].loader)(folder / COMPONENTS[name].source_folder, dtype=dtype, **options)
+        if quantize and name in quantized_on_load:
+            quantize_component(name, model, quantize)
+        return model
+
+    return from_hub(transformer), from_hub(vae), lambda: from_hub(text_encoder, **text_encoder_options), None

@@ -3,12 +3,12 @@ QP:410-715, and QwenImageImg2ImgPipeline). The shared loop is pipeline.py's.
 
 - text: Qwen2.5-VL-7B's language model, `hidden_states[-1]` of the prompt in Qwen-Image's system
   template, less the template's first 34 tokens, re-padded to the longest prompt with a mask
-  (qwen_conditioning.QwenImagePromptEncoder): {"txt": (B, L, 3584), "txt_mask": (B, L)}. The
+  (conditioning/qwen.py QwenImagePromptEncoder): {"txt": (B, L, 3584), "txt_mask": (B, L)}. The
   mask stays with its row, so several images per prompt keep the right mask (diffusers repeats
   the embeddings per prompt but the masks per batch, QP:260-263: a bug for > 1 prompt).
 - noise: drawn in the packed space, (1, H/16, W/16, 64): a 2x2 patch of the 16-channel latent per
   token, feature c·4 + 2·dy + dx; the tokens are that grid row-major (QP:333-354).
-- sampler: Euler on the flow, `sampling.stretched_shift_schedule` (dynamic exponential shift, then
+- sampler: Euler on the flow, `flow_matching.stretched_shift_schedule` (dynamic exponential shift, then
   stretched to end at 0.02). The model sees (σ·1000 in float32, cast to the latents' dtype) / 1000;
   the latents stay in the model dtype between steps (`euler_step_in_model_dtype`).
 - guidance: `guidance` is QwenImagePipeline's `true_cfg_scale`. Above 1 it runs true classifier-
@@ -33,17 +33,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..checkpoints.qwen3 import load_qwen3
-from ..checkpoints.qwen_image import load_qwen_image_transformer, load_qwen_vae
-from ..checkpoints.quantize import quantize_component
 from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
 from ..layers.attention import reading_out
-from .loading import load_converted_parts, reloading
+from .loading import load_parts
 from ..models.vae_flux2 import patchify, unpatchify
 from .pipeline import Conditioning, Pipeline
 from ..conditioning.qwen import QwenImagePromptEncoder, qwen_image_tokens_cut
 from ..registry import SamplingDefaults
-from ..diffusion.flow_matching import euler_step_in_model_dtype, img2img_schedule, stretched_shift_schedule
+from ..diffusion.flow_matching import (euler_step_in_model_dtype, img2img_schedule, noise_image,
+                                      stretched_shift_schedule, timesteps_in_dtype)
 from ..diffusion.step_cache import CacheConfig, for_generation
 from ..text import QwenTokenizer
 
@@ -102,29 +100,10 @@ class QwenImagePipeline(Pipeline):
 
     @classmethod
     def load(cls, folder, *, spec, name, dtype, quantize, keep_text_encoders, verify):
-        from ..registry.hub import is_converted
-
         folder = Path(folder)
         defaults = spec.defaults if spec else DEFAULTS
-        if is_converted(folder):
-            parts, _ = load_converted_parts(folder, dtype, quantize, verify, QUANTIZED_ON_LOAD)
-            transformer, vae = parts[TRANSFORMER], parts[VAE]
-            component = reloading(parts, folder, dtype, quantize, QUANTIZED_ON_LOAD)
-
-            def encoder():
-                return component(TEXT_ENCODER)
-        else:
-            transformer = load_qwen_image_transformer(folder / "transformer", dtype=dtype)
-            vae = load_qwen_vae(folder / "vae", dtype=dtype)
-            if quantize:
-                quantize_component(TRANSFORMER, transformer, quantize)
-
-            def encoder():
-                model = load_qwen3(folder / "text_encoder", dtype)
-                if quantize:
-                    quantize_component(TEXT_ENCODER, model, quantize)
-                return model
-
+        transformer, vae, encoder, _ = load_parts(folder, (TRANSFORMER, VAE, TEXT_ENCODER), dtype, quantize, verify,
+                                                  QUANTIZED_ON_LOAD)
         tokenizer = QwenTokenizer.from_folder(folder / "tokenizer")
 
         def text():
@@ -140,7 +119,7 @@ class QwenImagePipeline(Pipeline):
 
     def latent_shape(self, width, height):
         f = self.size_multiple
-        return (height // f, width // f, 4 * self.vae.config.z_dim)  # (h, w, 64), packed
+        return (height // f, width // f, 4 * self.vae.config.latent_channels)  # (h, w, 64), packed
 
     def tokens_cut(self, prompt: str) -> int:
         return qwen_image_tokens_cut(self.tokenizer, prompt, self.defaults.text_length) if self.tokenizer else 0
@@ -153,7 +132,7 @@ class QwenImagePipeline(Pipeline):
         """The mask nearest on the 8x latent grid, broadcast over the z channels and packed like
         the latents (QIP: prepare_mask_latents): (1, H/16, W/16, 4 z)."""
         m = super().latent_mask(mask, width, height)  # (1, h, w, 1)
-        return patchify(mx.broadcast_to(m, (*m.shape[:3], self.vae.config.z_dim)))
+        return patchify(mx.broadcast_to(m, (*m.shape[:3], self.vae.config.latent_channels)))
 
     def decode(self, latents, tiled=None):
         return self.vae.decode_latents(unpatchify(latents.astype(self.dtype)), tiled=bool(tiled))
@@ -170,7 +149,7 @@ class QwenImagePipeline(Pipeline):
         if init is not None:  # scale_noise at the first kept sigma (QI:457), in float32
             schedule = img2img_schedule(schedule, strength)
             s = float(np.float32(schedule[0]))
-            x = (s * noise.astype(mx.float32) + (1 - s) * mx.broadcast_to(init, noise.shape)).astype(dtype)
+            x = noise_image(mx.broadcast_to(init, noise.shape), noise.astype(mx.float32), s).astype(dtype)
             if mask is not None:  # the known region, as tokens (B, N, C) like x, in the model dtype (QIP:960-970)
                 tokens = lambda a: mx.broadcast_to(a, noise.shape).reshape(B, h * w, C).astype(dtype)  # noqa: E731
                 region = KnownRegion(tokens(init), tokens(noise), tokens(mask), flow_noised)
@@ -186,8 +165,7 @@ class QwenImagePipeline(Pipeline):
             return self.transformer(x, txt, ts, (h, w), mask, rope, cache=context)
 
         def velocity(x, t):
-            # the scheduler's timestep σ·1000 (float32) in the latents' dtype, / 1000 (QP:643-647)
-            ts = mx.full((B,), np.float32(np.float32(t) * np.float32(1000.0))).astype(dtype) / 1000
+            ts = timesteps_in_dtype(t, B, dtype)  # σ·1000 rounded to the latents' dtype, / 1000
             v = forward(x, ts, streams[0], caches and caches.positive)
             if len(streams) == 1:
                 return v
