@@ -71,6 +71,6 @@ def load_parts(folder: Path, names: tuple[str, str, str], dtype: mx.Dtype, quant
         model = import_ref(COMPONENTS[name].loader)(folder / COMPONENTS[name].source_folder, dtype=dtype, **options)
         if quantize and name in quantized_on_load:
             quantize_component(name, model, quantize)
-        return model
+        return on_this_machine(model)
 
     return from_hub(transformer), from_hub(vae), lambda: from_hub(text_encoder, **text_encoder_options), None

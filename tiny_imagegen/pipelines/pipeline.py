@@ -32,6 +32,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..editing.inputs import EditingInputs
 from ..device.compilation import compile_scope
+from .loading import on_this_machine
 from .memory import auto_tiling, wired_weights
 from ..registry import FAMILIES, ModelSpec, SamplingDefaults
 from ..diffusion.flow_matching import sample_noise
@@ -137,10 +138,12 @@ class Pipeline(EditingInputs):
         kw = dict(spec=spec, name=spec.name if spec else str(model), dtype=dtype or default_dtype(),
                   quantize=quantize, keep_text_encoders=keep_text_encoders, verify=verify)
         if loras and "loras" in inspect.signature(pipeline_cls.load).parameters:
-            return pipeline_cls.load(folder, loras=loras, **kw)  # merged before quantizing on load
-        pipe = pipeline_cls.load(folder, **kw)
-        if loras:
-            pipe.apply_loras(loras)
+            pipe = pipeline_cls.load(folder, loras=loras, **kw)  # merged before quantizing on load
+        else:
+            pipe = pipeline_cls.load(folder, **kw)
+            if loras:
+                pipe.apply_loras(loras)
+        on_this_machine(pipe.transformer)  # (a converted folder's components already are: loading.py)
         return pipe
 
     def apply_loras(self, loras: list[tuple[str, float]]) -> list[dict]:
