@@ -134,7 +134,8 @@ class DiTPipeline(Pipeline):
         if not 0 < k <= C:
             raise ValueError(f"cfg_channels must be 1..{C}, got {cfg_channels}")
 
-        caches = self.step_cache = for_generation(cache, guidance=guided)
+        caches = self.step_cache = for_generation(cache, guidance=guided, steps=len(p.timesteps),
+                                                   mag_ratios=self.defaults.mag_ratios)
         context = caches and (caches.batched if guided else caches.positive)
 
         def eps(x, i):

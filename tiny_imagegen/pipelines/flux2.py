@@ -215,7 +215,8 @@ class Flux2KleinPipeline(Pipeline):
         if references is not None:  # clean tokens after the noisy ones, at their own t (FKP:847-850)
             ref_tokens = references[0].astype(dtype)
             img_ids = np.concatenate([img_ids, references[1]])
-        caches = self.step_cache = for_generation(cache, guidance=cfg)
+        caches = self.step_cache = for_generation(cache, guidance=cfg, steps=len(schedule) - 1,
+                                                   mag_ratios=self.defaults.mag_ratios)
 
         def forward(xs, txt, ts, cache):
             if references is not None:

@@ -179,7 +179,8 @@ class QwenImagePipeline(Pipeline):
         streams = [(c["txt"], None if bool(mx.all(c["txt_mask"])) else c["txt_mask"],
                     self.transformer.rope_table(h, w, c["txt"].shape[1])) for c in streams]
 
-        caches = self.step_cache = for_generation(cache, guidance=len(streams) == 2)
+        caches = self.step_cache = for_generation(cache, guidance=len(streams) == 2, steps=len(schedule) - 1,
+                                                   mag_ratios=self.defaults.mag_ratios)
 
         def forward(x, ts, stream, context):
             txt, mask, rope = stream

@@ -153,7 +153,8 @@ class ZImagePipeline(Pipeline):
         pos = cond.positive["cap_feats"], _lengths(cond.positive)
         neg = (cond.negative["cap_feats"], _lengths(cond.negative)) if guidance > 0 else None
         joint = join_conditions(cond.positive, cond.negative) if batched else None
-        caches = self.step_cache = for_generation(cache, guidance=guidance > 0)
+        caches = self.step_cache = for_generation(cache, guidance=guidance > 0, steps=len(sigmas) - 1,
+                                                   mag_ratios=self.defaults.mag_ratios)
 
         def forward(x, t, captions, context):  # the model's x0 - noise, float32
             ts = mx.full((x.shape[0],), t, dtype=mx.float32)  # t stays float32 in every dtype (ZP:510)
