@@ -281,7 +281,8 @@ def run(args: argparse.Namespace) -> list[Path]:
                 print(f"wrote {len(maps.words[j])} word maps and {sheet}")
         if args.verbose and args.cache and getattr(pipe, "step_cache", None):
             runs = [f"{c.step - len(c.skipped)}/{c.step}" for c in pipe.step_cache.states]
-            print(f"step cache {args.cache}: the remaining blocks ran on {', '.join(runs)} forwards "
+            ran = "all blocks" if args.cache.startswith("mag") else "the remaining blocks"  # MagCache skips them all
+            print(f"step cache {args.cache}: {ran} ran on {', '.join(runs)} forwards "
                   "(per guidance pass, last micro-batch)", file=sys.stderr)
             for c in pipe.step_cache.states:
                 if getattr(c, "calibrate", False):  # MagCache calibration: the ratios this pass measured
