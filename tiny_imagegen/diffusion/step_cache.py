@@ -86,7 +86,7 @@ class CacheConfig:
         if self.method == "fbc":
             return FirstBlockCache(self.threshold)
         ratios = self.mag_ratios if self.mag_ratios is not None else mag_ratios
-        if ratios is None and not self.calibrate:
+        if not (ratios is not None and len(ratios)) and not self.calibrate:
             raise ValueError(MISSING_RATIOS)
         return MagCache(self.threshold, None if self.calibrate else nearest_interp(ratios, steps), steps,
                         self.max_skip_steps, self.retention_ratio, self.calibrate)
@@ -99,7 +99,7 @@ MISSING_RATIOS = ("mag needs this model's calibrated magnitude ratios (mag_ratio
 def check_method(cache: "str | CacheConfig | None", mag_ratios) -> None:
     """A ValueError (one line) before any work when `cache` asks for MagCache on a model without ratios."""
     config = CacheConfig.parse(cache) if isinstance(cache, str) or cache is None else cache
-    if config and config.method == "mag" and not config.calibrate and config.mag_ratios is None and mag_ratios is None:
+    if config and config.method == "mag" and not config.calibrate and not (config.mag_ratios or mag_ratios):
         raise ValueError(MISSING_RATIOS)
 
 
