@@ -180,3 +180,45 @@ def test_cli_refuses_mag_without_ratios(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --cache mag:0.06: ") and "mag_ratios" in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def _mag_state(**kw) -> MagCache:
+    """Ratios of exactly 1, nothing retained: step 0 computes (no residual yet), the next K skip."""
+    return MagCache(threshold=0.0, ratios=np.ones(8, np.float32), n=8, retention_ratio=0.0, **kw)
+
+
+@pytest.mark.parametrize("family", ["flux2", "mmdit-single-stream", "sd3", "zimage"])
+def test_models_route_the_whole_stack_through_mag(family):
+    """Each model's blocks under MagCache: every step computed (retention 1) == uncached bit for bit;
+    then the same input twice: the second call skips every block and gives the computed output again
+    (its input + the residual of the whole stack), which only holds if the model hands its whole
+    stack to the cache and uses nothing but the image stream after it."""
+    from test_step_cache import _flux2, _mmdit_single_stream, _sd3_model
+
+    if family == "zimage":
+        from test_zimage import inputs, model
+
+        m = model()
+        latents, t, feats, lengths = inputs(load_fixture("zimage", "tiny", "io.safetensors"), "mask")
+        call = lambda cache=None: m(latents, t, feats, lengths, cache=cache)  # noqa: E731
+    elif family == "sd3":
+        m = _sd3_model()
+        x = mx.random.normal((2, 6, 8, 16), key=mx.random.key(1))
+        txt, pooled = mx.random.normal((2, 5, 24), key=mx.random.key(2)), mx.random.normal((2, 8), key=mx.random.key(3))
+        call = lambda cache=None: m(x, txt, mx.array([0.7, 0.7]), pooled, cache=cache)  # noqa: E731
+    else:
+        m = _flux2() if family == "flux2" else _mmdit_single_stream()
+        img, txt = mx.random.normal((2, 6, 16), key=mx.random.key(3)), mx.random.normal((2, 5, 24), key=mx.random.key(4))
+        txt_ids, img_ids = m.position_ids(2, 3, 5)
+        extra = () if family == "flux2" else (mx.random.normal((2, 8), key=mx.random.key(5)),)
+        call = lambda cache=None: m(img, img_ids, txt, txt_ids, mx.array([0.7, 0.7]), *extra, cache=cache)  # noqa: E731
+    full = call()
+    kept = _mag_state(max_skip_steps=3)
+    kept.retention_ratio = 1.0
+    assert np.array_equal(np.array(call(kept)), np.array(full)) and np.array_equal(np.array(call(kept)), np.array(full))
+    assert kept.skipped == []
+    state = _mag_state()
+    call(state)
+    again = call(state)
+    assert state.skipped == [1]
+    assert_close(f"{family}: skipped step == computed step for the same input", again, full, atol=1e-5)

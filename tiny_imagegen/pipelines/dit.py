@@ -120,7 +120,7 @@ class DiTPipeline(Pipeline):
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
                sampler: str = "ddim", cfg_channels: int | None = None, cache: str | CacheConfig | None = None):
-        """`cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py), contexts kept in `self.step_cache`."""
+        """`cache`: step caching, "fbc[:T]" / "mag[:T]" (step_cache.py), contexts kept in `self.step_cache`."""
         if init is not None:
             raise ValueError("DiT has no image-to-image here (DiTPipeline has none): drop the init image")
         C = self.transformer.config.in_channels

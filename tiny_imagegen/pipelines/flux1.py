@@ -163,7 +163,7 @@ class Flux1Pipeline(Pipeline):
                references=None, cache: str | CacheConfig | None = None):
         """`references` (Kontext, pipelines/flux1_kontext.py): (tokens (1, N_ref, 4C), ids (N_ref, 3)),
         clean tokens after the noisy ones, the same every step; the output keeps the first N.
-        `cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py); its contexts (decisions) are kept
+        `cache`: step caching, "fbc[:T]" / "mag[:T]" (step_cache.py); its contexts (decisions) are kept
         in `self.step_cache` (new for every micro-batch, as diffusers resets them per call)."""
         B, h, w, C = noise.shape
         x = pack_latents(noise.astype(mx.float32))  # (B, h/2 * w/2, 4C)

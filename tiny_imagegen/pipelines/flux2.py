@@ -190,7 +190,7 @@ class Flux2KleinPipeline(Pipeline):
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
                batch_cfg: bool | None = None, mask: mx.array | None = None, references=None,
                cache: str | CacheConfig | None = None):
-        """`cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py; diffusers' hook fails on FLUX.2,
+        """`cache`: step caching, "fbc[:T]" / "mag[:T]" (step_cache.py; diffusers' hook fails on FLUX.2,
         the same rule as on FLUX.1 here); its contexts are kept in `self.step_cache`."""
         B, h, w, C = noise.shape
         dtype = self.dtype  # the latents take the text encoder's dtype, FP:796

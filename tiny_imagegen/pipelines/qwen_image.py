@@ -160,7 +160,7 @@ class QwenImagePipeline(Pipeline):
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
                mask: mx.array | None = None, cache: str | CacheConfig | None = None):
-        """`cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py, as diffusers' hook runs on
+        """`cache`: step caching, "fbc[:T]" / "mag[:T]" (step_cache.py, as diffusers' hook runs on
         QwenImagePipeline: the positive and the negative forward each in its own context, "cond"
         and "uncond"); its contexts are kept in `self.step_cache`."""
         B, h, w, C = noise.shape

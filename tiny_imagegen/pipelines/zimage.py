@@ -138,7 +138,7 @@ class ZImagePipeline(Pipeline):
         the negative prompt as a second forward (half the activations); ZImagePipeline's
         `cfg_normalization` (> 0: cap the guided prediction's norm at that multiple of the
         positive one's) and `cfg_truncation` (no guidance at steps whose model time exceeds it);
-        `cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py; diffusers' hook cannot run on
+        `cache`: step caching, "fbc[:T]" / "mag[:T]" (step_cache.py; diffusers' hook cannot run on
         Z-Image, the same rule on its main layers here), contexts kept in `self.step_cache`."""
         B = noise.shape[0]
         sigmas = zimage_sigmas(steps, self.defaults.shift if shift is None else shift)
