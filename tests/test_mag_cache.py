@@ -100,7 +100,10 @@ def find_tiny_folder():
 
 
 def test_cache_spec_parsing():
-    assert CacheConfig.parse("mag") == CacheConfig("mag", 0.06)
+    assert CacheConfig.parse("mag") == CacheConfig("mag", 0.06) == CacheConfig("mag")  # diffusers' default
+    assert CacheConfig("fbc").threshold == 0.05
+    with pytest.raises(ValueError, match="number of steps"):
+        CacheConfig("mag", mag_ratios=(1.0, 0.9)).new_generation(0)
     assert str(CacheConfig.parse("MAG:0.12")) == "mag:0.12" and str(CacheConfig.parse("mag:calibrate")) == "mag:calibrate"
     assert CacheConfig.parse("mag:calibrate").calibrate
     for bad, says in (("mag:x", "not a number"), ("mag:-1", ">= 0"), ("magcache", "unknown cache method")):

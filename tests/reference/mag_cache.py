@@ -108,7 +108,8 @@ def make(out: Path) -> None:
         tensors[f"latents_{name}"], tensors[f"skipped_{name}"] = latents, masks["cond"]
         print(f"  MagCache {name}: skipped steps {_steps(masks['cond'])}")
     latents, masks, _ = run(pipe, model, packed, config(CFG_THRESHOLD), cfg=True)
-    tensors["latents_cfg"], tensors["skipped_cfg_cond"], tensors["skipped_cfg_uncond"] = latents, masks["cond"], masks["uncond"]
+    tensors["latents_cfg"] = latents
+    tensors["skipped_cfg_cond"], tensors["skipped_cfg_uncond"] = masks["cond"], masks["uncond"]
     print(f"  MagCache {CFG_THRESHOLD:g} with true CFG: cond skips {_steps(masks['cond'])}, "
           f"uncond skips {_steps(masks['uncond'])}")
     _, _, printed = run(pipe, model, packed, MagCacheConfig(calibrate=True, num_inference_steps=STEPS), cfg=False)

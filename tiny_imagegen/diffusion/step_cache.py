@@ -50,11 +50,15 @@ class CacheConfig:
     `mag_ratios` None = the model's own (its defaults)."""
 
     method: str = "fbc"
-    threshold: float = DEFAULT_THRESHOLD["fbc"]
+    threshold: float | None = None  # None: the method's default
     max_skip_steps: int = MAX_SKIP_STEPS
     retention_ratio: float = RETENTION_RATIO
     calibrate: bool = False
     mag_ratios: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.threshold is None:
+            object.__setattr__(self, "threshold", DEFAULT_THRESHOLD[self.method])
 
     def __str__(self) -> str:
         return f"{self.method}:calibrate" if self.calibrate else f"{self.method}:{self.threshold:g}"
@@ -85,6 +89,8 @@ class CacheConfig:
         (the model's, unless the config carries its own) to them."""
         if self.method == "fbc":
             return FirstBlockCache(self.threshold)
+        if steps < 1:  # its schedule is laid over the generation's steps
+            raise ValueError("MagCache needs the number of steps of the generation")
         ratios = self.mag_ratios if self.mag_ratios is not None else mag_ratios
         if not (ratios is not None and len(ratios)) and not self.calibrate:
             raise ValueError(MISSING_RATIOS)
@@ -135,8 +141,10 @@ def run_blocks(states: list, img: mx.array, txt: mx.array,
     return first_block_cache(states, img, txt, head, rest)
 
 
-def first_block_cache(states: list[FirstBlockCache], img: mx.array, txt: mx.array,
-                      head: Callable[[mx.array, mx.array], Streams], rest: Callable[[mx.array, mx.array], Streams]) -> Streams:
+Block = Callable[[mx.array, mx.array], Streams]  # (img, txt) -> (img, txt) through some of the blocks
+
+
+def first_block_cache(states: list[FirstBlockCache], img: mx.array, txt: mx.array, head: Block, rest: Block) -> Streams:
     """The streams after all blocks (head = the first block, rest = all the others) for a batch made
     of len(states) equal slices, each its own context: each slice decides on its own mean; the
     remaining blocks run (on the whole batch) when any slice needs them; a slice that skips takes
