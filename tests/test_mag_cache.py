@@ -25,7 +25,9 @@ def _mag(threshold, **kw):
     return CacheConfig("mag", threshold, mag_ratios=FLUX1_MAG_RATIOS, **kw)
 
 
-@pytest.mark.parametrize("name, config", [("0", _mag(0.0)), ("0.06", _mag(0.06)), ("0.1", _mag(0.1)),
+# "mag": the folder's defaults (a dev-like FLUX.1 folder the registry does not know: FLUX.1-dev's, ratios
+# included) and the default threshold 0.06
+@pytest.mark.parametrize("name, config", [("0", _mag(0.0)), ("0.06", "mag"), ("0.1", _mag(0.1)),
                                           ("0.2", _mag(0.2)), ("k1_0.2", _mag(0.2, max_skip_steps=1, retention_ratio=0.3))])
 def test_mag_skips_the_steps_diffusers_skips_with_the_same_latents(pipe, name, config):  # noqa: F811
     io, ref = load_fixture(*STEP_CACHE_IO), load_fixture("mag_cache", "io.safetensors")
