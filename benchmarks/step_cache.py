@@ -1,9 +1,10 @@
-"""Step caching (First-Block Cache, step_cache.py): what it buys and what it costs.
+"""Step caching (First-Block Cache, step_cache.py; MagCache, mag_cache.py): what it buys and what it costs.
 
-1. The tiny model: the scene parser's accuracy and the time per image at FBC thresholds 0 (no
-   cache) / 0.05 / 0.1 / 0.2, over `--n` train captions, each image generated alone (batch 1, as a
-   user makes one; guidance batched as the pipeline runs it). Caption by caption the thresholds
-   run one after another, so load from other processes hits them alike.
+1. The tiny model: the scene parser's accuracy and the time per image with no cache, FBC at
+   thresholds 0.05 / 0.1 / 0.2 and MagCache at 0.06 / 0.2 / 0.5 (`--caches` to choose), over `--n`
+   train captions, each image generated alone (batch 1, as a user makes one; guidance batched as
+   the pipeline runs it). Caption by caption the settings run one after another, so load from
+   other processes hits them alike; the load average is printed before and after.
 2. A full-width FLUX.1-dev-shaped step (D = 3072, 24 heads, guidance input; `--tokens` image
    tokens + `--text` text tokens, fp32, `--double` + `--single` blocks): the time of a full step, of
    a computed and of a skipped cached step, the first block, one double and one single block,
@@ -30,39 +31,44 @@ import numpy as np  # noqa: E402
 from tiny_imagegen.device import blas  # noqa: E402
 from tiny_imagegen.diffusion.step_cache import FirstBlockCache, computed_fraction, relative_change  # noqa: E402
 
-THRESHOLDS = (None, 0.05, 0.1, 0.2)
+CACHES = ("none", "fbc:0.05", "fbc:0.1", "fbc:0.2", "mag:0.06", "mag:0.2", "mag:0.5")
 
 
-def tiny_model(n: int) -> None:
+def tiny_model(n: int, caches: tuple[str, ...] = CACHES) -> None:
     from tiny_imagegen.train.scene_parser import evaluate
     from tiny_imagegen.train.shapes_dataset import sample_scene
     from tiny_imagegen.train.tiny_shapes import load_pipeline
 
     pipe = load_pipeline(Path(__file__).resolve().parents[1] / "weights" / "tiny-shapes")
     captions = [sample_scene(2026, i, "train").caption for i in range(n)]
-    images = {t: [] for t in THRESHOLDS}
-    seconds = {t: 0.0 for t in THRESHOLDS}
-    computed = {t: [] for t in THRESHOLDS}
-    for t in THRESHOLDS:  # warm-up
-        pipe.generate(captions[0], seed=0, cache=None if t is None else f"fbc:{t}")
+    caches = ("none", *(c for c in caches if c != "none"))  # the baseline first
+    images = {c: [] for c in caches}
+    seconds = {c: 0.0 for c in caches}
+    computed = {c: [] for c in caches}
+    for c in caches:  # warm-up
+        pipe.generate(captions[0], seed=0, cache=None if c == "none" else c)
+    load = os.getloadavg()[0]
     for i, caption in enumerate(captions):
-        for t in THRESHOLDS:
+        for c in caches:
             start = time.perf_counter()
-            image = pipe.generate(caption, seed=i, cache=None if t is None else f"fbc:{t}")[0]
-            seconds[t] += time.perf_counter() - start
-            images[t].append(np.asarray(image))
-            if t is not None:
-                computed[t].append(computed_fraction(pipe.step_cache.states))
+            image = pipe.generate(caption, seed=i, cache=None if c == "none" else c)[0]
+            seconds[c] += time.perf_counter() - start
+            images[c].append(np.asarray(image))
+            if c != "none":
+                computed[c].append(computed_fraction(pipe.step_cache.states))
     print(f"tiny-shapes, {n} train captions, {pipe.defaults.steps} steps, guidance {pipe.defaults.guidance} "
-          f"(batched [positive; negative], each half deciding apart), one image at a time")
-    print("| FBC threshold | scene-parser accuracy | time per image | speed-up | steps computed |")
-    print("|---|---|---|---|---|")
-    base = seconds[None] / n
-    for t in THRESHOLDS:
-        score = evaluate(captions, np.stack(images[t]), verbose=False)
-        frac = f"{100 * statistics.mean(computed[t]):.0f}%" if computed[t] else "100%"
-        print(f"| {'none' if t is None else t} | {_fmt(score)} | {1000 * seconds[t] / n:.0f} ms | "
-              f"{base / (seconds[t] / n):.2f}x | {frac} |", flush=True)
+          f"(batched [positive; negative]), one image at a time; load average {load:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after (1 min)")
+    print("| cache | scene parser, per check | \"all\" vs none | time per image | vs none "
+          "| forwards running the blocks (fbc: after the first) |")
+    print("|---|---|---|---|---|---|")
+    base = seconds["none"] / n
+    scores = {c: evaluate(captions, np.stack(images[c]), verbose=False) for c in caches}
+    for c in caches:
+        frac = f"{100 * statistics.mean(computed[c]):.0f}%" if computed[c] else "100%"
+        lost = 100 * (scores[c]["all"] - scores["none"]["all"])
+        print(f"| {c} | {_fmt(scores[c])} | {lost:+.1f} points | {1000 * seconds[c] / n:.0f} ms | "
+              f"{base / (seconds[c] / n):.2f}x | {frac} |", flush=True)
 
 
 def _fmt(score) -> str:
@@ -132,6 +138,7 @@ def full_width_step(tokens: int, n_text: int, n_double: int, n_single: int, repe
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=200, help="train captions for the tiny model (0: skip)")
+    p.add_argument("--caches", default=",".join(CACHES), help="the tiny model's settings, comma-separated")
     p.add_argument("--tokens", type=int, default=256, help="image tokens of the full-width step (0: skip)")
     p.add_argument("--text", type=int, default=512, help="text tokens of the full-width step (FLUX.1-dev: 512)")
     p.add_argument("--double", type=int, default=1)
@@ -141,7 +148,7 @@ def main():
     print(f"device {mx.default_device()}, BLAS: {blas.describe()}, load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores")
     if args.n:
-        tiny_model(args.n)
+        tiny_model(args.n, tuple(args.caches.split(",")))
     if args.tokens:
         full_width_step(args.tokens, args.text, args.double, args.single, args.repeats)
 

@@ -157,6 +157,16 @@ MUTATIONS = [
     Mutation("kohya alpha ignored", "tiny_imagegen/checkpoints/lora.py",
              "scale = alpha.item() / rank", "scale = 1.0",
              ("tests/test_lora.py", "-k", "transformer_output")),
+    # ---- step caching -------------------------------------------------------------------------
+    Mutation("mag cache: accumulated error must stay strictly under the threshold", "tiny_imagegen/diffusion/mag_cache.py",
+             "self.err <= np.float32(self.threshold)", "self.err < np.float32(self.threshold)",
+             ("tests/test_mag_cache.py", "-k", "diffusers_skips")),
+    Mutation("mag cache: one skip fewer in a row than K", "tiny_imagegen/diffusion/mag_cache.py",
+             "self.skips <= self.max_skip_steps", "self.skips < self.max_skip_steps",
+             ("tests/test_mag_cache.py", "-k", "diffusers_skips")),
+    Mutation("mag cache: residual without the input subtracted", "tiny_imagegen/diffusion/mag_cache.py",
+             "st.remember(take(out_img, s) - take(img, s))", "st.remember(take(out_img, s))",
+             ("tests/test_mag_cache.py", "-k", "diffusers_skips")),
     # ---- pipelines ----------------------------------------------------------------------------
     Mutation("flux1 true cfg sign flipped (batched)", "tiny_imagegen/pipelines/flux1.py",
              "return classifier_free_guidance(v[:B], v[B:], scale)", "return classifier_free_guidance(v[B:], v[:B], scale)",

@@ -88,7 +88,7 @@ RECIPE_BOUNDS = {
 }
 RECIPE_KEYS = {"family": str, "name": str, "text": str, "is_distilled": bool, "defaults": dict}
 DEFAULTS_KEYS = {"steps": int, "guidance": float, "shift": (bool, float), "text_length": int, "width": int,
-                 "height": int}
+                 "height": int, "mag_ratios": tuple[float, ...] | None}
 NO_TEXT_FAMILIES = ("dit",)  # class-conditional: text_length 0, no text tokens at all
 QUANTIZATION = {"bits": BITS, "group_size": GROUP_SIZES, "modulation_bits": BITS}
 DTYPES = ("float32", "float16", "bfloat16")  # convert.DTYPES' names (convert.py imports this module)

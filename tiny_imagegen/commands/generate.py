@@ -107,10 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--attention-maps: average these attention blocks only (0-based, model order; default all)")
     p.add_argument("--attention-steps", metavar="I,J,...",
                    help="--attention-maps: average these denoising steps only (0-based; default all)")
-    p.add_argument("--cache", metavar="fbc[:THRESHOLD]",
-                   help="step caching: skip the transformer's later blocks on steps where its first block's "
-                        "output barely changed (First-Block Cache, as diffusers'; threshold default 0.05, higher "
-                        "skips more). For 20-50 step models; step-distilled ones (schnell, klein, Turbo) gain nothing")
+    p.add_argument("--cache", metavar="fbc[:THRESHOLD] | mag[:THRESHOLD]",
+                   help="step caching, as diffusers' hooks: 'fbc' (First-Block Cache) skips the transformer's later "
+                        "blocks on steps where its first block's output barely changed (threshold default 0.05); "
+                        "'mag' (MagCache) skips all blocks on steps a schedule of the model's calibrated magnitude "
+                        "ratios allows (threshold default 0.06; models with ratios: tiny-shapes, FLUX.1; "
+                        "'mag:calibrate' measures them, printed with --verbose). Higher skips more. For 20-50 step "
+                        "models; step-distilled ones (schnell, klein, Turbo) gain nothing")
     p.add_argument("--distributed", choices=("data", "tensor"),
                    help="under mlx.launch: 'data' gives each rank its share of the images (each made and written "
                         "once); 'tensor' splits the FLUX.1 transformer's blocks across the ranks (rank 0 writes)")
@@ -227,6 +230,13 @@ def run(args: argparse.Namespace) -> list[Path]:
     if "true_cfg" in options and not getattr(pipe, "distilled", False):  # it would be ignored, yet recorded
         raise UsageError(f"--true-cfg: {pipe.name} is not guidance-distilled, so its --guidance is already "
                          "classifier-free guidance: use --guidance")
+    if "cache" in options:
+        from ..diffusion.step_cache import check_method
+
+        try:
+            check_method(options["cache"], pipe.defaults.mag_ratios)
+        except ValueError as e:
+            raise UsageError(f"--cache {options['cache']}: {pipe.name} ({pipe.family}): {e}") from None
     rank, size, writes = 0, 1, True
     if args.distributed:
         from ..pipelines import distributed
@@ -271,8 +281,12 @@ def run(args: argparse.Namespace) -> list[Path]:
                 print(f"wrote {len(maps.words[j])} word maps and {sheet}")
         if args.verbose and args.cache and getattr(pipe, "step_cache", None):
             runs = [f"{c.step - len(c.skipped)}/{c.step}" for c in pipe.step_cache.states]
-            print(f"step cache {args.cache}: the remaining blocks ran on {', '.join(runs)} forwards "
+            ran = "all blocks" if args.cache.startswith("mag") else "the remaining blocks"  # MagCache skips them all
+            print(f"step cache {args.cache}: {ran} ran on {', '.join(runs)} forwards "
                   "(per guidance pass, last micro-batch)", file=sys.stderr)
+            for c in pipe.step_cache.states:
+                if getattr(c, "calibrate", False):  # MagCache calibration: the ratios this pass measured
+                    print("mag_ratios=(" + ", ".join(f"{r:.5f}" for r in c.measured) + ")", file=sys.stderr)
         if args.verbose:
             t, m = pipe.timings, pipe.peak_memory
             print(f"prompt {n + 1}/{len(jobs)}: text {t.get('text', 0):.2f} s ({m.get('text', 0) / 2**30:.2f} GiB peak), "

@@ -108,7 +108,7 @@ FIELDS = {
     "slg": Field(str),  # block indices "7,8,9", parsed by generate's slg_layers
     "slg_scale": Field(float, -MAX_SCALE, MAX_SCALE),
     "clip_skip": Field(int, 0, 64),  # bigG has 32 layers
-    "cache": Field(str),  # "fbc[:THRESHOLD]", parsed by diffusion/step_cache.py's CacheConfig
+    "cache": Field(str),  # "fbc[:THRESHOLD]" / "mag[:THRESHOLD]", parsed by diffusion/step_cache.py's CacheConfig
     "quantize": Field(int, choices=(4, 8)),
     "modulation_bits": Field(int, choices=(4, 8)),
     "dtype": Field(str, choices=DTYPE_CHOICES),

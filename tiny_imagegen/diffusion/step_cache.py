@@ -22,6 +22,10 @@ for every generation (`GenerationCache`), so reruns are identical.
 
 Step-distilled models (FLUX.1-schnell, FLUX.2-klein, Z-Image-Turbo: 1-8 steps) gain nothing:
 consecutive steps are far apart and every step is computed.
+
+The second method, MagCache (`--cache mag[:THRESHOLD]`, mag_cache.py), decides from a schedule of
+ratios calibrated per model (the model's defaults, `SamplingDefaults.mag_ratios`) and skips the whole
+stack; it shares this module's configuration and per-generation contexts.
 """
 
 from dataclasses import dataclass, field
@@ -29,26 +33,40 @@ from typing import Callable
 
 import mlx.core as mx
 
-METHODS = ("fbc",)
-DEFAULT_THRESHOLD = {"fbc": 0.05}  # diffusers' FirstBlockCacheConfig default
+from . import mag_cache
+from .mag_cache import MAX_SKIP_STEPS, RETENTION_RATIO, MagCache, nearest_interp
+
+METHODS = ("fbc", "mag")
+DEFAULT_THRESHOLD = {"fbc": 0.05, "mag": 0.06}  # diffusers' FirstBlockCacheConfig / MagCacheConfig defaults
 
 Streams = tuple[mx.array, mx.array]  # (image stream (B, L_img, D), text stream (B, L_txt, D))
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """`--cache fbc[:THRESHOLD]`: the method and its threshold."""
+    """`--cache fbc[:THRESHOLD]` / `mag[:THRESHOLD]`: the method and its threshold. MagCache's other
+    knobs (diffusers' defaults: K = 3 skips in a row at most, the first 20% of steps always computed)
+    and its calibration mode (`mag:calibrate`: skip nothing, record the ratios) are set here;
+    `mag_ratios` None = the model's own (its defaults)."""
 
     method: str = "fbc"
-    threshold: float = DEFAULT_THRESHOLD["fbc"]
+    threshold: float | None = None  # None: the method's default
+    max_skip_steps: int = MAX_SKIP_STEPS
+    retention_ratio: float = RETENTION_RATIO
+    calibrate: bool = False
+    mag_ratios: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.threshold is None:
+            object.__setattr__(self, "threshold", DEFAULT_THRESHOLD[self.method])
 
     def __str__(self) -> str:
-        return f"{self.method}:{self.threshold:g}"
+        return f"{self.method}:calibrate" if self.calibrate else f"{self.method}:{self.threshold:g}"
 
     @classmethod
     def parse(cls, spec: str | None) -> "CacheConfig | None":
-        """"fbc" / "fbc:0.1" -> CacheConfig; None / "" / "none" / "off" -> None (no caching).
-        A ValueError (one line) for anything else."""
+        """"fbc" / "fbc:0.1" / "mag" / "mag:0.1" / "mag:calibrate" -> CacheConfig; None / "" / "none"
+        / "off" -> None (no caching). A ValueError (one line) for anything else."""
         if spec is None or spec.strip().lower() in ("", "none", "off"):
             return None
         method, _, value = spec.strip().lower().partition(":")
@@ -56,6 +74,8 @@ class CacheConfig:
             raise ValueError(f"unknown cache method {method!r} in {spec!r}: use {' | '.join(m + '[:THRESHOLD]' for m in METHODS)}")
         if not value:
             return cls(method, DEFAULT_THRESHOLD[method])
+        if method == "mag" and value == "calibrate":
+            return cls(method, DEFAULT_THRESHOLD[method], calibrate=True)
         try:
             threshold = float(value)
         except ValueError:
@@ -64,8 +84,29 @@ class CacheConfig:
             raise ValueError(f"cache threshold must be >= 0, got {threshold:g}")
         return cls(method, threshold)
 
-    def new_generation(self) -> "FirstBlockCache":
-        return FirstBlockCache(self.threshold)
+    def new_generation(self, steps: int = 0, mag_ratios=None) -> "FirstBlockCache | MagCache":
+        """A fresh context for a generation of `steps` forwards; MagCache resamples `mag_ratios`
+        (the model's, unless the config carries its own) to them."""
+        if self.method == "fbc":
+            return FirstBlockCache(self.threshold)
+        if steps < 1:  # its schedule is laid over the generation's steps
+            raise ValueError("MagCache needs the number of steps of the generation")
+        ratios = self.mag_ratios if self.mag_ratios is not None else mag_ratios
+        if not (ratios is not None and len(ratios)) and not self.calibrate:
+            raise ValueError(MISSING_RATIOS)
+        return MagCache(self.threshold, None if self.calibrate else nearest_interp(ratios, steps), steps,
+                        self.max_skip_steps, self.retention_ratio, self.calibrate)
+
+
+MISSING_RATIOS = ("mag needs this model's calibrated magnitude ratios (mag_ratios in its registry defaults), "
+                  "which it has not: use fbc, or calibrate with --cache mag:calibrate --verbose")
+
+
+def check_method(cache: "str | CacheConfig | None", mag_ratios) -> None:
+    """A ValueError (one line) before any work when `cache` asks for MagCache on a model without ratios."""
+    config = CacheConfig.parse(cache) if isinstance(cache, str) or cache is None else cache
+    if config and config.method == "mag" and not config.calibrate and not (config.mag_ratios or mag_ratios):
+        raise ValueError(MISSING_RATIOS)
 
 
 def relative_change(r: mx.array, reference: mx.array, sync: bool = True):
@@ -91,8 +132,19 @@ class FirstBlockCache:
         return run_blocks([self], img, txt, head, rest)
 
 
-def run_blocks(states: list[FirstBlockCache], img: mx.array, txt: mx.array,
+def run_blocks(states: list, img: mx.array, txt: mx.array,
                head: Callable[[mx.array, mx.array], Streams], rest: Callable[[mx.array, mx.array], Streams]) -> Streams:
+    """A batch of len(states) equal slices, each its own context, through the block stack by the
+    contexts' method (First-Block Cache below, or MagCache)."""
+    if isinstance(states[0], MagCache):
+        return mag_cache.run_blocks(states, img, txt, head, rest)
+    return first_block_cache(states, img, txt, head, rest)
+
+
+Block = Callable[[mx.array, mx.array], Streams]  # (img, txt) -> (img, txt) through some of the blocks
+
+
+def first_block_cache(states: list[FirstBlockCache], img: mx.array, txt: mx.array, head: Block, rest: Block) -> Streams:
     """The streams after all blocks (head = the first block, rest = all the others) for a batch made
     of len(states) equal slices, each its own context: each slice decides on its own mean; the
     remaining blocks run (on the whole batch) when any slice needs them; a slice that skips takes
@@ -134,22 +186,24 @@ class GenerationCache:
     guidance, `negative`, as diffusers' "cond" and "uncond". `batched` is the `cache=` of a forward
     whose batch is [positive; negative]; `states` stays readable after the generation."""
 
-    def __init__(self, config: CacheConfig, guidance: bool):
-        self.positive = config.new_generation()
-        self.negative = config.new_generation() if guidance else None
+    def __init__(self, config: CacheConfig, guidance: bool, steps: int = 0, mag_ratios=None):
+        self.positive = config.new_generation(steps, mag_ratios)
+        self.negative = config.new_generation(steps, mag_ratios) if guidance else None
         self.states = [self.positive] + ([self.negative] if guidance else [])
 
     def batched(self, img, txt, head, rest) -> Streams:
         return run_blocks([self.positive, self.negative], img, txt, head, rest)
 
 
-def for_generation(cache: "str | CacheConfig | None", guidance: bool) -> GenerationCache | None:
-    """A family's `cache=` option (a spec string, a CacheConfig or None) -> this generation's contexts."""
+def for_generation(cache: "str | CacheConfig | None", guidance: bool, steps: int = 0,
+                   mag_ratios=None) -> GenerationCache | None:
+    """A family's `cache=` option (a spec string, a CacheConfig or None) -> the contexts of this
+    generation of `steps` forwards per context; `mag_ratios`: the model's (its defaults), for MagCache."""
     config = CacheConfig.parse(cache) if isinstance(cache, str) or cache is None else cache
-    return None if config is None else GenerationCache(config, guidance)
+    return None if config is None else GenerationCache(config, guidance, steps, mag_ratios)
 
 
-def computed_fraction(states: list[FirstBlockCache]) -> float:
+def computed_fraction(states: list) -> float:
     """The share of forwards (over all contexts) that ran the remaining blocks."""
     total = sum(st.step for st in states)
     return 1.0 - sum(len(st.skipped) for st in states) / total if total else 1.0

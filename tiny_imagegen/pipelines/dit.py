@@ -120,7 +120,7 @@ class DiTPipeline(Pipeline):
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
                sampler: str = "ddim", cfg_channels: int | None = None, cache: str | CacheConfig | None = None):
-        """`cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py), contexts kept in `self.step_cache`."""
+        """`cache`: step caching, "fbc[:T]" / "mag[:T]" (step_cache.py), contexts kept in `self.step_cache`."""
         if init is not None:
             raise ValueError("DiT has no image-to-image here (DiTPipeline has none): drop the init image")
         C = self.transformer.config.in_channels
@@ -134,7 +134,8 @@ class DiTPipeline(Pipeline):
         if not 0 < k <= C:
             raise ValueError(f"cfg_channels must be 1..{C}, got {cfg_channels}")
 
-        caches = self.step_cache = for_generation(cache, guidance=guided)
+        caches = self.step_cache = for_generation(cache, guidance=guided, steps=len(p.timesteps),
+                                                   mag_ratios=self.defaults.mag_ratios)
         context = caches and (caches.batched if guided else caches.positive)
 
         def eps(x, i):

@@ -12,6 +12,7 @@ pipeline. The shared loop is pipeline.py's.
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -62,7 +63,7 @@ def defaults_for_folder(folder: Path, guidance_embed: bool) -> SamplingDefaults:
     scheduler = folder / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
         shift = json.loads(scheduler.read_text()).get("use_dynamic_shifting", base.shift)
-        base = SamplingDefaults(base.steps, base.guidance, shift, base.text_length)
+        base = replace(base, shift=shift)  # the rest (steps, mag_ratios, ...) as the registry's
     return base
 
 
@@ -162,7 +163,7 @@ class Flux1Pipeline(Pipeline):
                references=None, cache: str | CacheConfig | None = None):
         """`references` (Kontext, pipelines/flux1_kontext.py): (tokens (1, N_ref, 4C), ids (N_ref, 3)),
         clean tokens after the noisy ones, the same every step; the output keeps the first N.
-        `cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py); its contexts (decisions) are kept
+        `cache`: step caching, "fbc[:T]" / "mag[:T]" (step_cache.py); its contexts (decisions) are kept
         in `self.step_cache` (new for every micro-batch, as diffusers resets them per call)."""
         B, h, w, C = noise.shape
         x = pack_latents(noise.astype(mx.float32))  # (B, h/2 * w/2, 4C)
@@ -191,7 +192,8 @@ class Flux1Pipeline(Pipeline):
         # would round t * 1000 first, 312.5 -> 312, as diffusers' bf16 FLUX does)
         g = mx.full((txt.shape[0],), guidance, dtype=mx.float32) if self.distilled else None
         forward = self.forward()
-        caches = self.step_cache = for_generation(cache, guidance=cfg)
+        caches = self.step_cache = for_generation(cache, guidance=cfg, steps=len(schedule) - 1,
+                                                   mag_ratios=self.defaults.mag_ratios)
         if caches is not None:  # its decision reads a value mid-forward (.item()): no whole-forward compile
             tr = self.transformer
             forward = lambda img, txt, t, y, g, rope, cache: tr(img, None, txt, None, t, y, g, rope=rope,  # noqa: E731

@@ -169,7 +169,7 @@ class Flux2KleinPipeline(Pipeline):
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
                batch_cfg: bool | None = None, mask: mx.array | None = None, references=None,
                cache: str | CacheConfig | None = None):
-        """`cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py; diffusers' hook fails on FLUX.2,
+        """`cache`: step caching, "fbc[:T]" / "mag[:T]" (step_cache.py; diffusers' hook fails on FLUX.2,
         the same rule as on FLUX.1 here); its contexts are kept in `self.step_cache`."""
         B, h, w, C = noise.shape
         dtype = self.dtype  # the latents take the text encoder's dtype, FP:796
@@ -194,7 +194,8 @@ class Flux2KleinPipeline(Pipeline):
         if references is not None:  # clean tokens after the noisy ones, at their own t (FKP:847-850)
             ref_tokens = references[0].astype(dtype)
             img_ids = np.concatenate([img_ids, references[1]])
-        caches = self.step_cache = for_generation(cache, guidance=cfg)
+        caches = self.step_cache = for_generation(cache, guidance=cfg, steps=len(schedule) - 1,
+                                                   mag_ratios=self.defaults.mag_ratios)
 
         def forward(xs, txt, ts, cache):
             if references is not None:

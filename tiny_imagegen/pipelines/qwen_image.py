@@ -139,7 +139,7 @@ class QwenImagePipeline(Pipeline):
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
                mask: mx.array | None = None, cache: str | CacheConfig | None = None):
-        """`cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py, as diffusers' hook runs on
+        """`cache`: step caching, "fbc[:T]" / "mag[:T]" (step_cache.py, as diffusers' hook runs on
         QwenImagePipeline: the positive and the negative forward each in its own context, "cond"
         and "uncond"); its contexts are kept in `self.step_cache`."""
         B, h, w, C = noise.shape
@@ -158,7 +158,8 @@ class QwenImagePipeline(Pipeline):
         streams = [(c["txt"], None if bool(mx.all(c["txt_mask"])) else c["txt_mask"],
                     self.transformer.rope_table(h, w, c["txt"].shape[1])) for c in streams]
 
-        caches = self.step_cache = for_generation(cache, guidance=len(streams) == 2)
+        caches = self.step_cache = for_generation(cache, guidance=len(streams) == 2, steps=len(schedule) - 1,
+                                                   mag_ratios=self.defaults.mag_ratios)
 
         def forward(x, ts, stream, context):
             txt, mask, rope = stream

@@ -184,7 +184,7 @@ class SD3Pipeline(Pipeline):
         """Family options: `slg` the blocks skip-layer guidance leaves out (None: off; True: 7, 8, 9)
         with its scale and step window; `shift` overrides the schedule's; `batch_cfg=False` runs the
         negative prompt as a second forward. `clip_skip` and `t5` act in `condition`.
-        `cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py; diffusers' hook cannot run on SD3,
+        `cache`: step caching, "fbc[:T]" / "mag[:T]" (step_cache.py; diffusers' hook cannot run on SD3,
         the same rule as on FLUX.1 here): the positive and negative passes in contexts of their own
         (batched or not), the skip-layer pass uncached; contexts kept in `self.step_cache`."""
         B, dtype = noise.shape[0], self.dtype
@@ -209,7 +209,8 @@ class SD3Pipeline(Pipeline):
             txt_b = mx.concatenate([cond.negative["txt"], txt])
             pooled_b = mx.concatenate([cond.negative["pooled"], pooled])
 
-        caches = self.step_cache = for_generation(cache, guidance=cfg)
+        caches = self.step_cache = for_generation(cache, guidance=cfg, steps=len(sigmas) - 1,
+                                                   mag_ratios=self.defaults.mag_ratios)
 
         def forward(context: str):
             """A pass's forward: compiled without a cache; with one, uncompiled (its decision reads a

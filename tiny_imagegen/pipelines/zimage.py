@@ -138,7 +138,7 @@ class ZImagePipeline(Pipeline):
         the negative prompt as a second forward (half the activations); ZImagePipeline's
         `cfg_normalization` (> 0: cap the guided prediction's norm at that multiple of the
         positive one's) and `cfg_truncation` (no guidance at steps whose model time exceeds it);
-        `cache`: step caching, "fbc[:THRESHOLD]" (step_cache.py; diffusers' hook cannot run on
+        `cache`: step caching, "fbc[:T]" / "mag[:T]" (step_cache.py; diffusers' hook cannot run on
         Z-Image, the same rule on its main layers here), contexts kept in `self.step_cache`."""
         B = noise.shape[0]
         sigmas = zimage_sigmas(steps, self.defaults.shift if shift is None else shift)
@@ -153,7 +153,8 @@ class ZImagePipeline(Pipeline):
         pos = cond.positive["cap_feats"], _lengths(cond.positive)
         neg = (cond.negative["cap_feats"], _lengths(cond.negative)) if guidance > 0 else None
         joint = join_conditions(cond.positive, cond.negative) if batched else None
-        caches = self.step_cache = for_generation(cache, guidance=guidance > 0)
+        caches = self.step_cache = for_generation(cache, guidance=guidance > 0, steps=len(sigmas) - 1,
+                                                   mag_ratios=self.defaults.mag_ratios)
 
         def forward(x, t, captions, context):  # the model's x0 - noise, float32
             ts = mx.full((x.shape[0],), t, dtype=mx.float32)  # t stays float32 in every dtype (ZP:510)

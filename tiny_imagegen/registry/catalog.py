@@ -34,6 +34,13 @@ class SamplingDefaults:
     text_length: int = 512  # text tokens
     width: int = 1024
     height: int = 1024
+    # MagCache (--cache mag): the model's per-step ratios |r_t| / |r_{t-1}| of the block stack's residual,
+    # calibrated once at some number of steps and resampled to the steps run (diffusion/mag_cache.py)
+    mag_ratios: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.mag_ratios is not None:  # model.json holds a list
+            object.__setattr__(self, "mag_ratios", tuple(float(r) for r in self.mag_ratios))
 
 
 @dataclass(frozen=True)
@@ -296,19 +303,31 @@ _SD3_MODELS = (
           "SD35_MEDIUM", "sd35-medium"),
 )
 
+# MagCache's ratios (diffusion/mag_cache.py), 28 steps. FLUX.1: MagCache's published ones for FLUX.1-dev,
+# which diffusers 0.42.1 ships as hooks/mag_cache.py FLUX_MAG_RATIOS "for Flux models (Dev/Schnell)"
+# (https://github.com/Zehong-Ma/MagCache); the same numbers.
+FLUX1_MAG_RATIOS = (1.0, 1.21094, 1.11719, 1.07812, 1.0625, 1.03906, 1.03125, 1.03906, 1.02344, 1.03125, 1.02344,
+                    0.98047, 1.01562, 1.00781, 1.0, 1.00781, 1.0, 1.00781, 1.0, 1.0, 0.99609, 0.99609, 0.98047,
+                    0.98828, 0.96484, 0.95703, 0.93359, 0.89062)
+# tiny-shapes, 20 steps: calibrated here (examples/calibrate_mag_cache.py --n 32: 32 train captions of
+# stream 7, guidance 4, both passes averaged); also in weights/tiny-shapes/model.json, which the loader reads
+TINY_SHAPES_MAG_RATIOS = (1.0, 1.15375, 0.93084, 0.96202, 0.96918, 0.96027, 0.95414, 0.95025, 0.9523, 0.94581,
+                          0.94626, 0.941, 0.94026, 0.93624, 0.9322, 0.92582, 0.91856, 0.90423, 0.88985, 0.87677)
+
 MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
         "tiny-shapes", "flux1",
         description="the 9.9 MB hybrid MM-DiT trained here on coloured shapes (64x64), shipped with the package",
         licence="same as tiny_imagegen (trained here)",
-        defaults=SamplingDefaults(steps=20, guidance=4.0, shift=False, text_length=16, width=64, height=64),
+        defaults=SamplingDefaults(steps=20, guidance=4.0, shift=False, text_length=16, width=64, height=64,
+                                  mag_ratios=TINY_SHAPES_MAG_RATIOS),
         recipe="t5-mean",
     ),
     ModelSpec(
         "flux1-schnell", "flux1",
         description="FLUX.1 [schnell], 12 B, distilled for 1-4 steps",
         licence="Apache-2.0",
-        defaults=SamplingDefaults(steps=4, guidance=1.0, shift=False, text_length=256),
+        defaults=SamplingDefaults(steps=4, guidance=1.0, shift=False, text_length=256, mag_ratios=FLUX1_MAG_RATIOS),
         repo_id="black-forest-labs/FLUX.1-schnell", aliases=("schnell", "flux-schnell"),
         make_configs=partial(_flux1_configs, guidance_embed=False),
     ),
@@ -316,7 +335,7 @@ MODELS: tuple[ModelSpec, ...] = (
         "flux1-dev", "flux1",
         description="FLUX.1 [dev], 12 B, guidance-distilled, 28-50 steps",
         licence="FLUX.1 [dev] Non-Commercial License",
-        defaults=SamplingDefaults(steps=28, guidance=3.5, shift=True, text_length=512),
+        defaults=SamplingDefaults(steps=28, guidance=3.5, shift=True, text_length=512, mag_ratios=FLUX1_MAG_RATIOS),
         repo_id="black-forest-labs/FLUX.1-dev", gated=True, aliases=("dev", "flux-dev"),
         make_configs=partial(_flux1_configs, guidance_embed=True),
     ),
