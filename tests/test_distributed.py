@@ -41,6 +41,28 @@ open(f"result-{{group.rank()}}.txt", "w").write(
 """
 
 
+SHARDED_QWEN_IMAGE = f"""
+import sys; sys.path.insert(0, {str(ROOT)!r})
+import tiny_imagegen, mlx.core as mx
+from tiny_imagegen.pipelines.distributed import init, shard_mmdit
+from tiny_imagegen.models.qwen_image import QwenImageConfig, QwenImageTransformer
+group = init()
+mx.random.seed(0)
+model = QwenImageTransformer(QwenImageConfig(in_channels=16, out_channels=4, num_heads=4, head_dim=16, depth=2,
+                                             context_dim=24, axes_dim=(4, 6, 6)))
+mx.eval(model.parameters())
+img, txt = mx.random.normal((2, 6, 16), key=mx.random.key(1)), mx.random.normal((2, 5, 24), key=mx.random.key(2))
+mask = mx.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # the second prompt padded: the key mask crosses the split
+args = (img, txt, mx.array([0.3, 0.7]), (2, 3), mask)
+whole = model(*args)
+n_whole = sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
+shard_mmdit(model, group)
+n_rank = sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
+open(f"result-{{group.rank()}}.txt", "w").write(
+    f"{{group.rank()}} {{group.size()}} {{float(mx.abs(model(*args) - whole).max())}} {{n_rank / n_whole}}")
+"""
+
+
 def launch(tmp_path, *command, n=2):
     if not Path(LAUNCH).exists():
         pytest.fail("mlx.launch not found beside the Python interpreter (it comes with mlx)")
@@ -58,9 +80,10 @@ def test_share_gives_every_item_to_exactly_one_rank():
         my_share(3, 2, 2)
 
 
-def test_tensor_parallel_forward_equals_the_whole_model(tmp_path):
+@pytest.mark.parametrize("family", ["flux1", "qwen_image"])
+def test_tensor_parallel_forward_equals_the_whole_model(tmp_path, family):
     script = tmp_path / "sharded.py"
-    script.write_text(SHARDED_FORWARD)
+    script.write_text(SHARDED_FORWARD if family == "flux1" else SHARDED_QWEN_IMAGE)
     r = launch(tmp_path, sys.executable, str(script))
     results = [f.read_text().split() for f in sorted(tmp_path.glob("result-*.txt"))]
     assert r.returncode == 0 and len(results) == 2, r.stdout + r.stderr

@@ -5,7 +5,7 @@ Two ways to use N ranks:
 - data parallel (`generate --distributed data`): every rank loads the whole model and makes its
   share of the images of a prompt file, image k going to rank k mod N; the output paths are
   computed from the whole list first, so each image is made once and written once, by its rank.
-- tensor parallel (`generate --distributed tensor`, FLUX.1-style MM-DiTs): every block's linears
+- tensor parallel (`generate --distributed tensor`, FLUX.1-style MM-DiTs and Qwen-Image): every block's linears
   are split across the ranks as Megatron-LM splits a transformer (Shoeybi et al. 2019) and the MLX
   FLUX example shards its model: q/k/v and the MLP's first linear by output features (each rank
   holds H/N heads and 1/N of the MLP's hidden units, "all-to-sharded"), the attention output and
@@ -37,16 +37,20 @@ def my_share(n_items: int, rank: int, size: int) -> list[int]:
 
 
 def shard_mmdit(model, group: "mx.distributed.Group") -> None:
-    """Split the blocks of an MM-DiT (models/mmdit.py, axial RoPE) across `group`'s ranks, in place."""
+    """Split the blocks of an MM-DiT across `group`'s ranks, in place: FLUX.1-style (models/mmdit.py,
+    axial RoPE: double and single blocks) or Qwen-Image's (models/qwen_image.py: 60 double blocks
+    of the same body; its MSRoPE table is one for every head, its text key mask has no head axis)."""
     from ..models.mmdit import MMDiT
+    from ..models.qwen_image import QwenImageTransformer
 
-    if not isinstance(model, MMDiT):
-        raise ValueError(f"tensor parallelism is implemented for FLUX.1-style MM-DiTs, not {type(model).__name__}")
+    if not isinstance(model, (MMDiT, QwenImageTransformer)):
+        raise ValueError("tensor parallelism is implemented for FLUX.1-style MM-DiTs and Qwen-Image, "
+                         f"not {type(model).__name__}")
     n = group.size()
     cfg = model.config
     if cfg.num_heads % n:
         raise ValueError(f"{cfg.num_heads} heads do not split over {n} ranks")
-    if cfg.rope != "axial":
+    if getattr(cfg, "rope", "axial") != "axial":
         raise ValueError("tensor parallelism needs axial RoPE (one table for every head)")
     if n == 1:
         return
@@ -58,7 +62,7 @@ def shard_mmdit(model, group: "mx.distributed.Group") -> None:
             attn.num_heads //= n
             mlp.layers[0] = shard_linear(mlp.layers[0], "all-to-sharded", group=group)
             mlp.layers[2] = shard_linear(mlp.layers[2], "sharded-to-all", group=group)
-    for block in model.single_blocks:
+    for block in getattr(model, "single_blocks", []):
         width = 3 * D + M  # linear1's outputs: [q | k | v | MLP input]
         block.linear1 = shard_linear(block.linear1, "all-to-sharded", segments=[D / width, 2 * D / width, 3 * D / width],
                                      group=group)
@@ -66,4 +70,3 @@ def shard_mmdit(model, group: "mx.distributed.Group") -> None:
         block.num_heads //= n
         block.mlp_hidden //= n
     mx.eval(model.parameters())
-
