@@ -31,13 +31,6 @@ k = mx.random.key(1)
 img, txt, y = mx.random.normal((2, 6, 16), key=k), mx.random.normal((2, 5, 24), key=mx.random.key(2)), mx.random.normal((2, 8), key=k)
 txt_ids, img_ids = model.position_ids(2, 3, 5)
 args = (img, img_ids, txt, txt_ids, mx.array([0.3, 0.7]), y, mx.array([3.5, 3.5]))
-whole = model(*args)
-n_whole = sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
-shard_mmdit(model, group)
-n_rank = sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
-# one file per rank: the ranks share one stdout, where their lines can interleave mid-line
-open(f"result-{{group.rank()}}.txt", "w").write(
-    f"{{group.rank()}} {{group.size()}} {{float(mx.abs(model(*args) - whole).max())}} {{n_rank / n_whole}}")
 """
 
 
@@ -54,12 +47,18 @@ mx.eval(model.parameters())
 img, txt = mx.random.normal((2, 6, 16), key=mx.random.key(1)), mx.random.normal((2, 5, 24), key=mx.random.key(2))
 mask = mx.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # the second prompt padded: the key mask crosses the split
 args = (img, txt, mx.array([0.3, 0.7]), (2, 3), mask)
+"""
+
+
+# after a script above has built `model` on every rank (the same seed: the same weights) and `args`
+SHARD_AND_COMPARE = """
 whole = model(*args)
-n_whole = sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
+count = lambda: sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
+n_whole = count()
 shard_mmdit(model, group)
-n_rank = sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters()))
-open(f"result-{{group.rank()}}.txt", "w").write(
-    f"{{group.rank()}} {{group.size()}} {{float(mx.abs(model(*args) - whole).max())}} {{n_rank / n_whole}}")
+# one file per rank: the ranks share one stdout, where their lines can interleave mid-line
+open(f"result-{group.rank()}.txt", "w").write(
+    f"{group.rank()} {group.size()} {float(mx.abs(model(*args) - whole).max())} {count() / n_whole}")
 """
 
 
@@ -83,7 +82,7 @@ def test_share_gives_every_item_to_exactly_one_rank():
 @pytest.mark.parametrize("family", ["flux1", "qwen_image"])
 def test_tensor_parallel_forward_equals_the_whole_model(tmp_path, family):
     script = tmp_path / "sharded.py"
-    script.write_text(SHARDED_FORWARD if family == "flux1" else SHARDED_QWEN_IMAGE)
+    script.write_text((SHARDED_FORWARD if family == "flux1" else SHARDED_QWEN_IMAGE) + SHARD_AND_COMPARE)
     r = launch(tmp_path, sys.executable, str(script))
     results = [f.read_text().split() for f in sorted(tmp_path.glob("result-*.txt"))]
     assert r.returncode == 0 and len(results) == 2, r.stdout + r.stderr
