@@ -14,7 +14,7 @@ The hub (what to download), the loader (what a folder is), the pipeline (how to 
 command line (`--model list`) all read these. Adding a family is one Family entry plus its
 modules; adding a published model of a known family is one ModelSpec.
 
-    from tiny_imagegen.registry.catalog import catalog as registry
+    from tiny_imagegen.registry import catalog as registry
     spec = registry.find("schnell")                 # aliases work; None for a folder or repo id
     registry.FAMILIES[spec.family].hub_folders()    # what to fetch from spec.repo_id
 """
@@ -22,6 +22,8 @@ modules; adding a published model of a known family is one ModelSpec.
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
+
+from . import published_configs
 
 
 @dataclass(frozen=True)
@@ -152,88 +154,11 @@ FAMILIES = {
 }
 
 
-# ---- the published models -------------------------------------------------------------------------
-
-
-def _flux1_configs(guidance_embed: bool) -> dict:
-    # Black Forest Labs, FLUX.1 [schnell] / [dev]: MM-DiT of 19 double + 38 single blocks, hidden
-    # 3072 = 24 heads x 128 (11.89 B / 11.90 B parameters); T5-v1.1-XXL encoder; CLIP ViT-L/14 text;
-    # the 16-channel FLUX VAE. Numbers from the repos' config.json files (transformer/, vae/, ...).
-    from ..models.clip import CLIP_VIT_L14_TEXT
-    from ..models.mmdit import MMDiTConfig
-    from ..models.t5 import T5_V1_1_XXL
-    from ..models.vae import VAE_PRESETS
-
-    return {"transformer": MMDiTConfig(guidance_embed=guidance_embed), "t5": T5_V1_1_XXL,
-            "clip": CLIP_VIT_L14_TEXT, "vae": VAE_PRESETS["flux"]}
-
-
-def _zimage_configs() -> dict:
-    # Tongyi-MAI, Z-Image-Turbo: single-stream DiT of 30 + 2 x 2 refiner blocks, dim 3840 = 30 heads
-    # x 128 (6.15 B parameters; diffusers' ZImageTransformer2DModel defaults, [unverified] against
-    # the repo's transformer/config.json offline); the 16-channel FLUX.1 VAE; Qwen3-4B (36 layers,
-    # hidden 2560) as the text encoder, of which Z-Image reads the output of layer 35.
-    from ..models.qwen3 import QWEN3_4B
-    from ..models.vae import VAE_PRESETS
-    from ..models.zimage import PRESETS
-
-    return {"zimage_transformer": PRESETS["z-image-turbo"], "vae": VAE_PRESETS["flux"], "qwen3": QWEN3_4B}
-
-
-def _sd15_configs() -> dict:
-    # stable-diffusion-v1-5/stable-diffusion-v1-5: unet/config.json (320/640/1280/1280 channels, 2
-    # resnets per level, 8 heads, cross-attention to 768-wide CLIP states; 859.5 M parameters),
-    # vae/config.json (4 latent channels, quant convs, scale 0.18215), text_encoder/ (CLIP ViT-L/14).
-    from ..models.clip import CLIP_VIT_L14_TEXT
-    from ..models.unet import UNET_PRESETS
-    from ..models.vae import VAE_PRESETS
-
-    return {"unet": UNET_PRESETS["sd15"], "vae": VAE_PRESETS["sd"], "clip": CLIP_VIT_L14_TEXT}
-
-
-def _flux2_configs(size: str) -> dict:
-    # Black Forest Labs, FLUX.2 [klein] 4B / 9B: transformer 5 + 20 blocks, 24 heads (4B) and
-    # 8 + 24 blocks, 32 heads (9B), as reported for the releases (unverified offline; the repos'
-    # transformer/config.json is what loading reads); text from Qwen3-4B / Qwen3-8B (their hub
-    # config.json), of which klein reads hidden states 9, 18 and 27; AutoencoderKLFlux2's
-    # defaults (32 latent channels, 128/256/512/512).
-    from ..models.flux2 import PRESETS
-    from ..models.qwen3 import QWEN3_4B, QWEN3_8B
-    from ..models.vae_flux2 import Flux2VAEConfig
-
-    return {"flux2_transformer": PRESETS[f"flux2-klein-{size}"], "flux2_vae": Flux2VAEConfig(),
-            "qwen3": {"4b": QWEN3_4B, "9b": QWEN3_8B}[size]}
-
-
-def _dit_configs(sample_size: int) -> dict:
-    # facebook/DiT-XL-2-256 / -512 (Peebles & Xie 2023): DiT-XL/2, 28 blocks, hidden 1152 = 16 x 72,
-    # 2x2 patches, learned sigma, 1000 classes, 674.8 M parameters (transformer/config.json); the VAE
-    # is stabilityai/sd-vae-ft-ema (vae/config.json), our SD preset.
-    from ..models.dit import preset
-    from ..models.vae import VAE_PRESETS
-
-    return {"dit": preset(f"dit-xl-2-{8 * sample_size}"), "vae": VAE_PRESETS["sd"]}
-
-
-# ---- Qwen-Image (issue 26) ----
-def _qwen_image_configs() -> dict:
-    # Qwen/Qwen-Image and Qwen/Qwen-Image-2512 (same architecture): a 60-block dual-stream MM-DiT,
-    # 24 heads x 128 (20.43 B parameters; diffusers' QwenImageTransformer2DModel defaults),
-    # AutoencoderKLQwenImage's defaults (0.127 B), Qwen2.5-VL-7B's language model (7.07 B read of
-    # the 8.29 B file). [unverified] against the repos' config.json offline: loading reads them.
-    from ..models.qwen3 import QWEN2_5_VL_7B
-    from ..models.qwen_image import QwenImageConfig
-    from ..models.vae_qwen import QwenVAEConfig
-
-    return {"qwen_image_transformer": QwenImageConfig(), "qwen_vae": QwenVAEConfig(), "qwen3": QWEN2_5_VL_7B}
-
+# ---- the published models (their components' configs: published_configs.py) ---------------------
 
 # QwenImagePipeline's defaults (50 steps, 1024x1024, 512 text tokens) and the model cards'
 # true_cfg_scale 4 (our `guidance`, with the negative prompt: pipelines/qwen_image.py)
 _QWEN_IMAGE_DEFAULTS = SamplingDefaults(steps=50, guidance=4.0, shift=True, text_length=512)
-# ---- end Qwen-Image ----
-
-
 _DIT_LICENCE = "CC-BY-NC-4.0 (facebookresearch/DiT weights; non-commercial)"
 
 
@@ -244,7 +169,7 @@ def _klein(size: str, text_encoder: str, licence: str, **spec) -> ModelSpec:
         description=f"FLUX.2 [klein] {size.upper()}, step-distilled (4 steps), {text_encoder} text, 32-channel VAE",
         licence=licence,
         defaults=SamplingDefaults(steps=4, guidance=1.0, shift=True, text_length=512),
-        repo_id=f"black-forest-labs/FLUX.2-klein-{size.upper()}", make_configs=partial(_flux2_configs, size), **spec)
+        repo_id=f"black-forest-labs/FLUX.2-klein-{size.upper()}", make_configs=partial(published_configs.flux2, size), **spec)
 
 
 def _dit_xl_2(pixels: int) -> ModelSpec:
@@ -256,30 +181,10 @@ def _dit_xl_2(pixels: int) -> ModelSpec:
         description=f"DiT-XL/2, 675 M, class-conditional ImageNet {pixels}x{pixels} (prompt: a class id or name)",
         licence=_DIT_LICENCE,
         defaults=SamplingDefaults(steps=50, guidance=4.0, text_length=0, width=pixels, height=pixels),
-        repo_id=f"facebook/DiT-XL-2-{pixels}", aliases=(f"dit-{pixels}",), make_configs=partial(_dit_configs, pixels // 8))
+        repo_id=f"facebook/DiT-XL-2-{pixels}", aliases=(f"dit-{pixels}",), make_configs=partial(published_configs.dit, pixels // 8))
 
 
 # ---- SD3.5 (pipelines/sd3.py) --------------------------------------------------------------------
-
-
-def _sd3_configs(transformer_preset: str) -> dict:
-    # stabilityai/stable-diffusion-3.5-*: the transformer (models/sd3.py presets), CLIP-L/14 and
-    # OpenCLIP bigG/14 text models with projections (123.7 M, 694.7 M), T5-v1.1-XXL's encoder, the
-    # 16-channel SD3 VAE (scale 1.5305, shift 0.0609; what loading reads is the repo's vae/config.json).
-    # Counts from diffusers/transformers on the meta device; the gated configs are [unverified] offline.
-    from dataclasses import replace
-
-    from ..models import sd3
-    from ..models.clip import CLIPTextConfig
-    from ..models.t5 import T5_V1_1_XXL
-    from ..models.vae import VAE_PRESETS
-
-    return {"sd3_transformer": getattr(sd3, transformer_preset), "sd3_t5": T5_V1_1_XXL,
-            "vae": replace(VAE_PRESETS["flux"], scaling_factor=1.5305, shift_factor=0.0609),
-            "clip_l": CLIPTextConfig(projection_dim=768, eos_token_id=2),
-            "clip_g": CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                                     hidden_act="gelu", projection_dim=1280, eos_token_id=2)}
-
 
 _SD3_LICENCE = "Stability AI Community License (free below USD 1M annual revenue; an enterprise licence above)"
 
@@ -291,7 +196,7 @@ def _sd35(size: str, description: str, steps: int, guidance: float, preset: str,
     return ModelSpec(
         f"sd3.5-{size}", "sd3", description=description, licence=_SD3_LICENCE,
         defaults=SamplingDefaults(steps=steps, guidance=guidance, shift=3.0, text_length=256),
-        repo_id=f"stabilityai/stable-diffusion-3.5-{size}", gated=True, aliases=(alias,), make_configs=partial(_sd3_configs, preset))
+        repo_id=f"stabilityai/stable-diffusion-3.5-{size}", gated=True, aliases=(alias,), make_configs=partial(published_configs.sd3, preset))
 
 
 _SD3_MODELS = (
@@ -329,7 +234,7 @@ MODELS: tuple[ModelSpec, ...] = (
         licence="Apache-2.0",
         defaults=SamplingDefaults(steps=4, guidance=1.0, shift=False, text_length=256, mag_ratios=FLUX1_MAG_RATIOS),
         repo_id="black-forest-labs/FLUX.1-schnell", aliases=("schnell", "flux-schnell"),
-        make_configs=partial(_flux1_configs, guidance_embed=False),
+        make_configs=partial(published_configs.flux1, guidance_embed=False),
     ),
     ModelSpec(
         "flux1-dev", "flux1",
@@ -337,7 +242,7 @@ MODELS: tuple[ModelSpec, ...] = (
         licence="FLUX.1 [dev] Non-Commercial License",
         defaults=SamplingDefaults(steps=28, guidance=3.5, shift=True, text_length=512, mag_ratios=FLUX1_MAG_RATIOS),
         repo_id="black-forest-labs/FLUX.1-dev", gated=True, aliases=("dev", "flux-dev"),
-        make_configs=partial(_flux1_configs, guidance_embed=True),
+        make_configs=partial(published_configs.flux1, guidance_embed=True),
     ),
     ModelSpec(
         "flux1-kontext-dev", "flux1-kontext",
@@ -347,7 +252,7 @@ MODELS: tuple[ModelSpec, ...] = (
         # shift as FLUX.1-dev; the size: the reference's (resized to a trained resolution, ~1024²)
         defaults=SamplingDefaults(steps=28, guidance=3.5, shift=True, text_length=512),
         repo_id="black-forest-labs/FLUX.1-Kontext-dev", gated=True, aliases=("kontext", "flux1-kontext"),
-        make_configs=partial(_flux1_configs, guidance_embed=True),
+        make_configs=partial(published_configs.flux1, guidance_embed=True),
     ),
     ModelSpec(
         "z-image-turbo", "zimage",
@@ -357,7 +262,7 @@ MODELS: tuple[ModelSpec, ...] = (
         # text tokens; FlowMatchEulerDiscreteScheduler(shift=3.0), static
         defaults=SamplingDefaults(steps=8, guidance=0.0, shift=3.0, text_length=512),
         repo_id="Tongyi-MAI/Z-Image-Turbo", aliases=("zimage-turbo", "z-image"),
-        make_configs=_zimage_configs,
+        make_configs=published_configs.zimage,
     ),
     ModelSpec(
         "sd15", "sd15",
@@ -366,7 +271,7 @@ MODELS: tuple[ModelSpec, ...] = (
         # StableDiffusionPipeline's defaults: guidance 7.5, 512x512 (unet sample_size 64 x 8), 50 steps
         defaults=SamplingDefaults(steps=50, guidance=7.5, text_length=77, width=512, height=512),
         repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5", aliases=("sd1.5", "stable-diffusion-1.5"),
-        make_configs=_sd15_configs,
+        make_configs=published_configs.sd15,
     ),
     _klein("4b", "Qwen3-4B", "Apache-2.0", aliases=("klein-4b", "klein")),
     _klein("9b", "Qwen3-8B", "FLUX Non-Commercial License, non-commercial use only", gated=True, aliases=("klein-9b",)),
@@ -377,7 +282,7 @@ MODELS: tuple[ModelSpec, ...] = (
         licence="Apache-2.0",
         defaults=_QWEN_IMAGE_DEFAULTS,
         repo_id="Qwen/Qwen-Image", aliases=("qwen",),
-        make_configs=_qwen_image_configs,
+        make_configs=published_configs.qwen_image,
     ),
     ModelSpec(
         "qwen-image-2512", "qwen_image",
@@ -385,7 +290,7 @@ MODELS: tuple[ModelSpec, ...] = (
         licence="Apache-2.0",
         defaults=_QWEN_IMAGE_DEFAULTS,
         repo_id="Qwen/Qwen-Image-2512", aliases=("qwen-2512",),
-        make_configs=_qwen_image_configs,
+        make_configs=published_configs.qwen_image,
     ),
     # ---- end Qwen-Image ----
     _dit_xl_2(256),
