@@ -74,7 +74,7 @@ def check_inputs(args: argparse.Namespace):
     except ValueError as e:
         raise UsageError(f"--cache: {e}") from None
     args.cache = str(cache) if cache else None  # as stored in the PNG and replayed
-    from ..pipelines.pipeline import pipeline_class
+    from ..pipelines.loading import pipeline_class
 
     edit = read_edit_inputs(args, pipeline_class(args.model))
     for notice in edit.notices:

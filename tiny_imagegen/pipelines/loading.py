@@ -1,7 +1,9 @@
 """The loading steps every family shares: a converted folder's components, lazily loaded and
-quantized as asked, and handed to the pipeline so that a released text encoder can be re-read.
-Which folder to load is registry/where.py's answer."""
+quantized as asked, and handed to the pipeline so that a released text encoder can be re-read;
+which pipeline class a model needs, found before anything is read. Which folder to load is
+registry/where.py's answer."""
 
+import importlib
 from pathlib import Path
 
 import mlx.core as mx
@@ -74,3 +76,27 @@ def load_parts(folder: Path, names: tuple[str, str, str], dtype: mx.Dtype, quant
         return on_this_machine(model)
 
     return from_hub(transformer), from_hub(vae), lambda: from_hub(text_encoder, **text_encoder_options), None
+
+
+def pipeline_class(model: str) -> type | None:
+    """The pipeline class that would run `model`, found without reading weights or downloading:
+    a registered name, a shipped model or a local folder; None for a hub repo id the registry
+    does not know (its family is known only once its model_index.json is here)."""
+    from ..registry import FAMILIES, find
+    from ..registry.hub import family_of_folder
+    from ..registry.where import shipped
+
+    spec = find(model)
+    if spec is not None:
+        family = FAMILIES[spec.family]
+    else:
+        folder = shipped(model) if "/" not in model else None
+        folder = folder or (Path(model).expanduser() if Path(model).expanduser().is_dir() else None)
+        if folder is None:
+            return None
+        try:
+            family = family_of_folder(folder)
+        except Exception:  # an unknown pipeline: from_pretrained says so in its own words
+            return None
+    module, name = family.pipeline.split(":")
+    return getattr(importlib.import_module(module), name)

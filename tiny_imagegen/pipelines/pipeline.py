@@ -59,32 +59,6 @@ class Conditioning:
         return Conditioning([self.prompts[i] for i in index], take(self.positive), take(self.negative))
 
 
-def pipeline_class(model: str) -> type | None:
-    """The pipeline class that would run `model`, found without reading weights or downloading:
-    a registered name, a shipped model or a local folder; None for a hub repo id the registry
-    does not know (its family is known only once its model_index.json is here)."""
-    from pathlib import Path
-
-    from ..registry import find
-    from ..registry.hub import family_of_folder
-    from ..registry.where import shipped
-
-    spec = find(model)
-    if spec is not None:
-        family = FAMILIES[spec.family]
-    else:
-        folder = shipped(model) if "/" not in model else None
-        folder = folder or (Path(model).expanduser() if Path(model).expanduser().is_dir() else None)
-        if folder is None:
-            return None
-        try:
-            family = family_of_folder(folder)
-        except Exception:  # an unknown pipeline: from_pretrained says so in its own words
-            return None
-    module, name = family.pipeline.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def expand_seeds(n_prompts: int, n_images: int, seed: int | list[int]) -> list[int]:
     """One seed per output image: image i of a prompt uses seed + i; a list gives each its own."""
     if isinstance(seed, int):

@@ -49,7 +49,7 @@ def form_fields(fields: dict[str, str]) -> dict:
 def attach(form: uploads.Form, args: argparse.Namespace, max_side: int, kept: Path) -> None:
     """The form's images checked and kept, named on `args` (--image and --mask, or --ref)."""
     from ..commands.inputs import UsageError, read_edit_inputs
-    from ..pipelines.pipeline import pipeline_class
+    from ..pipelines.loading import pipeline_class
 
     images = form.files.get("image", []) + form.files.get("image[]", [])
     masks = form.files.get("mask", [])
