@@ -24,14 +24,11 @@ import io
 from pathlib import Path
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.hooks import MagCacheConfig
 from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS, nearest_interp
 
-from ._common import randomize, save, seeded
-from .sampling import SCHEDULERS
-from .step_cache import GUIDANCE, LENGTH, NEGATIVE, PROMPT, SIZE, STEPS, TEXT, transformer
-from .vae import _config as vae_config
+from ._common import save
+from .step_cache import GUIDANCE, LENGTH, NEGATIVE, PROMPT, SIZE, STEPS, tiny_pipeline
 
 THRESHOLDS = (0.0, 0.06, 0.1, 0.2)
 CFG_THRESHOLD = 0.1
@@ -78,23 +75,8 @@ def _steps(mask) -> list[int]:
 
 
 def make(out: Path) -> None:
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
-    from diffusers import AutoencoderKL
-
     root = out / "mag_cache"
-    vae = randomize(AutoencoderKL(**vae_config((8, 8, 16, 16), 4, 1, 4, sd_style=False)), seed=60)  # flux_pipeline's
-    text = dict(
-        text_encoder=CLIPTextModel.from_pretrained(TEXT / "text_encoder").eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(TEXT / "tokenizer"),
-        text_encoder_2=T5EncoderModel.from_pretrained(TEXT / "text_encoder_2").eval(),
-        tokenizer_2=T5Tokenizer.from_pretrained(TEXT / "tokenizer_2"),
-    )
-    model = transformer()
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULERS["dev"]), vae=vae, transformer=model,
-                        **text)
-    pipe.set_progress_bar_config(disable=True)
-    noise = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=seeded(9))  # step_cache.py's
-    packed = FluxPipeline._pack_latents(noise, 1, 4, SIZE // 8, SIZE // 8)
+    pipe, model, _, packed = tiny_pipeline()  # step_cache.py's model, scheduler, text encoders and noise
     tensors = {"flux_mag_ratios": FLUX_MAG_RATIOS.clone()}
     for n in INTERP:
         tensors[f"interp_{n}"] = nearest_interp(FLUX_MAG_RATIOS, n)

@@ -78,8 +78,9 @@ def run(pipe, model, noise, threshold, cfg: bool):
     return latents, masks
 
 
-def make(out: Path) -> None:
-    root = out / "step_cache"
+def tiny_pipeline():
+    """-> (pipe, its transformer, the noise (1, 4, h, w), the noise packed): the tiny dev-like
+    FluxPipeline (flux_pipeline's VAE and text encoders) both caching references run."""
     vae = randomize(AutoencoderKL(**vae_config((8, 8, 16, 16), 4, 1, 4, sd_style=False)), seed=60)  # flux_pipeline's
     text = dict(
         text_encoder=CLIPTextModel.from_pretrained(TEXT / "text_encoder").eval(),
@@ -92,7 +93,13 @@ def make(out: Path) -> None:
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=model, **text)
     pipe.set_progress_bar_config(disable=True)
     noise = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=seeded(9))
-    packed = FluxPipeline._pack_latents(noise, 1, 4, SIZE // 8, SIZE // 8)
+    return pipe, model, noise, FluxPipeline._pack_latents(noise, 1, 4, SIZE // 8, SIZE // 8)
+
+
+def make(out: Path) -> None:
+    root = out / "step_cache"
+    pipe, model, noise, packed = tiny_pipeline()
+    scheduler = pipe.scheduler
     tensors = {"noise": noise}
     for threshold in (None, *THRESHOLDS):
         latents, masks = run(pipe, model, packed, threshold, cfg=False)
