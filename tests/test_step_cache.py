@@ -175,19 +175,25 @@ def test_the_same_rule_where_diffusers_hook_fails(family):
     assert np.allclose(np.array(skipped), np.array(final), atol=1e-6)
 
 
-def test_cli_cache_flag_is_stored_in_the_png_and_replayed(tmp_path):
+@pytest.mark.parametrize("spec, ran", [("fbc:0.2", ""), ("mag:0.2", ": all blocks ran on 4/8, 4/8")])
+def test_cli_cache_flag_is_stored_in_the_png_and_replayed(tmp_path, spec, ran):
     from PIL import Image
 
     from test_commands import cli
 
     first = tmp_path / "a.png"
-    r = cli("--prompt", "a red circle", "--steps", 8, "--cache", "fbc:0.2", "--output", first, "--verbose")
+    r = cli("--prompt", "a red circle", "--steps", 8, "--cache", spec, "--output", first, "--verbose")
     assert r.returncode == 0, r.stderr
-    assert Image.open(first).text["cache"] == "fbc:0.2" and "step cache fbc:0.2" in r.stderr
+    assert Image.open(first).text["cache"] == spec and f"step cache {spec}{ran}" in r.stderr
     again = tmp_path / "b.png"
     assert cli("--config-from-metadata", first, "--output", again).returncode == 0
-    assert Image.open(again).text["cache"] == "fbc:0.2"
+    assert Image.open(again).text["cache"] == spec
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+
+
+def test_cli_refuses_an_unknown_cache_method(tmp_path):
+    from test_commands import cli
+
     r = cli("--prompt", "x", "--cache", "teacache", "--output", tmp_path / "c.png")
     assert r.returncode == 2 and r.stderr.startswith("error: --cache: unknown cache method") and r.stderr.count("\n") == 1
     assert not (tmp_path / "c.png").exists()
