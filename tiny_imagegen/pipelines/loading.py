@@ -11,16 +11,6 @@ import mlx.core as mx
 from ..checkpoints.components import COMPONENTS, import_ref
 from ..checkpoints.convert import load_component, read_manifest
 from ..checkpoints.quantize import quantize_component
-from ..device.blas import single_threaded
-from ..layers.linear import split_rows_across_cores
-
-
-def on_this_machine(model):
-    """A loaded component made ready for this machine: on a CPU whose BLAS is single-threaded (MLX's
-    bundled reference BLAS), its Linear layers compute their rows on every core (layers/linear.py)."""
-    if mx.default_device() == mx.cpu and single_threaded():
-        split_rows_across_cores(model)
-    return model
 
 
 def load_converted_parts(folder: Path, dtype: mx.Dtype, quantize: int | None, verify: bool,
@@ -37,7 +27,7 @@ def load_converted_parts(folder: Path, dtype: mx.Dtype, quantize: int | None, ve
         for n in quantized_on_load:
             if n in parts:
                 quantize_component(n, parts[n], quantize)
-    return {n: on_this_machine(model) for n, model in parts.items()}, manifest
+    return parts, manifest
 
 
 def reloading(parts: dict, folder: Path, dtype: mx.Dtype, quantize: int | None, quantized_on_load: tuple[str, ...]):
@@ -50,7 +40,7 @@ def reloading(parts: dict, folder: Path, dtype: mx.Dtype, quantize: int | None, 
         model = load_component(folder, name, dtype=dtype)
         if quantize and name in quantized_on_load:
             quantize_component(name, model, quantize)
-        return on_this_machine(model)
+        return model
 
     return component
 
@@ -73,7 +63,7 @@ def load_parts(folder: Path, names: tuple[str, str, str], dtype: mx.Dtype, quant
         model = import_ref(COMPONENTS[name].loader)(folder / COMPONENTS[name].source_folder, dtype=dtype, **options)
         if quantize and name in quantized_on_load:
             quantize_component(name, model, quantize)
-        return on_this_machine(model)
+        return model
 
     return from_hub(transformer), from_hub(vae), lambda: from_hub(text_encoder, **text_encoder_options), None
 

@@ -31,8 +31,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
 
 from ..editing.inputs import EditingInputs
+from ..device.blas import single_threaded
 from ..device.compilation import compile_scope
-from .loading import on_this_machine
+from ..layers.linear import split_rows_across_cores
 from .memory import auto_tiling, wired_weights
 from ..registry import FAMILIES, ModelSpec, SamplingDefaults
 from ..diffusion.flow_matching import sample_noise
@@ -117,7 +118,8 @@ class Pipeline(EditingInputs):
             pipe = pipeline_cls.load(folder, **kw)
             if loras:
                 pipe.apply_loras(loras)
-        on_this_machine(pipe.transformer)  # (a converted folder's components already are: loading.py)
+        if mx.default_device() == mx.cpu and single_threaded():  # MLX's one-thread reference BLAS:
+            split_rows_across_cores(pipe.transformer)  # the denoiser's matmul rows on every core (layers/linear.py)
         return pipe
 
     def apply_loras(self, loras: list[tuple[str, float]]) -> list[dict]:
