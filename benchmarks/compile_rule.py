@@ -1,8 +1,8 @@
 """What `mx.compile` costs and buys on the CPU, for the two sizes the rule (device/compilation.py)
 tells apart: the shipped tiny model's transformer, and a full-width FLUX.1-dev-shaped one.
 
-Each cell is a fresh process that builds the transformer (seeded random weights, fp32, batch 2 as
-with batched guidance), runs `--steps` forwards at one shape and reports the first forward (which
+Each cell is a fresh process that builds the transformer (the shipped weights; seeded random ones at
+full width; fp32, batch 2 as with batched guidance), runs `--steps` forwards at one shape and reports the first forward (which
 traces and, compiled, builds the fused kernels unless MLX's cache has them) and the median of the
 rest. "cold": an empty MLX kernel cache (`$TMPDIR/mlx/`, as after install or a reboot); "warm":
 the same cache a second time. Compiled is the pipeline's path (`mx.compile` of the forward with the
@@ -33,18 +33,18 @@ def worker(size: str, compiled: bool, tokens: int, text: int, steps: int) -> dic
     import tiny_imagegen  # noqa: F401  (first: it chooses MLX's BLAS)
     import mlx.core as mx
 
-    from tiny_imagegen.models.mmdit import MMDiT, MMDiTConfig
+    from tiny_imagegen.checkpoints.convert import load_component
+    from tiny_imagegen.models.mmdit import MMDiT
     from tiny_imagegen.registry import find
 
-    if size == "tiny":  # weights/tiny-shapes/model.json's transformer
-        config = MMDiTConfig(in_channels=16, num_heads=2, head_dim=64, depth_double=2, depth_single=2,
-                             context_dim=128, vec_dim=128, guidance_embed=False, rope="mixed", axes_dim=(16, 56, 56))
-    else:  # FLUX.1-dev's width, one double and one single block
-        config = replace(find("flux1-dev").configs["transformer"], depth_double=1, depth_single=1)
     if not compiled:
         mx.disable_compile()
     mx.random.seed(0)
-    model = MMDiT(config)
+    if size == "tiny":  # the shipped transformer itself
+        model = load_component(ROOT / "weights" / "tiny-shapes", "transformer", dtype=mx.float32)
+    else:  # FLUX.1-dev's width, one double and one single block
+        model = MMDiT(replace(find("flux1-dev").configs["transformer"], depth_double=1, depth_single=1))
+    config = model.config
     mx.eval(model.parameters())
     side = int(tokens ** 0.5)
     txt_ids, img_ids = model.position_ids(side, side, text)
