@@ -19,8 +19,6 @@ out/mag_cache/io.safetensors:
 """
 
 import ast
-import contextlib
-import io
 from pathlib import Path
 
 import torch
@@ -28,46 +26,11 @@ from diffusers.hooks import MagCacheConfig
 from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS, nearest_interp
 
 from ._common import save
-from .step_cache import GUIDANCE, LENGTH, NEGATIVE, PROMPT, SIZE, STEPS, tiny_pipeline
+from .step_cache import STEPS, run, tiny_pipeline
 
 THRESHOLDS = (0.0, 0.06, 0.1, 0.2)
 CFG_THRESHOLD = 0.1
 INTERP = (1, 7, 20, 50)
-
-
-def run(pipe, model, noise, config: MagCacheConfig | None, cfg: bool):
-    """(final packed latents, skipped-step masks per context, what the hook printed): a call whose
-    tail block did not run is a skipped one (read off a forward hook on its attention, as step_cache.py)."""
-    ran, per_call = [], []
-    hook = model.single_transformer_blocks[-1].attn.register_forward_hook(lambda m, a, o: ran.append(1))
-    original = model.cache_context
-
-    @contextlib.contextmanager
-    def spy(name, **kw):
-        before = len(ran)
-        with original(name, **kw):
-            yield
-        per_call.append((name, len(ran) - before))
-
-    model.cache_context = spy
-    if config is not None:
-        model.enable_cache(config)
-    extra = dict(negative_prompt=NEGATIVE, true_cfg_scale=2.0) if cfg else {}
-    printed = io.StringIO()
-    try:
-        with torch.no_grad(), contextlib.redirect_stdout(printed):
-            latents = pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                           max_sequence_length=LENGTH, latents=noise, output_type="latent", **extra).images
-    finally:
-        if config is not None:
-            model.disable_cache()
-        hook.remove()
-        model.cache_context = original
-    masks = {}
-    for context in ("cond", "uncond") if cfg else ("cond",):
-        calls = [n for name, n in per_call if name == context]
-        masks[context] = torch.tensor([float(n == 0) for n in calls])
-    return latents, masks, printed.getvalue()
 
 
 def _steps(mask) -> list[int]:

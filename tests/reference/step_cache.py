@@ -12,6 +12,8 @@ trained model. Written under out/step_cache/:
                                (negative prompt, true_cfg_scale 2: "cond" and "uncond" decide apart)
 """
 
+import contextlib
+import io
 from pathlib import Path
 
 import torch
@@ -41,17 +43,16 @@ def transformer() -> FluxTransformer2DModel:
     return model
 
 
-def run(pipe, model, noise, threshold, cfg: bool):
-    """(final packed latents, skipped-step masks per context), the hook's decisions read off the
-    tail block: a call whose tail block did not run is a skipped one."""
+def run(pipe, model, noise, config, cfg: bool):
+    """(final packed latents, skipped-step masks per context, what the hook printed) with a diffusers
+    cache config (None: no cache), the hook's decisions read off the tail block: a call whose tail
+    block did not run is a skipped one. MagCache's reference (mag_cache.py) runs it too."""
     ran, per_call = [], []
     # (on the block's attention: the hook replaces the block's forward, so the block itself is still called)
     hook = model.single_transformer_blocks[-1].attn.register_forward_hook(lambda m, a, o: ran.append(1))
     original = model.cache_context
 
-    from contextlib import contextmanager
-
-    @contextmanager
+    @contextlib.contextmanager
     def spy(name, **kw):  # which context each forward ran in, and whether its tail block ran
         before = len(ran)
         with original(name, **kw):
@@ -59,15 +60,16 @@ def run(pipe, model, noise, threshold, cfg: bool):
         per_call.append((name, len(ran) - before))
 
     model.cache_context = spy
-    if threshold is not None:
-        model.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    if config is not None:
+        model.enable_cache(config)
     extra = dict(negative_prompt=NEGATIVE, true_cfg_scale=2.0) if cfg else {}
+    printed = io.StringIO()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.redirect_stdout(printed):
             latents = pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                            max_sequence_length=LENGTH, latents=noise, output_type="latent", **extra).images
     finally:
-        if threshold is not None:
+        if config is not None:
             model.disable_cache()
         hook.remove()
         model.cache_context = original
@@ -75,7 +77,7 @@ def run(pipe, model, noise, threshold, cfg: bool):
     for context in ("cond", "uncond") if cfg else ("cond",):
         calls = [n for name, n in per_call if name == context]
         masks[context] = torch.tensor([float(n == 0) for n in calls])
-    return latents, masks
+    return latents, masks, printed.getvalue()
 
 
 def tiny_pipeline():
@@ -102,12 +104,13 @@ def make(out: Path) -> None:
     scheduler = pipe.scheduler
     tensors = {"noise": noise}
     for threshold in (None, *THRESHOLDS):
-        latents, masks = run(pipe, model, packed, threshold, cfg=False)
+        fbc = None if threshold is None else FirstBlockCacheConfig(threshold=threshold)
+        latents, masks, _ = run(pipe, model, packed, fbc, cfg=False)
         name = "none" if threshold is None else f"{threshold:g}"
         tensors[f"latents_{name}"] = latents
         tensors[f"skipped_{name}"] = masks["cond"]
         print(f"  FBC {name}: skipped steps {[i for i, v in enumerate(masks['cond'].tolist()) if v]}")
-    latents, masks = run(pipe, model, packed, CFG_THRESHOLD, cfg=True)
+    latents, masks, _ = run(pipe, model, packed, FirstBlockCacheConfig(threshold=CFG_THRESHOLD), cfg=True)
     tensors["latents_cfg"], tensors["skipped_cfg_cond"], tensors["skipped_cfg_uncond"] = latents, masks["cond"], masks["uncond"]
     print(f"  FBC {CFG_THRESHOLD:g} with true CFG: cond skips {[i for i, v in enumerate(masks['cond'].tolist()) if v]}, "
           f"uncond skips {[i for i, v in enumerate(masks['uncond'].tolist()) if v]}")
