@@ -202,7 +202,8 @@ def _check_value(key, value, hint, bounds, fail):
         args = typing.get_args(hint)
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, list) or not len(value) <= MAX_TUPLE:
-            raise fail(key, f"{value!r} is not a list of at most {MAX_TUPLE} values")
+            shown = repr(value) if len(repr(value)) <= 60 else f"{repr(value)[:40]}... ({len(value)} values)"
+            raise fail(key, f"{shown} is not a list of at most {MAX_TUPLE} values")
         for v in value:
             _check_value(key, v, args[0], bounds, fail)
         return
