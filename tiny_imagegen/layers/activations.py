@@ -61,6 +61,15 @@ def gelu_tanh(x: mx.array) -> mx.array:
     return (0.5 * x32 * (1 + tanh_rational(u))).astype(x.dtype)
 
 
+@compiled_when_large
+def silu_fast(x: mx.array) -> mx.array:
+    """x · sigmoid(x) = h + h · tanh(h) with h = x/2, tanh as above: within 3e-7 |x| of the exact
+    value, 3-4x faster than nn.silu on a Linux CPU (its sigmoid's exp runs one element at a time,
+    ~25 ns each); computed in float32 and rounded once, as PyTorch computes a bf16 SiLU."""
+    h = 0.5 * x.astype(mx.float32)
+    return (h + h * tanh_rational(h)).astype(x.dtype)
+
+
 class GELUTanh(nn.Module):
     """`gelu_tanh` as a layer (no weights), for nn.Sequential MLPs."""
 

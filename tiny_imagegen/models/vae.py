@@ -30,6 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..layers.activations import silu_fast
 from ..layers.attention import sdpa
 from .vae_tiling import limited_run_ahead, tiled_decode
 
@@ -99,7 +100,7 @@ class Body:
     channels kept by the upsamplers; Qwen-Image's VAE (models/vae_qwen.py) has its own."""
 
     norm: Callable[[int], nn.Module]  # channels -> norm layer
-    act: Callable[[mx.array], mx.array] = nn.silu
+    act: Callable[[mx.array], mx.array] = silu_fast  # SiLU from multiplies and adds (layers/activations.py)
     pointwise: Callable[[int, int], nn.Module] = partial(nn.Conv2d, kernel_size=1)  # (in, out) -> per pixel
     upsample_halves: bool = False  # every upsampler halves the channels
 
