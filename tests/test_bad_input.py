@@ -296,6 +296,8 @@ FOLDERS = {
     "MagCache ratios, 10^5 of them": (_set("pipeline.defaults.mag_ratios", [1.0] * 10**5),
                                       "mag_ratios [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0,... (100000 values) is not a list"),
     "a MagCache ratio not a number": (_set("pipeline.defaults.mag_ratios", [1.0, "x"]), "mag_ratios 'x' is not a finite number"),
+    "a negative MagCache ratio": (_set("pipeline.defaults.mag_ratios", [1.0, -0.5]), "mag_ratios -0.5 is not a number in 0..100"),
+    "a MagCache retention above 1": (_set("pipeline.defaults.mag_retention", 1.5), "mag_retention 1.5 is not a number in 0..1"),
     "unknown family": (_set("pipeline.family", "flux9"), "pipeline.family 'flux9' is not a family this code runs"),
     "unknown component": (_set("components.warp_drive", {"file": "t5.safetensors"}), "components['warp_drive'] is not a component"),
     "no files key": (lambda m: m.pop("files"), "'files' is missing or not an object"),

@@ -14,7 +14,7 @@ import pytest
 from conftest import assert_close, load_fixture
 from test_step_cache import _run, _steps, pipe  # noqa: F401  (the module-scoped tiny FLUX.1 pipeline)
 from tiny_imagegen.diffusion.mag_cache import MagCache, nearest_interp
-from tiny_imagegen.diffusion.step_cache import CacheConfig, check_method
+from tiny_imagegen.diffusion.step_cache import CacheConfig, check_method, for_generation
 from tiny_imagegen.registry import find
 from tiny_imagegen.registry.catalog import FLUX1_MAG_RATIOS
 
@@ -111,6 +111,20 @@ def test_cache_spec_parsing():
     for bad, says in (("mag:x", "not a number"), ("mag:-1", ">= 0"), ("magcache", "unknown cache method")):
         with pytest.raises(ValueError, match=says):
             CacheConfig.parse(bad)
+
+
+def test_the_retained_share_is_the_models_unless_the_config_sets_it():
+    """`mag_retention` (the model's defaults) decides how many first steps are computed; a
+    CacheConfig's own retention_ratio wins; the default is diffusers' 0.2."""
+    ratios = (1.0,) * 10
+    assert for_generation("mag:0.5", False, 10, ratios).positive.retention_ratio == 0.2
+    caches = for_generation("mag:0.5", True, 10, ratios, mag_retention=0.5)
+    assert [st.retention_ratio for st in caches.states] == [0.5, 0.5]
+    assert for_generation(CacheConfig("mag", 0.5, retention_ratio=0.1), False, 10, ratios, 0.5).positive.retention_ratio == 0.1
+    state = for_generation("mag:1e9", False, 10, ratios, mag_retention=0.5).positive  # 5 retained, then K = 3 skips
+    for _ in range(10):
+        state(mx.zeros((1, 2, 2)), mx.zeros((1, 1, 2)), lambda i, t: (i, t), lambda i, t: (i + 1, t))
+    assert state.skipped == [5, 6, 7, 9]
 
 
 def test_the_rule_by_hand_on_a_toy_stack():

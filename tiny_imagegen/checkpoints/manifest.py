@@ -85,10 +85,12 @@ RECIPE_BOUNDS = {
     "text_length": (1, 4096),  # FLUX.1-dev, Z-Image, FLUX.2: 512 tokens (DiT, class labels: 0, see below)
     "width": (16, 4096),  # pipeline.MAX_SIDE
     "height": (16, 4096),
+    "mag_ratios": (0.0, 100.0),  # float bounds are checked too: ratios of magnitudes, positive (~1)
+    "mag_retention": (0.0, 1.0),  # the share of a run's first steps MagCache always computes
 }
 RECIPE_KEYS = {"family": str, "name": str, "text": str, "is_distilled": bool, "defaults": dict}
 DEFAULTS_KEYS = {"steps": int, "guidance": float, "shift": (bool, float), "text_length": int, "width": int,
-                 "height": int, "mag_ratios": tuple[float, ...] | None}
+                 "height": int, "mag_ratios": tuple[float, ...] | None, "mag_retention": float}
 NO_TEXT_FAMILIES = ("dit",)  # class-conditional: text_length 0, no text tokens at all
 QUANTIZATION = {"bits": BITS, "group_size": GROUP_SIZES, "modulation_bits": BITS}
 DTYPES = ("float32", "float16", "bfloat16")  # convert.DTYPES' names (convert.py imports this module)
@@ -217,6 +219,9 @@ def _check_value(key, value, hint, bounds, fail):
     elif hint is float or float in args:
         if not _is_number(value) or abs(value) > MAX_FLOAT:
             raise fail(key, f"{value!r} is not a finite number of at most {MAX_FLOAT:g}")
+        lo, hi = bounds
+        if isinstance(lo, float) and not lo <= value <= hi:  # bounds given as floats apply to floats
+            raise fail(key, f"{value!r} is not a number in {lo:g}..{hi:g}")
     elif hint is str:
         if not isinstance(value, str) or len(value) > 256:
             raise fail(key, f"{value!r} is not a short string")

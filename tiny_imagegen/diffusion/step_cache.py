@@ -47,12 +47,12 @@ class CacheConfig:
     """`--cache fbc[:THRESHOLD]` / `mag[:THRESHOLD]`: the method and its threshold. MagCache's other
     knobs (diffusers' defaults: K = 3 skips in a row at most, the first 20% of steps always computed)
     and its calibration mode (`mag:calibrate`: skip nothing, record the ratios) are set here;
-    `mag_ratios` None = the model's own (its defaults)."""
+    `mag_ratios` and `retention_ratio` None = the model's own (its defaults)."""
 
     method: str = "fbc"
     threshold: float | None = None  # None: the method's default
     max_skip_steps: int = MAX_SKIP_STEPS
-    retention_ratio: float = RETENTION_RATIO
+    retention_ratio: float | None = None  # None: the model's (its defaults' mag_retention)
     calibrate: bool = False
     mag_ratios: tuple[float, ...] | None = None
 
@@ -84,9 +84,11 @@ class CacheConfig:
             raise ValueError(f"cache threshold must be >= 0, got {threshold:g}")
         return cls(method, threshold)
 
-    def new_generation(self, steps: int = 0, mag_ratios=None) -> "FirstBlockCache | MagCache":
+    def new_generation(self, steps: int = 0, mag_ratios=None,
+                       mag_retention: float = RETENTION_RATIO) -> "FirstBlockCache | MagCache":
         """A fresh context for a generation of `steps` forwards; MagCache resamples `mag_ratios`
-        (the model's, unless the config carries its own) to them."""
+        (the model's, unless the config carries its own) to them, and computes the first
+        `mag_retention` of them (the model's, unless the config sets `retention_ratio`)."""
         if self.method == "fbc":
             return FirstBlockCache(self.threshold)
         if steps < 1:  # its schedule is laid over the generation's steps
@@ -94,8 +96,9 @@ class CacheConfig:
         ratios = self.mag_ratios if self.mag_ratios is not None else mag_ratios
         if not (ratios is not None and len(ratios)) and not self.calibrate:
             raise ValueError(MISSING_RATIOS)
+        retention = mag_retention if self.retention_ratio is None else self.retention_ratio
         return MagCache(self.threshold, None if self.calibrate else nearest_interp(ratios, steps), steps,
-                        self.max_skip_steps, self.retention_ratio, self.calibrate)
+                        self.max_skip_steps, retention, self.calibrate)
 
 
 MISSING_RATIOS = ("mag needs this model's calibrated magnitude ratios (mag_ratios in its registry defaults), "
@@ -186,9 +189,10 @@ class GenerationCache:
     guidance, `negative`, as diffusers' "cond" and "uncond". `batched` is the `cache=` of a forward
     whose batch is [positive; negative]; `states` stays readable after the generation."""
 
-    def __init__(self, config: CacheConfig, guidance: bool, steps: int = 0, mag_ratios=None):
-        self.positive = config.new_generation(steps, mag_ratios)
-        self.negative = config.new_generation(steps, mag_ratios) if guidance else None
+    def __init__(self, config: CacheConfig, guidance: bool, steps: int = 0, mag_ratios=None,
+                 mag_retention: float = RETENTION_RATIO):
+        self.positive = config.new_generation(steps, mag_ratios, mag_retention)
+        self.negative = config.new_generation(steps, mag_ratios, mag_retention) if guidance else None
         self.states = [self.positive] + ([self.negative] if guidance else [])
 
     def batched(self, img, txt, head, rest) -> Streams:
@@ -196,11 +200,12 @@ class GenerationCache:
 
 
 def for_generation(cache: "str | CacheConfig | None", guidance: bool, steps: int = 0,
-                   mag_ratios=None) -> GenerationCache | None:
+                   mag_ratios=None, mag_retention: float = RETENTION_RATIO) -> GenerationCache | None:
     """A family's `cache=` option (a spec string, a CacheConfig or None) -> the contexts of this
-    generation of `steps` forwards per context; `mag_ratios`: the model's (its defaults), for MagCache."""
+    generation of `steps` forwards per context; `mag_ratios`, `mag_retention`: the model's (its
+    defaults), for MagCache."""
     config = CacheConfig.parse(cache) if isinstance(cache, str) or cache is None else cache
-    return None if config is None else GenerationCache(config, guidance, steps, mag_ratios)
+    return None if config is None else GenerationCache(config, guidance, steps, mag_ratios, mag_retention)
 
 
 def computed_fraction(states: list) -> float:

@@ -135,7 +135,8 @@ class DiTPipeline(Pipeline):
             raise ValueError(f"cfg_channels must be 1..{C}, got {cfg_channels}")
 
         caches = self.step_cache = for_generation(cache, guidance=guided, steps=len(p.timesteps),
-                                                   mag_ratios=self.defaults.mag_ratios)
+                                                   mag_ratios=self.defaults.mag_ratios,
+                                                   mag_retention=self.defaults.mag_retention)
         context = caches and (caches.batched if guided else caches.positive)
 
         def eps(x, i):

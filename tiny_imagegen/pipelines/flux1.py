@@ -193,7 +193,8 @@ class Flux1Pipeline(Pipeline):
         g = mx.full((txt.shape[0],), guidance, dtype=mx.float32) if self.distilled else None
         forward = self.forward()
         caches = self.step_cache = for_generation(cache, guidance=cfg, steps=len(schedule) - 1,
-                                                   mag_ratios=self.defaults.mag_ratios)
+                                                   mag_ratios=self.defaults.mag_ratios,
+                                                   mag_retention=self.defaults.mag_retention)
         if caches is not None:  # its decision reads a value mid-forward (.item()): no whole-forward compile
             tr = self.transformer
             forward = lambda img, txt, t, y, g, rope, cache: tr(img, None, txt, None, t, y, g, rope=rope,  # noqa: E731

@@ -195,7 +195,8 @@ class Flux2KleinPipeline(Pipeline):
             ref_tokens = references[0].astype(dtype)
             img_ids = np.concatenate([img_ids, references[1]])
         caches = self.step_cache = for_generation(cache, guidance=cfg, steps=len(schedule) - 1,
-                                                   mag_ratios=self.defaults.mag_ratios)
+                                                   mag_ratios=self.defaults.mag_ratios,
+                                                   mag_retention=self.defaults.mag_retention)
 
         def forward(xs, txt, ts, cache):
             if references is not None:

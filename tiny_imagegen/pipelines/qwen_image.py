@@ -159,7 +159,8 @@ class QwenImagePipeline(Pipeline):
                     self.transformer.rope_table(h, w, c["txt"].shape[1])) for c in streams]
 
         caches = self.step_cache = for_generation(cache, guidance=len(streams) == 2, steps=len(schedule) - 1,
-                                                   mag_ratios=self.defaults.mag_ratios)
+                                                   mag_ratios=self.defaults.mag_ratios,
+                                                   mag_retention=self.defaults.mag_retention)
 
         def forward(x, ts, stream, context):
             txt, mask, rope = stream

@@ -210,7 +210,8 @@ class SD3Pipeline(Pipeline):
             pooled_b = mx.concatenate([cond.negative["pooled"], pooled])
 
         caches = self.step_cache = for_generation(cache, guidance=cfg, steps=len(sigmas) - 1,
-                                                   mag_ratios=self.defaults.mag_ratios)
+                                                   mag_ratios=self.defaults.mag_ratios,
+                                                   mag_retention=self.defaults.mag_retention)
 
         def forward(context: str):
             """A pass's forward: compiled without a cache; with one, uncompiled (its decision reads a

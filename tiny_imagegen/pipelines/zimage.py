@@ -154,7 +154,8 @@ class ZImagePipeline(Pipeline):
         neg = (cond.negative["cap_feats"], _lengths(cond.negative)) if guidance > 0 else None
         joint = join_conditions(cond.positive, cond.negative) if batched else None
         caches = self.step_cache = for_generation(cache, guidance=guidance > 0, steps=len(sigmas) - 1,
-                                                   mag_ratios=self.defaults.mag_ratios)
+                                                   mag_ratios=self.defaults.mag_ratios,
+                                                   mag_retention=self.defaults.mag_retention)
 
         def forward(x, t, captions, context):  # the model's x0 - noise, float32
             ts = mx.full((x.shape[0],), t, dtype=mx.float32)  # t stays float32 in every dtype (ZP:510)

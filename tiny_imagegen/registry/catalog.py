@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
+from ..diffusion.mag_cache import RETENTION_RATIO
 from . import published_configs
 
 
@@ -39,6 +40,8 @@ class SamplingDefaults:
     # MagCache (--cache mag): the model's per-step ratios |r_t| / |r_{t-1}| of the block stack's residual,
     # calibrated once at some number of steps and resampled to the steps run (diffusion/mag_cache.py)
     mag_ratios: tuple[float, ...] | None = None
+    # ... and the share of a run's first steps it always computes (diffusers' default 0.2; see mag_cache.py)
+    mag_retention: float = RETENTION_RATIO
 
     def __post_init__(self):
         if self.mag_ratios is not None:  # model.json holds a list
