@@ -16,6 +16,7 @@
 """
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -34,13 +35,13 @@ from tiny_imagegen.diffusion.step_cache import FirstBlockCache, computed_fractio
 CACHES = ("none", "fbc:0.05", "fbc:0.1", "fbc:0.2", "mag:0.06", "mag:0.2", "mag:0.5")
 
 
-def tiny_model(n: int, caches: tuple[str, ...] = CACHES) -> None:
-    from tiny_imagegen.train.scene_parser import evaluate
+def tiny_model(n: int, caches: tuple[str, ...] = CACHES, stream: int = 2026) -> None:
+    from tiny_imagegen.train.scene_parser import evaluate, score
     from tiny_imagegen.train.shapes_dataset import sample_scene
     from tiny_imagegen.train.tiny_shapes import load_pipeline
 
     pipe = load_pipeline(Path(__file__).resolve().parents[1] / "weights" / "tiny-shapes")
-    captions = [sample_scene(2026, i, "train").caption for i in range(n)]
+    captions = [sample_scene(stream, i, "train").caption for i in range(n)]
     caches = ("none", *(c for c in caches if c != "none"))  # the baseline first
     images = {c: [] for c in caches}
     seconds = {c: 0.0 for c in caches}
@@ -56,19 +57,30 @@ def tiny_model(n: int, caches: tuple[str, ...] = CACHES) -> None:
             images[c].append(np.asarray(image))
             if c != "none":
                 computed[c].append(computed_fraction(pipe.step_cache.states))
-    print(f"tiny-shapes, {n} train captions, {pipe.defaults.steps} steps, guidance {pipe.defaults.guidance} "
+    print(f"tiny-shapes, {n} train captions (stream {stream}), {pipe.defaults.steps} steps, guidance {pipe.defaults.guidance} "
           f"(batched [positive; negative]), one image at a time; load average {load:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after (1 min)")
-    print("| cache | scene parser, per check | \"all\" vs none | time per image | vs none "
-          "| forwards running the blocks (fbc: after the first) |")
-    print("|---|---|---|---|---|---|")
+    print("| cache | scene parser, per check | \"all\" vs none (95% interval) | images right->wrong / wrong->right "
+          "| time per image | vs none | forwards running the blocks (fbc: after the first) |")
+    print("|---|---|---|---|---|---|---|")
     base = seconds["none"] / n
     scores = {c: evaluate(captions, np.stack(images[c]), verbose=False) for c in caches}
+    right = {c: np.array([bool(score(cap, im)["all"]) for cap, im in zip(captions, images[c])]) for c in caches}
     for c in caches:
         frac = f"{100 * statistics.mean(computed[c]):.0f}%" if computed[c] else "100%"
         lost = 100 * (scores[c]["all"] - scores["none"]["all"])
-        print(f"| {c} | {_fmt(scores[c])} | {lost:+.1f} points | {1000 * seconds[c] / n:.0f} ms | "
-              f"{base / (seconds[c] / n):.2f}x | {frac} |", flush=True)
+        worse, better = int(np.sum(right["none"] & ~right[c])), int(np.sum(~right["none"] & right[c]))
+        print(f"| {c} | {_fmt(scores[c])} | {lost:+.1f} points ({_interval(worse, better, n)}) | {worse} / {better} "
+              f"| {1000 * seconds[c] / n:.0f} ms | {base / (seconds[c] / n):.2f}x | {frac} |", flush=True)
+
+
+def _interval(worse: int, better: int, n: int) -> str:
+    """A 95% interval, in points, of the paired difference in "all" (the same captions and seeds with
+    and without the cache): only the images whose verdict changed carry information, so its standard
+    error is sqrt(changed - (better - worse)^2 / n) / n (the paired-proportions formula behind McNemar's test)."""
+    d = (better - worse) / n
+    se = math.sqrt(max(worse + better - (better - worse) ** 2 / n, 0.0)) / n
+    return f"{100 * (d - 1.96 * se):+.1f} to {100 * (d + 1.96 * se):+.1f}"
 
 
 def _fmt(score) -> str:
@@ -139,6 +151,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=200, help="train captions for the tiny model (0: skip)")
     p.add_argument("--caches", default=",".join(CACHES), help="the tiny model's settings, comma-separated")
+    p.add_argument("--stream", type=int, default=2026, help="the train captions' stream (the MagCache ratios: 7)")
     p.add_argument("--tokens", type=int, default=256, help="image tokens of the full-width step (0: skip)")
     p.add_argument("--text", type=int, default=512, help="text tokens of the full-width step (FLUX.1-dev: 512)")
     p.add_argument("--double", type=int, default=1)
@@ -148,7 +161,7 @@ def main():
     print(f"device {mx.default_device()}, BLAS: {blas.describe()}, load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores")
     if args.n:
-        tiny_model(args.n, tuple(args.caches.split(",")))
+        tiny_model(args.n, tuple(args.caches.split(",")), args.stream)
     if args.tokens:
         full_width_step(args.tokens, args.text, args.double, args.single, args.repeats)
 
