@@ -86,8 +86,8 @@ def zimage_image_ids(height: int, width: int, start: int, padded_length: int) ->
 
 
 def sincos_1d(dim: int, positions) -> np.ndarray:
-    """Transformer sin-cos embedding of positions (N,) -> (N, dim): [sin(p ω), cos(p ω)], ω = 10000^(-2j/dim),
-    in float64 (numpy)."""
+    """Transformer sin-cos embedding of positions (N,) -> (N, dim), float64:
+    [sin(p ω), cos(p ω)], ω = 10000^(-2j/dim)."""
     import numpy as np
 
     omega = 1.0 / 10_000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2))
