@@ -20,13 +20,20 @@ its model predicts x0 - ε at time 1 - σ: the pipeline flips the sign (`zimage_
 Guidance. FLUX.1-dev was distilled from classifier-free guidance: the scale is an input to the
 model (`guidance=`), one pass per step. True classifier-free guidance (Ho & Salimans, 2022) runs
 the model with and without the prompt and extrapolates, v = v_neg + s (v_pos - v_neg).
+
+numpy (the other families' float32 schedules) is imported where it is used: `generate` for the
+FLUX.1-family models never loads it (0.075 s of the first image).
 """
 
+from __future__ import annotations
+
 import math
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import mlx.core as mx
-import numpy as np
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -68,6 +75,8 @@ def flux2_schedule(steps: int, image_seq_len: int, dynamic_shift: bool = True, s
     """The steps + 1 sigmas of a FLUX.2 run, as Flux2KleinPipeline sets the scheduler: linspace(1,
     1/steps) in float64, then float32, shifted by t' = e^mu / (e^mu + 1/t - 1) in float32 with
     mu = flux2_mu (`use_dynamic_shifting`), else by the static shift s t / (1 + (s - 1) t); then 0."""
+    import numpy as np
+
     if steps < 1:
         raise ValueError(f"need at least one sampling step, got {steps}")
     sigmas = np.linspace(1.0, 1.0 / steps, steps).astype(np.float32)
@@ -84,6 +93,8 @@ def euler_step_in_model_dtype(x: mx.array, v: mx.array, t: float, t_next: float)
     (SCH:493-526): the sample is upcast to float32, but dt (a 0-dim float32 tensor) times v is
     computed in v's dtype (dt and the product rounded to bf16), then added in float32 and cast
     back. In float32 this is `euler_step`."""
+    import numpy as np
+
     dt = mx.array(np.float32(t_next) - np.float32(t))
     return (x.astype(mx.float32) + dt.astype(v.dtype) * v).astype(v.dtype)
 
@@ -103,6 +114,8 @@ def torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
     half counted up from start and the second down from end, each one fused multiply-add (the
     product of two float32 values is exact in float64). np.linspace differs in the last bit for
     most n (it rounds start + i*step twice and counts from start only). Checked for n <= 300."""
+    import numpy as np
+
     f32 = np.float32
     start, end = f32(start), f32(end)
     if n == 1:
@@ -121,6 +134,8 @@ def zimage_sigmas(steps: int, shift: float = 3.0) -> list[float]:
         σ'  = shift σ / (1 + (shift - 1) σ)  (FlowMatchEulerDiscreteScheduler's static shift, float32)
 
     then a terminal 0. Turbo: shift 3, 8 steps. Returned as Python floats of the float32 values."""
+    import numpy as np
+
     if steps < 1:
         raise ValueError(f"need at least one sampling step, got {steps}")
     s = torch_linspace_f32(1.0, 1.0 / steps, steps)
@@ -133,6 +148,8 @@ def timesteps_in_dtype(t: float, n: int, dtype: mx.Dtype) -> mx.array:
     """(n,) model times t as the FLUX.2 and Qwen-Image pipelines pass them: the scheduler's
     timestep t·1000 in float32, cast to the latents' dtype, then / 1000 (so a bf16 model sees t
     rounded at the 1000 scale; FP:841, 851, QP:643-647)."""
+    import numpy as np
+
     return mx.full((n,), np.float32(np.float32(t) * np.float32(1000.0))).astype(dtype) / 1000
 
 
@@ -140,6 +157,8 @@ def zimage_model_time(sigma: float) -> float:
     """The time the Z-Image transformer is given at noise level σ: t = 1 - σ (0 = pure noise),
     computed as the pipeline does it, ((1000 - σ·1000) / 1000) in float32, which is not (1 - σ)
     to the last bit (up to 3e-8 apart; the model multiplies by 1000 again)."""
+    import numpy as np
+
     f32 = np.float32
     timestep = f32(sigma) * f32(1000)  # the scheduler's timesteps = sigmas * 1000
     return float((f32(1000) - timestep) / f32(1000))
@@ -201,6 +220,8 @@ def stretched_shift_schedule(steps: int, image_seq_len: int, base_seq_len: int =
     `shift_terminal`: σ'' = 1 - (1 - σ')(1 - terminal) / (1 - σ'_last); then 0. NumPy float32
     throughout, as the scheduler (a Python float stays float32 beside a float32 array). The
     defaults are Qwen-Image's scheduler config (unverified offline, REFERENCE-NOTES-TURN3 A4)."""
+    import numpy as np
+
     if steps < 1:
         raise ValueError(f"need at least one sampling step, got {steps}")
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)

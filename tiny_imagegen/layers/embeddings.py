@@ -1,10 +1,21 @@
 """Embedding the conditioning scalars and vectors, and (un)packing latents into tokens."""
 
 import math
+from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
+
+
+@lru_cache(maxsize=None)
+def sinusoid_frequencies(half: int, max_period: float = 10_000.0, shift: float = 0.0) -> mx.array:
+    """ω_j = exp(-ln(max_period) j / (half - shift)), j = 0 .. half - 1, (half,) float32, computed
+    once per size. As PyTorch computes them: the exponent in float32 (on the CPU stream, whose
+    float32 arithmetic is IEEE on every machine), its exp in float64 (Python's), rounded to float32."""
+    with mx.stream(mx.cpu):
+        exponent = mx.array(-math.log(max_period), mx.float32) * mx.arange(half, dtype=mx.float32)
+        exponent = exponent / mx.array(half - shift, mx.float32)
+    return mx.array([math.exp(e) for e in exponent.tolist()], mx.float32)
 
 
 def timestep_embedding(t: mx.array, dim: int = 256, max_period: float = 10_000.0, time_factor: float = 1000.0,
@@ -17,9 +28,7 @@ def timestep_embedding(t: mx.array, dim: int = 256, max_period: float = 10_000.0
     The arguments reach 1000 rad, where one float32 ulp of a frequency moves sin/cos by 6e-5: the
     frequencies are rounded from float64, which reproduces PyTorch's float32 table."""
     t = time_factor * t.astype(mx.float32)
-    half = dim // 2
-    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half)
-    freqs = mx.array(np.exp(exponent.astype(np.float64)).astype(np.float32))
+    freqs = sinusoid_frequencies(dim // 2, max_period)
     args = t[:, None] * freqs[None]
     if arg_scale != 1.0:
         args = args * arg_scale
@@ -68,9 +77,7 @@ def ddpm_timestep_embedding(t: mx.array, dim: int = 256, downscale_freq_shift: f
     `timestep_embedding` above divide by dim/2 (a shift of 0) and take t in [0, 1]. Computed in
     float32 (the caller casts to its weights' dtype, as diffusers does); the frequencies are
     rounded from float64, as in `timestep_embedding`."""
-    half = dim // 2
-    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32) / np.float32(half - downscale_freq_shift)
-    freqs = mx.array(np.exp(exponent.astype(np.float64)).astype(np.float32))
+    freqs = sinusoid_frequencies(dim // 2, max_period, downscale_freq_shift)
     args = t.astype(mx.float32)[:, None] * freqs[None]
     return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
 

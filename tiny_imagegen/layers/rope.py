@@ -17,25 +17,37 @@ attention sees only relative positions. The variants differ in how a position be
 
 A RoPE table is the pair (cos, sin) of the angles, each (L, d/2) or, per head, (H, L, d/2);
 `apply_rope` rotates (B, H, L, d) by it.
+
+The axial tables are computed in float64 with numpy, imported in the functions that build them:
+mixed RoPE (the shipped model's) needs none, and its `generate` never loads numpy (0.075 s).
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from ..device.compilation import compiled_when_large
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def rope_frequencies(dim: int, theta: float = 10_000.0) -> np.ndarray:
     """ω_j = theta^(-2j/dim), j = 0 .. dim/2 - 1, in float64."""
+    import numpy as np
+
     assert dim % 2 == 0, f"RoPE needs an even dimension, got {dim}"
     return 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
 
 
 def rope_angles(positions, dim: int, theta: float = 10_000.0) -> np.ndarray:
     """1-D RoPE: positions (L,) -> angles (L, dim/2), float64."""
+    import numpy as np
+
     return np.outer(np.asarray(positions, np.float64), rope_frequencies(dim, theta))
 
 
@@ -44,6 +56,8 @@ def axial_rope(ids, axes_dim: tuple[int, ...], theta: float = 10_000.0) -> tuple
 
     Axis i owns axes_dim[i] channels. The table is computed in float64, as the reference does:
     angles reach hundreds of radians, where float32 would be off by ~4e-6."""
+    import numpy as np
+
     ids = np.asarray(ids, np.float64)
     if ids.ndim != 2 or ids.shape[1] != len(axes_dim):
         raise ValueError(f"position ids must be (L, {len(axes_dim)}) for axes_dim {axes_dim}, got {ids.shape}")
@@ -57,6 +71,8 @@ def axial_rope_fp32_angles(ids, axes_dim: tuple[int, ...], theta: float = 10_000
     then torch.polar in float32). At angles of hundreds of radians that rounding moves cos/sin by
     up to ~3e-5, so the two tables are not interchangeable. cos/sin of the float32 angle are then
     taken in float64 and rounded (torch's float32 kernels are 1 ulp off in ~1% of entries)."""
+    import numpy as np
+
     ids = np.asarray(ids, np.float64)
     if ids.ndim != 2 or ids.shape[1] != len(axes_dim):
         raise ValueError(f"position ids must be (L, {len(axes_dim)}) for axes_dim {axes_dim}, got {ids.shape}")
@@ -72,6 +88,8 @@ def axial_rope_fp32(ids, axes_dim: tuple[int, ...], theta: float = 10_000.0) -> 
     correctly rounded: it differs from this in 112 of 8256 frequencies for d = 2 .. 256, by 1 ulp,
     which moves cos/sin by up to ~2e-6 at position 600), cos/sin likewise. The float32 ω and angle
     differ from a float64 table (`axial_rope`) by up to ~3e-5 at positions of 500."""
+    import numpy as np
+
     ids = np.asarray(ids, np.float32)
     if ids.ndim != 2 or ids.shape[1] != len(axes_dim):
         raise ValueError(f"position ids must be (L, {len(axes_dim)}) for axes_dim {axes_dim}, got {ids.shape}")
@@ -102,14 +120,16 @@ def _rotate_pairs(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 def mixed_rope_init(head_dim: int, num_heads: int, theta: float = 10.0, seed: int = 0) -> mx.array:
     """Initial (f_x, f_y) of mixed RoPE, shape (2, num_heads, head_dim/2), as Heo et al. do it:
     magnitudes theta^(-4j/head_dim) for j < head_dim/4, each used twice along two perpendicular
-    directions, the pair of directions turned by a random angle per head."""
+    directions, the pair of directions turned by a random angle per head. The angles come from
+    MLX's generator (numpy's until the first image was made numpy-free): only the starting point
+    of a training run from scratch depends on them; trained weights carry their own frequencies."""
     assert head_dim % 4 == 0, f"mixed RoPE needs head_dim divisible by 4, got {head_dim}"
-    mag = 1.0 / theta ** (np.arange(0, head_dim, 4, dtype=np.float64) / head_dim)  # (d/4,)
-    turn = np.random.default_rng(seed).uniform(0.0, 2 * math.pi, size=(num_heads, 1))
-    directions = np.concatenate([turn, turn + math.pi / 2], axis=-1)  # (H, 2)
-    dirs = np.repeat(directions, len(mag), axis=-1)  # (H, d/2): d/4 of each direction
-    mags = np.tile(mag, 2)[None]  # (1, d/2)
-    return mx.array(np.stack([mags * np.cos(dirs), mags * np.sin(dirs)]).astype(np.float32))
+    mag = 1.0 / theta ** (mx.arange(0, head_dim, 4) / head_dim)  # (d/4,)
+    turn = mx.random.uniform(0.0, 2 * math.pi, (num_heads, 1), key=mx.random.key(seed))  # (H, 1)
+    directions = mx.concatenate([turn, turn + math.pi / 2], axis=-1)  # (H, 2)
+    dirs = mx.repeat(directions, mag.size, axis=-1)  # (H, d/2): d/4 of each direction
+    mags = mx.tile(mag, 2)[None]  # (1, d/2)
+    return mx.stack([mags * mx.cos(dirs), mags * mx.sin(dirs)])
 
 
 class MixedRoPE(nn.Module):

@@ -177,7 +177,7 @@ class Flux2Transformer(nn.Module):
         return self.img_in.weight.dtype
 
     @staticmethod
-    def position_ids(grid_h: int, grid_w: int, n_txt: int) -> tuple[np.ndarray, np.ndarray]:
+    def position_ids(grid_h: int, grid_w: int, n_txt: int) -> tuple[mx.array, mx.array]:
         """(txt_ids, img_ids): (0, 0, 0, l) and (0, row, col, 0)."""
         return flux2_text_ids(n_txt), flux2_image_ids(grid_h, grid_w)
 

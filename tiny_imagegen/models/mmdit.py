@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten
 
 from ..layers.activations import GELUTanh, gelu_tanh
@@ -222,7 +221,7 @@ class MMDiT(nn.Module):
         self.single_blocks = [SingleStreamBlock(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth_single)]
         self.final_layer = LastLayer(D, cfg.out_channels or cfg.in_channels)
 
-    def position_ids(self, grid_h: int, grid_w: int, n_txt: int) -> tuple[np.ndarray, np.ndarray]:
+    def position_ids(self, grid_h: int, grid_w: int, n_txt: int) -> tuple[mx.array, mx.array]:
         """(txt_ids, img_ids) for a grid_h x grid_w token grid and n_txt text tokens: FLUX's
         (0, row, col) and zeros for axial RoPE; centred (row, col) and diagonal text placed
         beyond the grid for mixed RoPE."""
@@ -281,8 +280,9 @@ class MMDiT(nn.Module):
             # (B, L, n) ids too: diffusers accepts them with a deprecation warning and uses ids[0]
             n_axes = len(cfg.axes_dim) if cfg.rope == "axial" else 2  # mixed RoPE: (row, col)
             for name, ids, n in (("img_ids", img_ids, img.shape[1]), ("txt_ids", txt_ids, txt.shape[1])):
-                if tuple(np.shape(ids)) != (n, n_axes):
-                    raise ValueError(f"{name} must be ({n}, {n_axes}), shared by the batch; got {tuple(np.shape(ids))}")
+                shape = tuple(mx.array(ids).shape)  # mx or host (numpy) ids alike
+                if shape != (n, n_axes):
+                    raise ValueError(f"{name} must be ({n}, {n_axes}), shared by the batch; got {shape}")
             rope = self.rope_table(img_ids, txt_ids)
         # inputs in the weights' dtype (a torch model would refuse others; MLX would promote)
         img, txt = self.img_in(img.astype(self.dtype)), self.txt_in(txt.astype(self.dtype))
@@ -310,8 +310,10 @@ class MMDiT(nn.Module):
 
 
 def _concat_ids(txt_ids, img_ids):
-    """Joint position ids [text; image]. Host arrays stay on the host: the axial tables are
-    computed in float64 there (layers/rope.py)."""
+    """Joint position ids [text; image]. The builders' mx ids are joined in MLX; host (numpy) ids
+    stay on the host, in their own precision (the axial tables are float64 there, layers/rope.py)."""
     if isinstance(txt_ids, mx.array) or isinstance(img_ids, mx.array):
         return mx.concatenate([mx.array(txt_ids), mx.array(img_ids)], axis=0)
+    import numpy as np
+
     return np.concatenate([txt_ids, img_ids], axis=0)

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from ..layers.attention import RMSNorm
 from ..layers.embeddings import MLPEmbedder, timestep_embedding
@@ -100,7 +99,7 @@ class QwenImageTransformer(nn.Module):
     def rope_table(self, grid_h: int, grid_w: int, n_txt: int) -> tuple[mx.array, mx.array]:
         """MSRoPE (cos, sin) for [text; image] on a grid_h x grid_w token grid with n_txt (padded)
         text tokens, float32. Depends on the sizes only: build it once per generation."""
-        ids = np.concatenate([msrope_text_ids(n_txt, grid_h, grid_w), msrope_image_ids(grid_h, grid_w)])
+        ids = mx.concatenate([msrope_text_ids(n_txt, grid_h, grid_w), msrope_image_ids(grid_h, grid_w)])
         return axial_rope_fp32(ids, self.config.axes_dim, self.config.theta)
 
     def conditioning(self, timesteps: mx.array) -> mx.array:

@@ -28,7 +28,6 @@ from typing import NamedTuple, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from ..layers.attention import RMSNorm, TextSpan, masked_attention, split_heads
 from ..layers.embeddings import pack_latents, timestep_embedding, unpack_latents
@@ -163,7 +162,7 @@ def sequence_layout(config: ZImageConfig, grid_h: int, grid_w: int, caption_leng
     def table(ids):
         return axial_rope_fp32_angles(ids, config.axes_dims, config.rope_theta)
 
-    img_ids = np.stack([zimage_image_ids(grid_h, grid_w, lp + 1, img_len) for lp in cap_lens])
+    img_ids = mx.stack([zimage_image_ids(grid_h, grid_w, lp + 1, img_len) for lp in cap_lens])
     img_cos, img_sin = table(img_ids.reshape(-1, 3))
     B, half = len(cap_lens), img_cos.shape[-1]
     img_rope = (img_cos.reshape(B, 1, img_len, half), img_sin.reshape(B, 1, img_len, half))

@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 from ..checkpoints.flux import load_flux_transformer
 from ..checkpoints.quantize import quantize_component
@@ -186,7 +185,7 @@ class Flux1Pipeline(Pipeline):
         n = x.shape[1]
         if references is not None:  # KX:962, 1038: tokens [noisy; reference], ids concatenated
             ref_tokens = references[0].astype(mx.float32)
-            img_ids = np.concatenate([img_ids, references[1]])
+            img_ids = mx.concatenate([img_ids, references[1]])
         rope = self.transformer.rope_table(img_ids, txt_ids)  # once per generation, not once per forward
         # t and g stay float32: the model takes their sinusoids in float32 before its own cast (a bf16 t
         # would round t * 1000 first, 312.5 -> 312, as diffusers' bf16 FLUX does)

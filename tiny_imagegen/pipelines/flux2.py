@@ -29,7 +29,6 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
 from ..layers.positions import flux2_image_ids
@@ -164,7 +163,7 @@ class Flux2KleinPipeline(Pipeline):
             _, h, w, C = z.shape
             tokens.append(z.reshape(1, h * w, C))
             ids.append(flux2_image_ids(h, w, t=REFERENCE_T * (k + 1)))
-        return mx.concatenate(tokens, axis=1), np.concatenate(ids)
+        return mx.concatenate(tokens, axis=1), mx.concatenate(ids)
 
     def sample(self, noise, cond: Conditioning, *, steps, guidance, width, height, init, strength, run,
                batch_cfg: bool | None = None, mask: mx.array | None = None, references=None,
@@ -185,7 +184,7 @@ class Flux2KleinPipeline(Pipeline):
             own = (x0, flux2_image_ids(h, w, t=REFERENCE_T))
             references = own if references is None else (  # the others move one place along t
                 mx.concatenate([x0, references[0]], axis=1),
-                np.concatenate([own[1], references[1] + np.array([REFERENCE_T, 0, 0, 0], np.float32)]))
+                mx.concatenate([own[1], references[1] + mx.array([REFERENCE_T, 0, 0, 0], mx.float32)]))
         cfg = self.uses_negative(guidance, {})
         batched = cfg and (self.batch_cfg if batch_cfg is None else batch_cfg)
         txt = mx.concatenate([cond.positive["txt"], cond.negative["txt"]]) if batched else cond.positive["txt"]
@@ -193,7 +192,7 @@ class Flux2KleinPipeline(Pipeline):
         n = h * w
         if references is not None:  # clean tokens after the noisy ones, at their own t (FKP:847-850)
             ref_tokens = references[0].astype(dtype)
-            img_ids = np.concatenate([img_ids, references[1]])
+            img_ids = mx.concatenate([img_ids, references[1]])
         caches = self.step_cache = for_generation(cache, guidance=cfg, steps=len(schedule) - 1,
                                                    mag_ratios=self.defaults.mag_ratios,
                                                    mag_retention=self.defaults.mag_retention)

@@ -31,7 +31,6 @@ from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten
 
 from ...layers.embeddings import pack_latents, unpack_latents
@@ -77,13 +76,13 @@ class UNetBackboneConfig:
 
 
 @lru_cache(maxsize=32)
-def rope_ids(positions: str, grid_h: int, grid_w: int, n_txt: int) -> tuple[np.ndarray, np.ndarray]:
-    """(txt_ids (L, 2), img_ids (H*W, 2)), host arrays: image (row, col) from the grid centre or
+def rope_ids(positions: str, grid_h: int, grid_w: int, n_txt: int) -> tuple[mx.array, mx.array]:
+    """(txt_ids (L, 2), img_ids (H*W, 2)), float32: image (row, col) from the grid centre or
     from its top-left corner, text on the diagonal beyond the grid."""
     if positions == "rope-centred":
         return diagonal_text_ids(n_txt, 2, text_start_after(grid_h, grid_w)), centred_image_ids(grid_h, grid_w)
     rows, cols = image_grid(grid_h, grid_w)
-    img = np.stack([rows, cols], axis=-1).astype(np.float32)
+    img = mx.stack([rows, cols], axis=-1).astype(mx.float32)
     return diagonal_text_ids(n_txt, 2, max(grid_h, grid_w)), img
 
 
