@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from tiny_imagegen.models.vae import to_pil
+from tiny_imagegen.models.pixels import to_pil
 from tiny_imagegen.pipelines.pipeline import Pipeline
 from tiny_imagegen.train.scene_parser import parse_image
 from tiny_imagegen.train.shapes_dataset import Scene, SceneObject, render

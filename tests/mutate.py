@@ -100,7 +100,7 @@ MUTATIONS = [
              "return (z - self.config.shift_factor) * self.config.scaling_factor",
              "return z * self.config.scaling_factor - self.config.shift_factor",
              ("tests/test_flux_paths.py", "-k", "image_to_image")),
-    Mutation("to_pil rounds halves up", "tiny_imagegen/models/vae.py",
+    Mutation("to_pil rounds halves up", "tiny_imagegen/models/pixels.py",
              "pixels = mx.round(x * 255).astype(mx.uint8)", "pixels = mx.floor(x * 255 + 0.5).astype(mx.uint8)",
              ("tests/test_numpy_free.py", "-k", "to_pil")),
     Mutation("qwen vae: q and k of the fused to_qkv swapped", "tiny_imagegen/checkpoints/qwen_image.py",

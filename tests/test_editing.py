@@ -223,7 +223,7 @@ def test_known_region_is_the_input_within_the_vae_round_trip():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from inpaint_demo import PROMPT, known_region_errors
 
-    from tiny_imagegen.models.vae import to_pil
+    from tiny_imagegen.models.pixels import to_pil
     from tiny_imagegen.train.shapes_dataset import Scene, SceneObject, render
 
     objects = (SceneObject("circle", "red", "large", 18, 32, 22), SceneObject("square", "blue", "large", 46, 32, 22))
@@ -283,7 +283,7 @@ def test_sd3_inpaint_matches_diffusers(sd3_qwen_pics):
     assert_close("sd3 inpaint: uint8 pixels", pixels(images), io["pixels"], atol=1)
     vae = pipe.vae.config
     unshifted = pipe.decode(pipe.last_latents - vae.shift_factor * vae.scaling_factor)  # decodes latents / scale
-    from tiny_imagegen.models.vae import to_pil
+    from tiny_imagegen.models.pixels import to_pil
 
     assert_close("sd3 inpaint: uint8 pixels decoded without the shift, as the inpainting pipeline",
                  pixels(to_pil(unshifted)), io["inpaint_pipeline_pixels"], atol=1)

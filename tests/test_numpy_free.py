@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from tiny_imagegen.layers.embeddings import sinusoid_frequencies
-from tiny_imagegen.models.vae import to_pil
+from tiny_imagegen.models.pixels import to_pil
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,8 @@ from conftest import assert_bf16_parity, assert_close, fixture_path, load_fixtur
 from tiny_imagegen.checkpoints import vae as ckpt
 from tiny_imagegen.checkpoints.mapping import CheckpointError, map_checkpoint, parameter_shapes, shape_placeholders
 from tiny_imagegen.models import vae as vae_module
-from tiny_imagegen.models.vae import VAEConfig, from_pil, to_pil, upsample_nearest, vae_from_preset
+from tiny_imagegen.models.pixels import from_pil, to_pil
+from tiny_imagegen.models.vae import VAEConfig, upsample_nearest, vae_from_preset
 from tiny_imagegen.models.vae_tiling import tiled_decode
 
 # bf16: ours / torch's relative L2 to the fp32 reference, at most this. Measured 1.13 to 1.31 (the encoder);

@@ -172,7 +172,7 @@ class ProgressBar:
 
 def stepwise_writer(pipe, folder: Path, first_index: int):
     """preview(step, latents): decode the latents after each step and write step-<k>[-<i>].png."""
-    from ..models.vae import to_pil
+    from ..models.pixels import to_pil
 
     def preview(step: int, latents):
         images = to_pil(pipe.decode(pipe.preview_latents(latents)))

@@ -30,7 +30,7 @@ class EditingInputs:
     def encode_image(self, image, width: int, height: int):
         """An init image -> the VAE's posterior q(z | x) (models/vae.py DiagonalGaussian), the
         image LANCZOS-resized to (width, height) first (VaeImageProcessor.preprocess)."""
-        from ..models.vae import from_pil
+        from ..models.pixels import from_pil
         from .images import open_image, resize_init
 
         image = resize_init(open_image(image, "init image"), width, height)

@@ -18,7 +18,7 @@ used as they are; diffusers would rescale them to about max_area = 1024² pixels
 from ..editing.images import kontext_reference, open_image
 from ..layers.embeddings import pack_latents
 from ..layers.positions import flux_image_ids
-from ..models.vae import from_pil
+from ..models.pixels import from_pil
 from .flux1 import Flux1Pipeline
 
 REFERENCE_INDEX = 1  # the reference's value on the first id axis

@@ -154,7 +154,7 @@ class Flux2KleinPipeline(Pipeline):
     def encode_references(self, references, width, height):
         """References -> (tokens (1, N_ref, 128), ids (N_ref, 4)), reference k at t = 10 + 10 k."""
         from ..editing.images import klein_reference, open_image
-        from ..models.vae import from_pil
+        from ..models.pixels import from_pil
 
         tokens, ids = [], []
         for k, ref in enumerate(references):

@@ -364,7 +364,7 @@ class Pipeline(EditingInputs):
             self._phase("decode", start)
             out.append(pixels)
         self.last_latents = mx.concatenate(finals) if len(finals) > 1 else finals[0]
-        from ..models.vae import to_pil
+        from ..models.pixels import to_pil
 
         return to_pil(mx.concatenate(out) if len(out) > 1 else out[0])
 

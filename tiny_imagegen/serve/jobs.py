@@ -201,7 +201,7 @@ class Worker:
     def _preview(job: Job, pipe):
         """Called after each step's progress: the step's event, with the decoded first image while
         someone is watching."""
-        from ..models.vae import to_pil
+        from ..models.pixels import to_pil
 
         def preview(step: int, latents) -> None:
             event = {"type": "step", **job.last_step}

@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from ...diffusion import ddpm
-from ...models.vae import to_pil
+from ...models.pixels import to_pil
 from ...diffusion.flow_matching import classifier_free_guidance, denoise, flux_schedule, sample_noise
 from ..objectives import flow_matching_loss, interpolate
 from ..scene_parser import evaluate
