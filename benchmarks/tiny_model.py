@@ -15,6 +15,7 @@ image is text encoding + 20 guided steps + decoding + the PNG file.
 
     python benchmarks/tiny_model.py
     python benchmarks/tiny_model.py --batches 1 8 50 --repeats 5 --first-repeats 3
+    python benchmarks/tiny_model.py --batches 1 --first-repeats 9 --compile auto    # the default's cells only
 """
 
 import argparse
@@ -45,6 +46,33 @@ BLAS_NAME = "import tiny_imagegen, tiny_imagegen.device.blas as b; print(b.descr
 PROMPTS = ["a red circle", "a blue square above a yellow circle", "two green triangles", "a large cyan square"]
 
 
+def machine_probe() -> str:
+    """How fast this machine is right now, for comparing runs: MLX's cost per small elementwise op
+    (what the tiny model's ~1,100-op steps are made of) and a 1024^2 float32 matmul (the BLAS).
+    On a shared virtual machine both drift by tens of percent within an hour."""
+    x = mx.random.normal((2, 80, 128))
+    a = mx.random.normal((1024, 1024))
+    mx.eval(x, a)
+
+    def best(fn, repeats=5):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mx.eval(fn())
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def chain():
+        y = x
+        for _ in range(1000):
+            y = y + x
+        return y
+
+    op = best(chain) / 1000
+    gflops = 2 * 1024**3 / best(lambda: a @ a) / 1e9
+    return f"machine probe: {op * 1e6:.1f} us per elementwise op on (2, 80, 128), 1024^2 matmul {gflops:.0f} GFLOP/s"
+
+
 def text_to_png(pipe, n: int, folder: str, seed: int) -> float:
     start = time.perf_counter()
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
@@ -69,10 +97,10 @@ def import_seconds(env: dict) -> float:
     return time.perf_counter() - start
 
 
-def first_image_table(repeats: int, folder: str) -> None:
+def first_image_table(repeats: int, folder: str, compiles: tuple[str, ...] = ("auto", "on")) -> None:
     here = os.environ.get(blas.ENV) or "auto"  # an explicit path stays as given
     blases = [here, "off"] if "openblas" in blas.describe().lower() else ["off"]
-    cells = [(b, c) for b in blases for c in ("auto", "on")]
+    cells = [(b, c) for b in blases for c in compiles]
     times = {(b, c, w): [] for b, c in cells for w in ("cold", "warm")}
     imports = {b: [] for b in blases}
     names = {b: subprocess.run([sys.executable, "-c", BLAS_NAME], env={**os.environ, "TINY_IMAGEGEN_BLAS": b},
@@ -104,12 +132,16 @@ def main():
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 50])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--first-repeats", type=int, default=3, help="fresh processes per first-image cell (0: skip)")
+    p.add_argument("--compile", default="auto,on", help="the first-image cells' TINY_IMAGEGEN_COMPILE settings: auto "
+                   "alone keeps the compiler's 10 s builds from running between the default's cells")
     args = p.parse_args()
     print(f"device {mx.default_device()}, BLAS: {blas.describe()}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(machine_probe())
     with tempfile.TemporaryDirectory() as folder:
         if args.first_repeats:
-            first_image_table(args.first_repeats, folder)
+            first_image_table(args.first_repeats, folder, tuple(args.compile.split(",")))
+            print(machine_probe())
         start = time.perf_counter()
         pipe = Pipeline.from_pretrained("tiny-shapes", dtype=mx.float32, keep_text_encoders=True)
         loaded = time.perf_counter() - start
