@@ -252,16 +252,23 @@ class Pipeline(EditingInputs):
 
     def run_steps(self, step: Callable[[int, mx.array], mx.array], x: mx.array, n: int,
                   progress: Progress | None = None, preview: Callable[[int, mx.array], None] | None = None):
-        """x -> step(0, x) -> ... n steps, each evaluated on its own, reported and previewed."""
+        """x -> step(0, x) -> ... n steps, each evaluated on its own, reported and previewed. Step
+        i + 1's graph is built while step i computes (mx.async_eval), and step i is waited for
+        before step i + 2 is built: at most two steps in flight, the same numbers."""
         start = time.perf_counter()
+        pending = step(0, x) if n else x
+        mx.async_eval(pending)
         for i in range(n):
-            x = step(i, x)
+            x = pending
+            if i + 1 < n:
+                pending = step(i + 1, x)  # built on the unevaluated x, queued behind it
+                mx.async_eval(pending)
             mx.eval(x)
             if progress:
                 progress(i + 1, n, time.perf_counter() - start)
             if preview:
                 preview(i + 1, x)
-        return x
+        return pending if n else x
 
     @_in_compile_scope
     def generate(
