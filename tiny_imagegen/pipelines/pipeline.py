@@ -33,6 +33,7 @@ from mlx.utils import tree_flatten, tree_map
 from ..editing.inputs import EditingInputs
 from ..device.blas import single_threaded
 from ..device.compilation import compile_scope
+from ..layers.attention import reading_out_active
 from ..layers.linear import split_rows_across_cores
 from .memory import auto_tiling, wired_weights
 from ..registry import FAMILIES, ModelSpec, SamplingDefaults
@@ -257,10 +258,10 @@ class Pipeline(EditingInputs):
         before step i + 2 is built: at most two steps in flight, the same numbers."""
         start = time.perf_counter()
         pending = step(0, x) if n else x
-        mx.async_eval(pending)
         for i in range(n):
             x = pending
-            if i + 1 < n:
+            if i + 1 < n and not reading_out_active():  # (the attention-map read-out counts steps by
+                mx.async_eval(x)                          # the progress calls: it builds after them)
                 pending = step(i + 1, x)  # built on the unevaluated x, queued behind it
                 mx.async_eval(pending)
             mx.eval(x)
@@ -268,7 +269,9 @@ class Pipeline(EditingInputs):
                 progress(i + 1, n, time.perf_counter() - start)
             if preview:
                 preview(i + 1, x)
-        return pending if n else x
+            if i + 1 < n and pending is x:
+                pending = step(i + 1, x)
+        return pending
 
     @_in_compile_scope
     def generate(
