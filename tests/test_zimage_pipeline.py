@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, fixture_path, load_fixture
-from tiny_imagegen.pipelines.pipeline import Conditioning, Pipeline
+from tiny_imagegen.pipelines.batch import Conditioning
+from tiny_imagegen.pipelines.pipeline import Pipeline
 from tiny_imagegen.diffusion.flow_matching import (
     torch_linspace_f32, zimage_guidance, zimage_model_time, zimage_sigmas,
 )

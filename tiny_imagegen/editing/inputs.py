@@ -42,6 +42,19 @@ class EditingInputs:
         z = q.mode() if eps is None else q.mean + q.std * eps.astype(q.mean.dtype)
         return self.vae.to_latents(z).astype(mx.float32)
 
+    def read_mask(self, mask, image, width: int, height: int) -> mx.array:
+        """A mask (PIL image or path, white = repaint) drawn on the init image `image`, checked
+        (its size is the image's; black and white) -> the family's latent mask."""
+        from .images import open_image
+        from .masks import check_mask
+
+        mask, init_image = open_image(mask, "mask"), open_image(image, "init image")
+        if mask.size != init_image.size:
+            raise ValueError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image {init_image.size[0]}x"
+                             f"{init_image.size[1]}: draw the mask on the image, at its size")
+        check_mask(mask)
+        return self.latent_mask(mask, width, height)
+
     def latent_mask(self, mask, width: int, height: int) -> mx.array:
         """The mask on the latent grid (1, h, w, 1), 1 = repaint: nearest (FI:708, SD, Z-Image)."""
         from . import masks

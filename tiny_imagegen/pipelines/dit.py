@@ -24,7 +24,8 @@ from ..checkpoints.quantize import quantize_component
 from ..checkpoints.dit import load_dit
 from ..checkpoints.vae import load_vae
 from .loading import load_converted_parts
-from .pipeline import Conditioning, Pipeline
+from .batch import Conditioning
+from .pipeline import Pipeline
 from ..registry import SamplingDefaults
 from ..diffusion.step_cache import CacheConfig, for_generation
 

@@ -26,7 +26,8 @@ from ..layers.attention import reading_out_active
 from ..device.compilation import compile_pays
 from ..layers.embeddings import pack_latents, unpack_latents
 from .loading import load_converted_parts, reloading
-from .pipeline import Conditioning, Pipeline
+from .batch import Conditioning
+from .pipeline import Pipeline
 from ..registry import SamplingDefaults, find
 from ..diffusion.flow_matching import classifier_free_guidance, euler_step, flux_schedule, img2img_schedule, noise_image
 from ..diffusion.step_cache import CacheConfig, for_generation

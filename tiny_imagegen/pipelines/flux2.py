@@ -33,7 +33,8 @@ import mlx.core as mx
 from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
 from ..layers.positions import flux2_image_ids
 from .loading import load_parts
-from .pipeline import Conditioning, Pipeline
+from .batch import Conditioning
+from .pipeline import Pipeline
 from ..registry import SamplingDefaults
 from ..diffusion.flow_matching import (classifier_free_guidance, euler_step_in_model_dtype, flux2_schedule,
                                       img2img_schedule, timesteps_in_dtype)

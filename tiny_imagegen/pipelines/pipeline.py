@@ -23,7 +23,6 @@ import gc
 import importlib
 import inspect
 import time
-from dataclasses import dataclass
 from functools import wraps
 from typing import Callable
 
@@ -35,6 +34,7 @@ from ..device.blas import single_threaded
 from ..device.compilation import compile_scope
 from ..layers.attention import reading_out_active
 from ..layers.linear import split_rows_across_cores
+from .batch import Conditioning, expand_seeds
 from .memory import auto_tiling, wired_weights
 from ..registry import FAMILIES, ModelSpec, SamplingDefaults
 from ..diffusion.flow_matching import sample_noise
@@ -44,31 +44,6 @@ COLLECT_ABOVE = 2**30  # bytes of MLX arrays alive when a text encoder is releas
 MAX_SIDE = 4096  # pixels; FLUX.1 was trained up to ~2 MP, beyond this only memory is gained
 
 Progress = Callable[[int, int, float], None]  # (step, steps, seconds so far)
-
-
-@dataclass
-class Conditioning:
-    """What the denoiser reads of the prompts, one row per image: `positive` and, when guidance
-    needs it, `negative` (each a dict of arrays with the batch first). Made by `Pipeline.condition`,
-    reusable across `generate` calls."""
-
-    prompts: list[str]
-    positive: dict
-    negative: dict | None = None
-
-    def rows(self, index: list[int]) -> "Conditioning":
-        idx = mx.array(index)
-        take = lambda tree: None if tree is None else tree_map(lambda a: a[idx], tree)  # noqa: E731
-        return Conditioning([self.prompts[i] for i in index], take(self.positive), take(self.negative))
-
-
-def expand_seeds(n_prompts: int, n_images: int, seed: int | list[int]) -> list[int]:
-    """One seed per output image: image i of a prompt uses seed + i; a list gives each its own."""
-    if isinstance(seed, int):
-        return [seed + i for _ in range(n_prompts) for i in range(n_images)]
-    if len(seed) != n_prompts * n_images:
-        raise ValueError(f"{len(seed)} seeds for {n_prompts * n_images} images: give one seed per image, or one int")
-    return [int(s) for s in seed]
 
 
 def _in_compile_scope(method):
@@ -320,12 +295,8 @@ class Pipeline(EditingInputs):
                 raise ValueError("give a prompt (or conditioning from Pipeline.condition)")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             conditioning = self.condition(prompts, negative_prompt, guidance, **options)
-        if not isinstance(seed, int):  # a seed per image: n_images follows from it
-            n_images, rem = divmod(len(seed), len(conditioning.prompts))
-            if rem or not n_images:
-                raise ValueError(f"{len(seed)} seeds for {len(conditioning.prompts)} prompts: "
-                                 "give one seed per image (a multiple of the prompt count), or one int")
         seeds = expand_seeds(len(conditioning.prompts), n_images, seed)
+        n_images = len(seeds) // len(conditioning.prompts)
         if n_images > 1:  # one row per image
             conditioning = conditioning.rows([r for r in range(len(conditioning.prompts)) for _ in range(n_images)])
         B = len(seeds)
@@ -333,15 +304,7 @@ class Pipeline(EditingInputs):
         posterior = self.encode_image(image, width, height) if image is not None else None
         edit = {}
         if mask is not None:
-            from ..editing.images import open_image
-            from ..editing.masks import check_mask
-
-            mask, init_image = open_image(mask, "mask"), open_image(image, "init image")
-            if mask.size != init_image.size:
-                raise ValueError(f"the mask is {mask.size[0]}x{mask.size[1]} but the image {init_image.size[0]}x"
-                                 f"{init_image.size[1]}: draw the mask on the image, at its size")
-            check_mask(mask)
-            edit["mask"] = self.latent_mask(mask, width, height)
+            edit["mask"] = self.read_mask(mask, image, width, height)
         if references:
             edit["references"] = self.encode_references(references, width, height)
         if vae_tiling is None:

@@ -37,7 +37,8 @@ from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
 from ..layers.attention import reading_out
 from .loading import load_parts
 from ..models.vae_flux2 import patchify, unpatchify
-from .pipeline import Conditioning, Pipeline
+from .batch import Conditioning
+from .pipeline import Pipeline
 from ..conditioning.qwen import QwenImagePromptEncoder, qwen_image_tokens_cut
 from ..registry import SamplingDefaults
 from ..diffusion.flow_matching import (euler_step_in_model_dtype, img2img_schedule, noise_image,

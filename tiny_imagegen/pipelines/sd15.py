@@ -32,7 +32,8 @@ from ..checkpoints.unet import load_unet
 from ..checkpoints.vae import load_vae
 from ..editing.masked_sampling import KnownRegion, masked_steps
 from .loading import load_converted_parts, reloading
-from .pipeline import Conditioning, Pipeline
+from .batch import Conditioning
+from .pipeline import Pipeline
 from ..registry import find
 from ..diffusion.flow_matching import classifier_free_guidance
 from ..text import CLIPTokenizer

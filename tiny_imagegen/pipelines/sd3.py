@@ -34,7 +34,8 @@ from ..checkpoints.text_encoders import load_clip_text_model, load_t5_encoder
 from ..checkpoints.vae import load_vae
 from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
 from ..layers.attention import reading_out, reading_out_active
-from .pipeline import Conditioning, Pipeline
+from .batch import Conditioning
+from .pipeline import Pipeline
 from ..registry import SamplingDefaults
 from ..diffusion.flow_matching import euler_step_in_model_dtype, img2img_schedule, noise_image
 from ..diffusion.step_cache import CacheConfig, for_generation, run_blocks

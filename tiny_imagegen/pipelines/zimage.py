@@ -33,7 +33,8 @@ from ..checkpoints.quantize import quantize_component
 from ..checkpoints.vae import load_vae
 from ..checkpoints.zimage import load_zimage_transformer
 from ..editing.masked_sampling import KnownRegion, flow_noised, masked_steps
-from .pipeline import Conditioning, Pipeline
+from .batch import Conditioning
+from .pipeline import Pipeline
 from ..conditioning.qwen import ZIMAGE_HIDDEN_STATES, QwenPromptEncoder
 from ..registry import SamplingDefaults, find
 from ..diffusion.flow_matching import (euler_step, img2img_schedule, renormalize_guidance, zimage_guidance,
