@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from test_generate_cli import generate
-from tiny_imagegen.editing.images import file_sha256
+from tiny_imagegen.checkpoints.safetensors_io import file_sha256
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ tensors in sorted order, so the same input gives byte-identical files.
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from .components import COMPONENTS, import_ref
 from .manifest import ManifestError, check_manifest, inside  # noqa: F401 (ManifestError: re-exported)
 from .mapping import CheckpointError, check_dtype
 from .quantize import check_quantization, layer_bits, quantizable_layers, quantize_layers
-from .safetensors_io import write_safetensors
+from .safetensors_io import file_sha256, write_safetensors
 
 FORMAT, FORMAT_VERSION, MODEL_JSON = "tiny_imagegen", 1, "model.json"
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -169,15 +168,7 @@ def file_metadata(name: str) -> dict[str, str]:
 
 
 def _file_record(path: Path) -> dict:
-    return {"size": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _replace(tmp: Path, output: Path):
@@ -233,7 +224,7 @@ def check_files(folder: str | Path, names: list[str] | None = None, verify: bool
                 f"{path} is {size:,} bytes, {MODEL_JSON} records {want['size']:,}: "
                 f"the file is {'truncated' if size < want['size'] else 'damaged'}; convert again"
             )
-        if verify and _sha256(path) != want["sha256"]:
+        if verify and file_sha256(path) != want["sha256"]:
             raise ConvertedModelError(f"{path} does not match its sha256 in {MODEL_JSON}: the file is corrupt; convert again")
 
 

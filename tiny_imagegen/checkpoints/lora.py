@@ -42,8 +42,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..layers.lora import LoRALinear, Update, apply_updates, get_layer, linear_shape
 from .flux import BFL, DIFFUSERS
 from .qwen_image import DIFFUSERS as QWEN_IMAGE_DIFFUSERS
-from .lora_specs import lora_metadata, parse_lora_spec, sha256_file  # noqa: F401  (the names callers import from here)
+from .lora_specs import lora_metadata, parse_lora_spec  # noqa: F401  (the names callers import from here)
 from .mapping import CheckpointError, source_keys, swap_halves
+from .safetensors_io import file_sha256
 from .text_encoders import CLIP_HUB, CLIP_TRANSFORMERS5
 
 FORMATS = ("diffusers", "kohya", "bfl", "xlabs")
@@ -357,7 +358,7 @@ def apply_loras(components: dict[str, nn.Module] | nn.Module, loras, merge: bool
         for layer, ups in updates.items():
             all_updates[layer] += ups
         all_replaced.update(replaced)
-        records.append({"name": str(source), "weight": weight, "format": fmt, "sha256": sha256_file(path),
+        records.append({"name": str(source), "weight": weight, "format": fmt, "sha256": file_sha256(path),
                         "layers": len(updates)})
     if only is not None:
         all_updates = {k: v for k, v in all_updates.items() if k[0] in only}

@@ -2,7 +2,6 @@
 PNG text of an image made with LoRAs. Apart from lora.py (the file formats, their key tables and
 the merge) so that a command naming no LoRA imports none of those tables."""
 
-import hashlib
 import math
 from pathlib import Path
 
@@ -19,14 +18,6 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
             raise ValueError(f"--lora {spec!r}: the weight {tail!r} after ':' is not a finite number")
         return path, weight
     return spec, 1.0
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def lora_metadata(records: list[dict]) -> dict[str, list[str]]:

@@ -1,5 +1,5 @@
 """Reading checkpoints from disk: one .safetensors file, or a folder of shards with its index json;
-and writing one, a tensor at a time.
+and writing one, a tensor at a time; a file's sha256 (converted folders, LoRAs, edit inputs).
 
 `mx.load` maps safetensors lazily: nothing is read until an array is evaluated, so a 24 GB
 checkpoint can be opened, checked against a key table and converted tensor by tensor.
@@ -23,6 +23,15 @@ def read_file(path: str | Path) -> dict[str, mx.array]:
         return mx.load(str(path))
     except (RuntimeError, ValueError) as e:  # truncated download, not a safetensors file, ...
         raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read 16 MB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 VARIANTS = ("fp16", "bf16", "fp32", "non_ema", "ema")

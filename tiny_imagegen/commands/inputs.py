@@ -209,7 +209,7 @@ def read_edit_inputs(args, pipeline_class) -> EditInputs:
 
 def input_hashes(args) -> dict:
     """PNG metadata for the input images: their paths and sha256 (so a replay can check them)."""
-    from ..editing.images import file_sha256
+    from ..checkpoints.safetensors_io import file_sha256
 
     out = {}
     if args.image:

@@ -85,7 +85,7 @@ def check_inputs_unchanged(path: str | Path, skip: set[str] = frozenset()) -> No
     """The input images a PNG was made from are still there, byte for byte (sha256): else one
     ValueError line, so that a replay never silently edits a different picture. `skip`: flags
     given anew on the command line (their files are not the stored ones)."""
-    from ..editing.images import file_sha256
+    from ..checkpoints.safetensors_io import file_sha256
 
     params = read_parameters(path)
     for flag, (key, hash_key) in INPUT_FILES.items():

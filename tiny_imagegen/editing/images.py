@@ -8,7 +8,6 @@ Three inputs, three meanings (they never share a flag):
 """
 
 import math
-from pathlib import Path
 
 MIN_REFERENCE_SIDE = 64  # Flux2ImageProcessor.check_image_input
 MAX_REFERENCE_ASPECT = 8
@@ -90,16 +89,6 @@ def resize_init(image, width: int, height: int):
     if image.size != (width, height):
         image = image.resize((width, height), Image.LANCZOS)
     return image.convert("RGB")
-
-
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # FluxKontextPipeline's PREFERRED_KONTEXT_RESOLUTIONS (KX:82-100), (width, height): the sizes
