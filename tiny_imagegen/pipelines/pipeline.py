@@ -232,21 +232,21 @@ class Pipeline(EditingInputs):
         i + 1's graph is built while step i computes (mx.async_eval), and step i is waited for
         before step i + 2 is built: at most two steps in flight, the same numbers."""
         start = time.perf_counter()
-        pending = step(0, x) if n else x
-        for i in range(n):
-            x = pending
-            if i + 1 < n and not reading_out_active():  # (the attention-map read-out counts steps by
-                mx.async_eval(x)                          # the progress calls: it builds after them)
-                pending = step(i + 1, x)  # built on the unevaluated x, queued behind it
-                mx.async_eval(pending)
+        ahead = not reading_out_active()  # the attention-map read-out counts steps by the progress calls
+        x = step(0, x) if n else x
+        for i in range(1, n + 1):
+            if ahead and i < n:
+                mx.async_eval(x)
+                following = step(i, x)  # built on the unevaluated x, queued behind it
+                mx.async_eval(following)
             mx.eval(x)
             if progress:
-                progress(i + 1, n, time.perf_counter() - start)
+                progress(i, n, time.perf_counter() - start)
             if preview:
-                preview(i + 1, x)
-            if i + 1 < n and pending is x:
-                pending = step(i + 1, x)
-        return pending
+                preview(i, x)
+            if i < n:
+                x = following if ahead else step(i, x)
+        return x
 
     @_in_compile_scope
     def generate(
